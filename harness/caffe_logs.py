@@ -1,0 +1,277 @@
+"""The authors' Caffe training logs -> compact reference curves (one row per test interval).
+
+`python -m harness.caffe_logs [--logs DIR] [--out DIR]` parses every `*.log.gz` in the logs folder
+(default /work/shared/paper/caffe-logs, or $HARNESS_CAFFE_LOGS) into `harness/reference/<log>.csv` with
+columns iteration, lr, test_acc, train_loss, and writes `harness/reference/index.csv`: one row per log with
+the setup read from the log itself (dataset, model, schedule, total batch, base/max LR, steps, momentum,
+weight decay, optimizer, training images) and its final and best test accuracy.
+
+The report overlays a reference curve on ours when a study cell has the same setup (`match_reference`).
+
+What the parser reads (Caffe's glog lines; everything else is skipped):
+    Using GPUs 0, 1, 2, ...                       -> number of GPUs (total batch = GPUs x batch_size)
+    solver parameters (base_lr, max_lr, max_iter, stepsize, lr_policy, momentum, weight_decay, type, ...)
+    the training net's data layer (source: ..._train10k_lmdb, batch_size: 125) and layer names (depth)
+    Iteration 100, Testing net (#0)               -> a test at iteration 100
+    Test net output #0: accuracy = 0.4            -> its accuracy
+    Iteration 100, loss = 2.1                     -> training loss at iteration 100
+    Iteration 100, lr = 0.158                     -> learning rate at iteration 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import io
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+LOGS_DIR = Path(os.environ.get("HARNESS_CAFFE_LOGS", "/work/shared/paper/caffe-logs"))
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
+CURVE_COLUMNS = ("iteration", "lr", "test_acc", "train_loss")
+INDEX_COLUMNS = ("file", "claims", "dataset", "model", "schedule", "optimizer", "batch", "gpus", "base_lr", "max_lr",
+                 "steps", "stepsize", "momentum", "weight_decay", "train_size", "notes", "tests", "last_iteration",
+                 "final_acc", "best_acc")
+
+# Which claim(s) of claims.md each log documents (by the figure/table in its file name).
+CLAIMS_BY_LOG = {
+    "clr3SS5kFig1a": "SC1;SC5;SC6;SC9", "lr35Fig1a": "SC1;SC5",
+    "clr3SS5kCifar100Fig8": "SC8", "lr35Cifar100Fig8": "SC8", "range3Cifar100kFig8": "SC8",
+    "clr3SS5kMom8Fig11": "SC9", "clr3SS5kMom85Fig11": "SC9", "clr3SS5kMom95Fig11": "SC9",
+    "clr3SS5kWD-3Fig11": "SC6", "clr3SS5kWD-5Fig11": "SC6", "clr3SS5kWD-6Fig11": "SC6",
+    "clr3SS5kNestFig9": "SC10", "lr35NestFig9": "SC10", "lr35AdamFig9": "SC10", "lr35AdaGradFig9": "SC10",
+    "lr35AdaDeltaFig9": "SC10",
+    "clr3SS5kRes20Tab1": "SC7", "clr3SS5kRes110Tab1": "SC7", "lr35Res20Fig6b": "SC7", "lr35Res110Fig6b": "SC7",
+    "range2Res20Fig4b": "SC3;SC7", "range2Res110Fig4b": "SC3;SC7",
+    "clr3SS5kTr10kTab1": "SC5", "clr3SS5kTr20kTab1": "SC5", "clr3SS5kTr30kTab1": "SC5",
+    "clr3SS5kTr40kTab1": "SC5", "lr35Tr10kTab1": "SC5", "lr35Tr20kTab1": "SC5", "lr35Tr30kTab1": "SC5",
+    "lr35Tr40kTab1": "SC5",
+    "range3Iter5kFig2b": "SC3", "range3Iter20kFig2b": "SC3", "range3Iter100kFig2b": "SC3",
+    "range2SS80kRes56LR": "SC3", "range2SS80kRes56wd0": "SC3", "range2SS80kRes56wd1": "SC3",
+    "lrRange3SS520kClip2Fig12a": "SC3", "lrRange3SS520kClip2Fig12b": "SC3", "lrRange3SS520kClip5Fig12a": "SC3",
+    "lrRange3SS520kClip5Fig12b": "SC3", "lrRange3SS520kClip10Fig12a": "SC3", "lrRange3SS520kClip10Fig12b": "SC3",
+    "lrRange3SS520kDropuoutFig10a": "SC3;SC6",
+}
+FULL_TRAIN = {"cifar10": 50000, "cifar100": 50000, "mnist": 60000, "fashion_mnist": 60000}
+
+_TEST = re.compile(r"Iteration (\d+), Testing net \(#0\)")
+_ACC = re.compile(r"Test net output #\d+: accuracy = ([-+0-9.eEnaif]+)")
+_LOSS = re.compile(r"\] Iteration (\d+), loss = ([-+0-9.eEnaif]+)")
+_LR = re.compile(r"\] Iteration (\d+), lr = ([-+0-9.eEnaif]+)")
+_SOLVER_KEYS = ("base_lr", "max_lr", "max_iter", "stepsize", "lr_policy", "momentum", "weight_decay", "type",
+                "clip_gradients", "gamma", "test_interval")
+
+
+@dataclass
+class CaffeLog:
+    name: str            # file name without .log.gz
+    curve: list[dict]    # one dict per test interval: iteration, lr, test_acc, train_loss
+    setup: dict          # the index.csv row without the accuracy columns
+
+
+def parse_log(path: str | Path) -> CaffeLog:
+    """Parse one (gzipped or plain) Caffe log."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", errors="replace") as f:
+        text = f.read()
+    name = path.name.removesuffix(".gz").removesuffix(".log")
+
+    tests: dict[int, float] = {}
+    losses: dict[int, float] = {}
+    lrs: dict[int, float] = {}
+    current: int | None = None
+    for line in text.splitlines():
+        if "Iteration" in line:
+            if (m := _TEST.search(line)):
+                current = int(m.group(1))
+            elif (m := _LR.search(line)):
+                lrs[int(m.group(1))] = float(m.group(2))   # a resumed log repeats iterations: last one wins
+            elif (m := _LOSS.search(line)):
+                losses[int(m.group(1))] = float(m.group(2))
+        elif current is not None and "Test net output" in line and (m := _ACC.search(line)):
+            tests[current] = float(m.group(1))
+            current = None
+    curve = [{"iteration": it, "lr": lrs.get(it, math.nan), "test_acc": acc, "train_loss": losses.get(it, math.nan)}
+             for it, acc in sorted(tests.items())]
+    return CaffeLog(name=name, curve=curve, setup=_setup(name, text, curve))
+
+
+def _setup(name: str, text: str, curve: list[dict]) -> dict:
+    head = text[: text.find("Testing net (#0)")] if "Testing net (#0)" in text else text
+    solver: dict[str, str] = {}
+    block = re.search(r"Initializing solver from parameters:(.*?)(?:\n[IWE]\d{4} )", head, re.S)
+    for line in (block.group(1) if block else "").splitlines():
+        if ":" in line:
+            key, _, value = line.strip().partition(":")
+            if key in _SOLVER_KEYS and key not in solver:
+                solver[key] = value.strip().strip('"')
+    gpus_line = re.search(r"Using GPUs ([0-9, ]+)", head)
+    gpus = len(gpus_line.group(1).split(",")) if gpus_line else 1
+    train_net = head[head.find("Creating training net"):] if "Creating training net" in head else head
+    batch = re.search(r"batch_size: (\d+)", train_net)
+    source = re.search(r'source: "([^"]+)"', train_net)
+    source_text = source.group(1) if source else ""
+    dataset = "cifar100" if "cifar100" in source_text else "cifar10"
+    tr = re.search(r"train(\d+)k", source_text)
+    train_size = int(tr.group(1)) * 1000 if tr else FULL_TRAIN[dataset]
+
+    notes = []
+    if "brc1" in train_net:  # pre-activation bottleneck blocks (BN-ReLU-conv x3)
+        blocks = max((int(b) for b in re.findall(r"L1_b(\d+)_brc", train_net)), default=0)
+        model = f"preact_bottleneck_resnet{9 * blocks + 2}"
+    else:
+        blocks = max((int(b) for b in re.findall(r"L1_b(\d+)_", train_net)), default=0) or \
+            max((int(b) for b in re.findall(r"Conv16_(\d+)", train_net)), default=0)
+        model = f"resnet{6 * blocks + 2}" if blocks else "unknown"
+    if re.search(r'type: "Dropout"', train_net):
+        notes.append("dropout")
+    if "clip_gradients" in solver:
+        notes.append(f"clip_gradients={solver['clip_gradients']}")
+
+    policy = solver.get("lr_policy", "")
+    base_lr = float(solver.get("base_lr", "nan"))
+    steps = int(solver.get("max_iter", "0"))
+    stepsize = int(solver["stepsize"]) if "stepsize" in solver else None
+    if policy == "triangular" and base_lr == 0 and stepsize == steps:
+        schedule = "range_test"
+    else:
+        schedule = {"triangular": "triangular", "multistep": "multistep", "fixed": "constant"}.get(policy, policy)
+    max_lr = float(solver["max_lr"]) if "max_lr" in solver else base_lr
+    optimizer = solver.get("type", "SGD").lower()
+    accs = [r["test_acc"] for r in curve]
+    return {
+        "file": name, "claims": CLAIMS_BY_LOG.get(name, ""), "dataset": dataset, "model": model,
+        "schedule": schedule, "optimizer": optimizer, "batch": gpus * int(batch.group(1)) if batch else None,
+        "gpus": gpus, "base_lr": base_lr, "max_lr": max_lr, "steps": steps, "stepsize": stepsize,
+        "momentum": float(solver.get("momentum", "0")) if optimizer in ("sgd", "nesterov", "adam") else None,
+        "weight_decay": float(solver.get("weight_decay", "0")), "train_size": train_size,
+        "notes": " ".join(notes), "tests": len(curve), "last_iteration": curve[-1]["iteration"] if curve else 0,
+        "final_acc": accs[-1] if accs else math.nan, "best_acc": max(accs) if accs else math.nan,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ CSV I/O
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def curve_csv(log: CaffeLog) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CURVE_COLUMNS)
+    for row in log.curve:
+        w.writerow([_fmt(row[c]) for c in CURVE_COLUMNS])
+    return buf.getvalue()
+
+
+def index_csv(logs: list[CaffeLog]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(INDEX_COLUMNS)
+    for log in sorted(logs, key=lambda x: x.name):
+        w.writerow([_fmt(log.setup[c]) for c in INDEX_COLUMNS])
+    return buf.getvalue()
+
+
+def write_reference(logs_dir: Path = LOGS_DIR, out_dir: Path = REFERENCE_DIR) -> list[CaffeLog]:
+    """Parse every log in logs_dir and (re)write its curve CSV and index.csv in out_dir."""
+    paths = sorted(Path(logs_dir).glob("*.log.gz")) + sorted(Path(logs_dir).glob("*.log"))
+    if not paths:
+        raise FileNotFoundError(f"no Caffe logs (*.log.gz) in {logs_dir}; pass --logs DIR")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logs = [parse_log(p) for p in paths]
+    for log in logs:
+        (out_dir / f"{log.name}.csv").write_text(curve_csv(log))
+    (out_dir / "index.csv").write_text(index_csv(logs))
+    return logs
+
+
+# ------------------------------------------------------------------------------------------ reading back
+def load_index(ref_dir: Path = REFERENCE_DIR):
+    """index.csv as a DataFrame (empty if missing)."""
+    import pandas as pd
+    path = Path(ref_dir) / "index.csv"
+    if not path.is_file():
+        return pd.DataFrame(columns=INDEX_COLUMNS)
+    return pd.read_csv(path)
+
+
+def load_curve(file: str, ref_dir: Path = REFERENCE_DIR):
+    import pandas as pd
+    return pd.read_csv(Path(ref_dir) / f"{file}.csv")
+
+
+def _same(a, b) -> bool:
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-12)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+def match_reference(setup: dict, index=None) -> list[str]:
+    """Names of the authors' logs whose setup equals a study cell's setup.
+
+    `setup` holds TrialConfig fields (dataset, model, schedule, batch_size, base_lr, max_lr, steps, and
+    optionally optimizer, momentum, weight_decay, train_size). Required equal: dataset, model, schedule, total
+    batch, peak LR (max_lr; base_lr for multistep/constant) and steps; the optional fields must also agree when
+    both sides have them (train_size None means the full training set).
+    """
+    index = load_index() if index is None else index
+    if index.empty:
+        return []
+    sched = setup.get("schedule")
+    peak = setup.get("base_lr") if sched in ("multistep", "constant") else setup.get("max_lr")
+    out = []
+    for row in index.to_dict("records"):
+        if (row["dataset"], row["model"], row["schedule"]) != (setup.get("dataset"), setup.get("model"), sched):
+            continue
+        if not (_same(row["batch"], setup.get("batch_size")) and _same(row["max_lr"], peak)
+                and _same(row["steps"], setup.get("steps"))):
+            continue
+        ts = setup.get("train_size")
+        ts = FULL_TRAIN.get(row["dataset"]) if ts in (None, "None") or _isnan(ts) else ts
+        if not _same(row["train_size"], ts):
+            continue
+        ok = True
+        for key in ("optimizer", "weight_decay", "momentum"):
+            if setup.get(key) is not None and not _isnan(row.get(key)) and not _isnan(setup.get(key)):
+                ok &= _same(row[key], setup[key])
+        if ok and not (isinstance(row.get("notes"), str) and row["notes"]):
+            out.append(row["file"])
+    return out
+
+
+def _isnan(v) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m harness.caffe_logs",
+                                 description="Parse the authors' Caffe logs into harness/reference/*.csv + index.csv.")
+    ap.add_argument("--logs", type=Path, default=LOGS_DIR, help=f"folder of *.log.gz (default {LOGS_DIR})")
+    ap.add_argument("--out", type=Path, default=REFERENCE_DIR, help=f"output folder (default {REFERENCE_DIR})")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        logs = write_reference(args.logs, args.out)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"parsed {len(logs)} logs into {args.out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

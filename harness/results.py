@@ -1,0 +1,335 @@
+"""A study's MLflow runs -> pandas frames (what `harness.claims` and `harness.report` read).
+
+    res = load_study("batch_size_effect")                 # the latest parent run of the study
+    res = load_study("batch_size_effect", run="all")      # every invocation (parent run) of the study
+    res.parent      # dict: run_id, run_name, start_time, status, tags (harness.*), ... of the newest parent
+    res.parents     # list of such dicts (one unless run="all")
+    res.trials      # one row per child run: run_id, run_name, cell, status, params (typed), summary metrics
+    res.curves      # long frame: run_id, step, lr, momentum, train_loss, test_loss, test_acc, images_per_s, ...
+
+Schema read: see harness/tracking.py. Typing of params: "None" -> None, "True"/"False" -> bool, numbers ->
+int/float, everything else stays a string (lists such as milestones keep their JSON text "[50000, 70000]").
+A summary metric whose name is also a param (bn_batch, target_acc) becomes column `<name>_metric`.
+
+Derived columns of `trials`: `outcome_acc` (final_acc; for a diverged run without final_acc its last
+test_acc), `steps_to_target_eff` (steps_to_target, or +inf when the target was missed or the run diverged:
+AlgoPerf's convention), `train_seconds` (cumulative training time at the end), `images` (steps_run x
+batch_size), `scale`, `trial_key`, `parent_run_id`, `error`, `superseded` (False: duplicates are dropped).
+
+Metric histories are fetched in bulk: with a SQL store (sqlite://, postgresql://, ...) one query per metric
+key for all runs (the store's `get_metric_history_bulk`); with an MLflow server the UI's bulk endpoint
+(`/ajax-api/2.0/mlflow/metrics/get-history-bulk`, 100 runs per request); otherwise one
+`get_metric_history` call per run and key, 16 at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+CURVE_METRICS = ("lr", "momentum", "train_loss", "test_loss", "test_acc", "images_per_s", "train_seconds", "epoch")
+SUMMARY_METRICS = ("final_acc", "best_acc", "reached_target", "steps_to_target", "seconds_to_target", "target_acc",
+                   "diverged_at_step", "world_size", "bn_batch", "accum_steps", "steps_run")
+STATUSES = ("completed", "diverged", "error", "running")
+SCALES = ("smoke", "quick", "paper")
+RUN_CHOICES = "latest, all, or a parent run id"
+
+
+class StudyError(ValueError):
+    """The study cannot be loaded. The message is one line: what was wrong and what is allowed."""
+
+
+@dataclass
+class StudyResults:
+    study: str
+    tracking_uri: str
+    parents: list[dict]
+    trials: pd.DataFrame
+    curves: pd.DataFrame
+    experiment_id: str = ""
+    timings: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def parent(self) -> dict:
+        """The newest selected parent run."""
+        return self.parents[0]
+
+    @property
+    def scale(self) -> str:
+        """The largest scale among the trials (the scale verdicts are computed at)."""
+        scales = [s for s in SCALES if s in set(self.trials.get("scale", pd.Series(dtype=str)))]
+        return scales[-1] if scales else str(self.parent["tags"].get("harness.scale", "unknown"))
+
+
+# ------------------------------------------------------------------------------------------------ store
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """--tracking-uri > $MLFLOW_TRACKING_URI > sqlite:///<abs cwd>/mlflow.db; relative paths made absolute."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    elif uri.startswith("file:") or "://" not in uri:
+        path = uri[len("file:"):] if uri.startswith("file:") else uri
+        uri = Path(path.removeprefix("//")).resolve().as_uri()
+    return uri
+
+
+def check_store(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise StudyError unless the store exists and answers. Never creates a store (reading only)."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise StudyError(f"no MLflow store at {path} (file not found); run a study first or pass "
+                             f"--tracking-uri sqlite:///<path>/mlflow.db (or set MLFLOW_TRACKING_URI)")
+    elif uri.startswith("file:"):
+        path = Path(uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):])
+        if not path.is_dir():
+            raise StudyError(f"no MLflow file store at {path} (folder not found); pass --tracking-uri")
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    elif uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
+                ok = resp.status == 200
+        except Exception as e:  # noqa: BLE001 - any failure to connect is the same message to the user
+            raise StudyError(f"MLflow server at {uri} does not answer ({type(e).__name__}); start it or pass "
+                             f"another --tracking-uri") from None
+        if not ok:
+            raise StudyError(f"MLflow server at {uri} answered /health with HTTP {resp.status}")
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(tracking_uri=uri)
+
+
+def _search_all(client, exp_ids: list[str], filter_string: str, order_by=None) -> list:
+    out, token = [], None
+    while True:
+        page = client.search_runs(exp_ids, filter_string=filter_string, max_results=1000,
+                                  order_by=order_by, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def list_studies(uri: str) -> list[str]:
+    """Names of the experiments in the store that have at least one study (parent) run."""
+    client = _client(uri)
+    names = []
+    for exp in client.search_experiments():
+        found = client.search_runs([exp.experiment_id], "tags.`harness.role` = 'study'", max_results=1)
+        if found:
+            names.append(exp.name)
+    return sorted(names)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_study(study: str, tracking_uri: str | None = None, run: str = "latest", curves: bool = True,
+               check: bool = True) -> StudyResults:
+    """Load one study's parent run(s) and trial runs. Raises StudyError (one line) on bad input."""
+    t0 = time.perf_counter()
+    uri = resolve_tracking_uri(tracking_uri)
+    if check:
+        check_store(uri)
+    client = _client(uri)
+    try:
+        exp = client.get_experiment_by_name(study)
+    except Exception as e:  # noqa: BLE001
+        raise StudyError(f"MLflow store {uri} cannot be read: {type(e).__name__}: {str(e).splitlines()[0]}") \
+            from None
+    if exp is None:
+        known = list_studies(uri)
+        raise StudyError(f"no study '{study}' in {uri}; studies there: {', '.join(known) or 'none'}")
+    parents_runs = _search_all(client, [exp.experiment_id], "tags.`harness.role` = 'study'",
+                               order_by=["attributes.start_time DESC"])
+    if not parents_runs:
+        raise StudyError(f"study '{study}' in {uri} has no study (parent) runs; run the study first")
+    if run == "latest":
+        selected = parents_runs[:1]
+    elif run == "all":
+        selected = parents_runs
+    else:
+        selected = [p for p in parents_runs if p.info.run_id == run]
+        if not selected:
+            ids = ", ".join(f"{p.info.run_id} ({p.info.run_name})" for p in parents_runs[:10])
+            raise StudyError(f"run '{run}' is not a parent run of study '{study}'; use {RUN_CHOICES} "
+                             f"(parent runs: {ids})")
+    parent_ids = {p.info.run_id for p in selected}
+    children = [r for r in _search_all(client, [exp.experiment_id], "tags.`harness.role` = 'trial'")
+                if r.data.tags.get("mlflow.parentRunId") in parent_ids]
+    t_search = time.perf_counter()
+    if not children:
+        which = "its latest parent run" if run == "latest" else f"run {run}" if run != "all" else "any parent run"
+        raise StudyError(f"study '{study}' has no trial runs under {which} "
+                         f"({', '.join(sorted(parent_ids))}); nothing to report")
+    trials, notes = _trials_frame(children)
+    t_trials = time.perf_counter()
+    curve_frame = _load_curves(client, list(trials["run_id"])) if curves else _empty_curves()
+    t_curves = time.perf_counter()
+    trials = _add_curve_fallbacks(trials, curve_frame)
+    return StudyResults(
+        study=study, tracking_uri=uri, parents=[_parent_dict(p) for p in selected], trials=trials,
+        curves=curve_frame, experiment_id=exp.experiment_id, notes=notes,
+        timings={"search_s": t_search - t0, "trials_s": t_trials - t_search, "curves_s": t_curves - t_trials,
+                 "total_s": t_curves - t0, "runs": len(trials)})
+
+
+def _parent_dict(run) -> dict:
+    return {
+        "run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
+        "start_time": _ts(run.info.start_time), "end_time": _ts(run.info.end_time),
+        "tags": {k: v for k, v in run.data.tags.items() if k.startswith(("harness.", "sys."))},
+        "params": dict(run.data.params), "metrics": dict(run.data.metrics),
+    }
+
+
+def _ts(ms) -> pd.Timestamp | None:
+    return pd.Timestamp(ms, unit="ms", tz="UTC") if ms else None
+
+
+def parse_param(text: str) -> Any:
+    """An MLflow param string back to a Python value (see the module docstring)."""
+    if text == "None":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _trials_frame(runs) -> tuple[pd.DataFrame, list[str]]:
+    rows = []
+    params_seen: set[str] = set()
+    for r in runs:
+        params_seen.update(r.data.params)
+    for r in runs:
+        tags, m = r.data.tags, r.data.metrics
+        status = tags.get("harness.status")
+        if status not in STATUSES:
+            status = "running" if r.info.status in ("RUNNING", "SCHEDULED") else "error"
+        row: dict[str, Any] = {
+            "run_id": r.info.run_id, "run_name": r.info.run_name, "parent_run_id": tags.get("mlflow.parentRunId"),
+            "trial_key": tags.get("harness.trial_key", r.info.run_id), "cell": tags.get("harness.cell", "all"),
+            "status": status, "error": tags.get("harness.error", ""), "scale": tags.get("harness.scale", ""),
+            "mlflow_status": r.info.status, "start_time": _ts(r.info.start_time), "end_time": _ts(r.info.end_time),
+        }
+        for k, v in r.data.params.items():
+            row[k] = parse_param(v)
+        for k in SUMMARY_METRICS:
+            row[f"{k}_metric" if k in params_seen else k] = m.get(k, math.nan)
+        for k in ("train_seconds", "epoch", "images_per_s", "test_acc", "lr"):
+            row[f"last_{k}"] = m.get(k, math.nan)
+        for k, v in tags.items():
+            if k.startswith("sys."):
+                row[k] = v
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for col in ("final_acc", "best_acc", "steps_to_target", "seconds_to_target", "steps_run", "reached_target",
+                "diverged_at_step"):
+        if col not in df:
+            df[col] = math.nan
+    # duplicates of one trial (only possible across parent runs): keep a finished outcome, then the newest
+    notes = []
+    rank = df["status"].map({"completed": 0, "diverged": 0, "running": 1, "error": 2})
+    df = df.assign(_rank=rank).sort_values(["_rank", "start_time"], ascending=[True, False])
+    dup = df.duplicated("trial_key", keep="first")
+    if dup.any():
+        notes.append(f"{int(dup.sum())} older run(s) of the same trial (same trial key) were ignored")
+    df = df[~dup].drop(columns="_rank")
+    df["superseded"] = False
+    df = df.sort_values(["cell", "seed" if "seed" in df else "run_name", "run_name"], kind="stable")
+    return df.reset_index(drop=True), notes
+
+
+def _add_curve_fallbacks(df: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    acc = df["final_acc"].astype(float)
+    last = df["last_test_acc"].astype(float)
+    df["outcome_acc"] = np.where(acc.notna(), acc, np.where(df["status"] == "diverged", last, np.nan))
+    reached = df["steps_to_target"].astype(float)
+    df["steps_to_target_eff"] = np.where(reached.notna() & (df["status"] != "diverged"), reached, np.inf)
+    df.loc[df["status"].isin(["error", "running"]), "steps_to_target_eff"] = np.nan
+    df["train_seconds"] = df["last_train_seconds"].astype(float)
+    steps = df["steps_run"].astype(float)
+    if "steps" in df:
+        steps = steps.fillna(pd.to_numeric(df["steps"], errors="coerce"))
+    df["steps_done"] = steps
+    if "batch_size" in df:
+        df["images"] = steps * pd.to_numeric(df["batch_size"], errors="coerce")
+    return df
+
+
+# ------------------------------------------------------------------------------------------------ curves
+def _empty_curves() -> pd.DataFrame:
+    return pd.DataFrame(columns=["run_id", "step", *CURVE_METRICS])
+
+
+def _records_to_frame(records: list[tuple[str, str, int, float]]) -> pd.DataFrame:
+    if not records:
+        return _empty_curves()
+    long = pd.DataFrame.from_records(records, columns=["run_id", "key", "step", "value"])
+    wide = long.pivot_table(index=["run_id", "step"], columns="key", values="value", aggfunc="last")
+    wide = wide.reset_index()
+    wide.columns.name = None
+    for k in CURVE_METRICS:
+        if k not in wide:
+            wide[k] = np.nan
+    return wide[["run_id", "step", *CURVE_METRICS]].sort_values(["run_id", "step"]).reset_index(drop=True)
+
+
+def _load_curves(client, run_ids: list[str], keys=CURVE_METRICS) -> pd.DataFrame:
+    store = client._tracking_client.store
+    records: list[tuple[str, str, int, float]] = []
+    if hasattr(store, "get_metric_history_bulk") and hasattr(store, "ManagedSessionMaker"):
+        for key in keys:
+            for i in range(0, len(run_ids), 500):
+                for m in store.get_metric_history_bulk(run_ids[i:i + 500], key, max_results=10**9):
+                    records.append((m.run_id, key, m.step, m.value))
+        return _records_to_frame(records)
+    if hasattr(store, "get_host_creds"):
+        try:
+            return _records_to_frame(_bulk_rest(store, run_ids, keys))
+        except Exception:  # noqa: BLE001 - an old or restricted server: fall back to one call per run and key
+            records = []
+
+    def one(job):
+        run_id, key = job
+        return [(run_id, key, m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+    with ThreadPoolExecutor(16) as pool:
+        for part in pool.map(one, [(r, k) for r in run_ids for k in keys]):
+            records.extend(part)
+    return _records_to_frame(records)
+
+
+def _bulk_rest(store, run_ids: list[str], keys) -> list[tuple[str, str, int, float]]:
+    from mlflow.utils.rest_utils import http_request
+    records = []
+    creds = store.get_host_creds()
+    for key in keys:
+        for i in range(0, len(run_ids), 100):
+            resp = http_request(creds, "/ajax-api/2.0/mlflow/metrics/get-history-bulk", "GET",
+                                params={"run_id": run_ids[i:i + 100], "metric_key": key, "max_results": 25000},
+                                max_retries=0, timeout=60)
+            resp.raise_for_status()
+            metrics = resp.json().get("metrics", [])
+            if len(metrics) >= 25000:
+                raise RuntimeError("bulk history truncated")
+            records.extend((m["run_id"], key, int(m.get("step", 0)), float(m["value"])) for m in metrics)
+    return records

@@ -1,0 +1,166 @@
+"""Learning rate and momentum per optimizer step, as torch LR schedulers.
+
+The trial builds its optimizer with lr=cfg.max_lr and momentum (Adam: beta1) cfg.momentum, then
+`build_scheduler(optimizer, cfg)`, and per optimizer step calls `optimizer.step(); scheduler.step()`.
+After construction the param groups hold step 0's lr/momentum; after k scheduler steps, step k's.
+
+Peak convention: `max_lr` is the largest lr of every schedule; `base_lr` is the floor of the cyclic ones.
+
+- constant:      max_lr throughout.
+- multistep:     PC-LR, max_lr x gamma at each milestone (torch MultiStepLR; Caffe "multistep").
+- triangular:    Caffe CLR, base -> max over `stepsize` steps and back, repeating (torch CyclicLR).
+- one_cycle:     Smith's 1cycle, exactly: base -> max at step=stepsize -> base at 2*stepsize, then linear
+                 annihilation to base/final_div at the last step (our `OneCycle`, see why there).
+- one_cycle_cos: the fastai/torch shape, torch OneCycleLR(anneal_strategy="cos"), rise over `stepsize`
+                 (stepsize None: 25% of steps, fastai's default pct_start), then cosine down to
+                 base/final_div.
+- cosine:        torch CosineAnnealingLR from max_lr to 0 over `steps`.
+- range_test:    Caffe "triangular" with stepsize = max_iter: lr = base + (max - base) * k / steps, as in the
+                 authors' range-test logs (so the last step runs at max - (max-base)/steps; max_lr itself
+                 would be step `steps`). A given `stepsize` replaces `steps` there.
+Momentum cycles max_momentum -> min_momentum -> max_momentum, mirroring the lr, for one_cycle,
+one_cycle_cos and triangular when cfg.cycle_momentum; optimizers without momentum (adagrad, adadelta)
+are silently not cycled. Otherwise momentum is left at what the optimizer was built with (cfg.momentum).
+
+Resuming: build optimizer and scheduler as at the start, then load the optimizer's state_dict and the
+scheduler's (MultiStepLR and CosineAnnealingLR compute each lr from the previous one held in the optimizer).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import torch
+from torch.optim import lr_scheduler
+
+from harness.config import SCHEDULES, TrialConfig
+
+MOMENTUM_CYCLING = ("triangular", "one_cycle", "one_cycle_cos")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig) -> lr_scheduler.LRScheduler:
+    """The scheduler for cfg.schedule; step it once per optimizer step."""
+    name = cfg.schedule
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule '{name}' is not known; allowed: {', '.join(SCHEDULES)}")
+    cycle = cfg.cycle_momentum and name in MOMENTUM_CYCLING and _has_momentum(optimizer)
+    moms = {"base_momentum": cfg.min_momentum, "max_momentum": cfg.max_momentum}
+    _set_lr(optimizer, cfg.max_lr)
+    if name == "constant":
+        return lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if name == "multistep":
+        return lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
+    if name == "cosine":
+        return lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps, eta_min=0.0)
+    if name in ("triangular", "range_test"):
+        default = max(1, cfg.steps // 2) if name == "triangular" else cfg.steps
+        return lr_scheduler.CyclicLR(optimizer, base_lr=cfg.base_lr, max_lr=cfg.max_lr,
+                                     step_size_up=cfg.stepsize or default, mode="triangular",
+                                     cycle_momentum=cycle, **moms)
+    if name == "one_cycle":
+        stepsize = cfg.stepsize or max(1, int(0.45 * cfg.steps))
+        return OneCycle(optimizer, cfg.base_lr, cfg.max_lr, stepsize, cfg.steps, cfg.final_div,
+                        (cfg.min_momentum, cfg.max_momentum) if cycle else None)
+    # one_cycle_cos. torch divides by pct*total - 1: keep the rise >= 2 steps (only matters for steps < 8)
+    total = max(cfg.steps, 2)
+    pct = min(max(cfg.stepsize / total if cfg.stepsize else 0.25, 2.0 / total), 1.0)
+    return lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.max_lr, total_steps=total, pct_start=pct,
+                                   div_factor=cfg.max_lr / cfg.base_lr if cfg.base_lr > 0 else math.inf,
+                                   final_div_factor=cfg.final_div, anneal_strategy="cos",
+                                   cycle_momentum=cycle, **moms)
+
+
+class OneCycle(lr_scheduler.LRScheduler):
+    """Smith's 1cycle with linear phases, as the paper describes it (step k = 0 .. steps-1):
+
+    lr rises base -> max over k in [0, stepsize] (max exactly at k = stepsize), falls back to base at
+    k = 2*stepsize, then falls linearly to base/final_div at k = steps-1 and stays there. With
+    momentum=(min_m, max_m) the momentum mirrors it: max_m -> min_m -> max_m, then max_m.
+
+    Why not torch's OneCycleLR(three_phase=True, anneal_strategy="linear"): its phases end at
+    pct*total - 1 and 2*pct*total - 2, so its peak comes one step before `stepsize` and its return to
+    base two steps before 2*stepsize; it is otherwise the same curve (compared in tests).
+    """
+
+    def __init__(self, optimizer, base_lr: float, max_lr: float, stepsize: int, steps: int,
+                 final_div: float, momentum: tuple[float, float] | None = None):
+        self.lr_range = (base_lr, max_lr)
+        self.stepsize, self.total_steps, self.final_div = stepsize, steps, final_div
+        self.momentum_range = momentum
+        super().__init__(optimizer)
+
+    def point(self, k: int) -> tuple[float, float]:
+        """(lr, t) at step k; t in [0, 1] is how far up the triangle (0 at base, 1 at max)."""
+        base, peak = self.lr_range
+        s = self.stepsize
+        if k <= 2 * s:
+            t = k / s if k <= s else (2 * s - k) / s
+            return base * (1 - t) + peak * t, t  # this form is exact at both ends
+        frac = min(1.0, (k - 2 * s) / (self.total_steps - 1 - 2 * s))
+        return base * (1 - frac) + base / self.final_div * frac, 0.0
+
+    def get_lr(self) -> list[float]:
+        lr, t = self.point(self.last_epoch)
+        if self.momentum_range is not None:
+            low, high = self.momentum_range
+            _set_momentum(self.optimizer, high * (1 - t) + low * t)
+        return [lr for _ in self.optimizer.param_groups]
+
+
+def curve(cfg: TrialConfig, steps: int | None = None) -> pd.DataFrame:
+    """Columns step, lr, momentum: the values in effect at optimizer steps 0 .. steps-1 (default cfg.steps).
+
+    Runs build_scheduler on a one-parameter optimizer of cfg.optimizer's type; momentum is NaN for
+    optimizers without one. The schedule is cfg's; `steps` only sets how many steps are recorded
+    (one_cycle_cos cannot go past cfg.steps).
+    """
+    n = cfg.steps if steps is None else steps
+    optimizer = _dummy_optimizer(cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    optimizer.step()  # no gradients, so a no-op; keeps torch from warning about the step order
+    rows = []
+    for k in range(n):
+        rows.append((k, *lr_momentum(optimizer)))
+        if k < n - 1:
+            scheduler.step()
+    return pd.DataFrame(rows, columns=["step", "lr", "momentum"])
+
+
+def lr_momentum(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+    """(lr, momentum) of the first param group; momentum is Adam's beta1, NaN where there is none."""
+    group = optimizer.param_groups[0]
+    if "betas" in group:
+        return float(group["lr"]), float(group["betas"][0])
+    return float(group["lr"]), float(group.get("momentum", math.nan))
+
+
+def _has_momentum(optimizer: torch.optim.Optimizer) -> bool:
+    return "momentum" in optimizer.defaults or "betas" in optimizer.defaults
+
+
+def _set_momentum(optimizer: torch.optim.Optimizer, momentum: float) -> None:
+    for group in optimizer.param_groups:
+        if "betas" in group:
+            group["betas"] = (momentum, *group["betas"][1:])
+        else:
+            group["momentum"] = momentum
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Start every group at max_lr, whatever the optimizer was built with (schedules scale from it)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _dummy_optimizer(cfg: TrialConfig) -> torch.optim.Optimizer:
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    if cfg.optimizer in ("sgd", "nesterov"):  # nesterov only changes the update, not the param group keys
+        return torch.optim.SGD(params, lr=cfg.max_lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.max_lr, betas=(cfg.momentum, 0.999))
+    if cfg.optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=cfg.max_lr)
+    if cfg.optimizer == "adadelta":
+        return torch.optim.Adadelta(params, lr=cfg.max_lr)
+    raise ValueError(f"optimizer '{cfg.optimizer}' is not known; allowed: sgd, nesterov, adam, adagrad, adadelta")

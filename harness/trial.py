@@ -1,0 +1,221 @@
+"""One trial: the unit a study schedules.
+
+`run_trial(config, reporter)` trains one model with one schedule and reports metrics at every evaluation.
+It runs in a single process, or unchanged as one rank of a DDP group when the caller (Ray Train, a test)
+has initialised `torch.distributed` first. It knows nothing of Ray or MLflow: metrics go to `reporter`.
+
+Batch semantics. `batch_size` is the global batch of one optimizer step; `bn_batch` is how many images one
+BatchNorm statistic sees (the paper: 125 per GPU). Each rank takes its slice of the global batch, splits
+it into micro-batches of `bn_batch`, accumulates their gradients (DDP `no_sync` for all but the last) and
+steps once. So a batch-1000 step has the paper's BN semantics on 1, 2 or 8 devices, and the same config
+and seed give the same trajectory whatever the world size (up to float summation order).
+
+Divergence (a non-finite loss, or a loss above `divergence_factor` x the first step's) ends the trial with
+status `diverged`: a result, not an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from harness.config import TrialConfig
+from harness.data import TrainBatches, load_dataset, test_batches
+from harness.models import build_model
+from harness.schedules import build_scheduler, lr_momentum
+
+Reporter = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
+DIVERGENCE_CHECK_EVERY = 10   # steps between loss checks (each check is a device->host sync)
+EVAL_BATCH = 1000
+
+
+def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
+              resume: dict[str, Any] | None = None, device: torch.device | str | None = None) -> dict[str, Any]:
+    """Train one trial; call `reporter(metrics, checkpoint_state)` at every evaluation; return the summary.
+
+    `checkpoint_state` is a dict (model, optimizer, scheduler, progress) on rank 0 and None elsewhere;
+    passing it back as `resume` continues the trial exactly where it was.
+    """
+    cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
+    rank, world = _rank_and_world()
+    cfg.validate(world_size=world)
+    local_batch, accum = cfg.micro_batches(world)
+    micro = local_batch // accum
+    device = torch.device(device) if device is not None else _pick_device(cfg.device)
+
+    # --- workload: data and model ---
+    torch.manual_seed(cfg.seed)
+    ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, train_size=cfg.train_size, seed=cfg.seed,
+                      preprocess=cfg.preprocess, device=device)
+    model = build_model(cfg, ds.in_channels, ds.num_classes, ds.image_size).to(device)
+    net = model
+    if world > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    batches = TrainBatches(ds, cfg.batch_size, rank=rank, world_size=world, seed=cfg.seed)
+
+    # --- training algorithm: optimizer and schedule ---
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+
+    p = {"step": 0, "train_seconds": 0.0, "first_loss": None, "history": [], "best_acc": 0.0,
+         "steps_to_target": None, "seconds_to_target": None}
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        p.update(resume["progress"])
+
+    status, diverged_at = "completed", None
+    loss_sum = torch.zeros((), device=device)   # summed on-device between evaluations: no per-step sync
+    loss_steps, window_images, window_seconds = 0, 0, 0.0
+    net.train()
+    tick = time.perf_counter()
+    while p["step"] < cfg.steps:
+        step = p["step"]
+        lr, momentum = lr_momentum(optimizer)
+        x, y = batches.get(step)
+        step_loss = torch.zeros((), device=device)
+        for i in range(accum):
+            sync = world == 1 or i == accum - 1
+            with contextlib.nullcontext() if sync else net.no_sync():
+                loss = F.cross_entropy(net(x[i * micro:(i + 1) * micro]), y[i * micro:(i + 1) * micro])
+                (loss / accum).backward()
+            step_loss += loss.detach() / accum
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        loss_sum += step_loss
+        loss_steps += 1
+        p["step"] = step = step + 1
+        window_images += cfg.batch_size
+
+        is_eval = step % cfg.eval_every == 0 or step == cfg.steps
+        if is_eval or step % DIVERGENCE_CHECK_EVERY == 0 or step == 1:
+            mean_loss = _global_mean(step_loss, world)
+            if p["first_loss"] is None:
+                p["first_loss"] = mean_loss
+            if not math.isfinite(mean_loss) or mean_loss > cfg.divergence_factor * p["first_loss"]:
+                status, diverged_at, is_eval = "diverged", step, True
+        if not is_eval:
+            continue
+
+        # --- evaluation (not counted as training time) ---
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - tick
+        p["train_seconds"] += elapsed
+        window_seconds += elapsed
+        test_loss, test_acc = evaluate(model, ds, device, rank, world)
+        record = {
+            "step": step,
+            "epoch": step * cfg.batch_size / len(ds.train_y),
+            "lr": lr,
+            "momentum": momentum,
+            "train_loss": _global_mean(loss_sum / max(loss_steps, 1), world),
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "images_per_s": window_images / window_seconds if window_seconds > 0 else 0.0,
+            "train_seconds": p["train_seconds"],
+        }
+        p["history"].append(record)
+        p["best_acc"] = max(p["best_acc"], test_acc if math.isfinite(test_acc) else 0.0)
+        if p["steps_to_target"] is None and test_acc >= cfg.target_acc:
+            p["steps_to_target"], p["seconds_to_target"] = step, p["train_seconds"]
+        loss_sum.zero_()
+        loss_steps, window_images, window_seconds = 0, 0, 0.0
+        if reporter is not None:
+            state = None
+            if rank == 0:
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "progress": dict(p)}
+            reporter(dict(record), state)
+        if status == "diverged":
+            break
+        net.train()
+        tick = time.perf_counter()
+
+    return summarize(cfg, p, status, diverged_at, world, accum)
+
+
+def summarize(cfg: TrialConfig, p: dict, status: str, diverged_at: int | None, world: int, accum: int) -> dict:
+    last = p["history"][-1] if p["history"] else {}
+    summary = {
+        "status": status,
+        "final_acc": last.get("test_acc", float("nan")),
+        "best_acc": p["best_acc"],
+        "reached_target": int(p["steps_to_target"] is not None),
+        "steps_to_target": p["steps_to_target"],
+        "seconds_to_target": p["seconds_to_target"],
+        "target_acc": cfg.target_acc,
+        "diverged_at_step": diverged_at,
+        "steps_run": p["step"],
+        "train_seconds": p["train_seconds"],
+        "world_size": world,
+        "bn_batch": cfg.batch_size // world // accum,
+        "accum_steps": accum,
+    }
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+def build_optimizer(model: torch.nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer:
+    """The paper's weight decay: on weights only; biases and BatchNorm parameters are exempt (Caffe decay_mult 0)."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    lr = cfg.max_lr
+    if cfg.optimizer in ("sgd", "nesterov"):
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.optimizer == "nesterov")
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=lr, betas=(cfg.momentum, 0.999))
+    if cfg.optimizer == "adagrad":
+        return torch.optim.Adagrad(groups, lr=lr)
+    return torch.optim.Adadelta(groups, lr=lr)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, ds, device: torch.device, rank: int, world: int) -> tuple[float, float]:
+    """Loss and accuracy on the full test set; each rank scores its shard, with rank 0's BN statistics."""
+    if world > 1:
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
+    model.eval()
+    totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
+    for x, y in test_batches(ds, EVAL_BATCH, rank=rank, world_size=world):
+        out = model(x)
+        totals[0] += F.cross_entropy(out, y, reduction="sum").double()
+        totals[1] += (out.argmax(1) == y).sum()
+        totals[2] += len(y)
+    if world > 1:
+        dist.all_reduce(totals)
+    loss, correct, count = totals.tolist()
+    return loss / count, correct / count
+
+
+def _global_mean(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= world
+    return float(value)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is visible; use device: auto or cpu")
+    return torch.device("cuda", torch.cuda.current_device())

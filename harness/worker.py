@@ -1,0 +1,122 @@
+"""Ray's side of one trial: the Tune function that builds a TorchTrainer, and the per-worker train loop.
+
+    Tune trial (trial_driver)  ->  TorchTrainer(train_loop_per_worker, N workers, gloo/NCCL)
+                                     rank r: run_trial(config) with a reporter that
+                                       - ray.train.report()s every evaluation (rank 0 attaches a checkpoint)
+                                       - logs to the trial's MLflow run (rank 0, one batched call per evaluation)
+
+The Train run of a trial has a stable name (its trial key) under the study's storage folder, so a worker lost
+mid-trial (FailureConfig) and a study resumed with --resume both continue from the trial's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from harness import tracking
+from harness.trial import run_trial
+
+CHECKPOINT_FILE = "trial_state.pt"
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    trial, track = loop_config["trial"], loop_config["tracking"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+
+    hostnames = [socket.gethostname()]
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, socket.gethostname())
+        hostnames = gathered
+
+    logger = None
+    if rank == 0 and track["uri"]:
+        logger = tracking.TrialLogger(track["uri"], track["run_id"])
+        if resume is None:
+            logger.start(trial["config"], world, tracking.system_tags(hostnames))
+
+    crash_at = loop_config.get("inject_crash_at_step")
+    crash_marker = loop_config.get("inject_crash_marker")
+
+    def reporter(metrics: dict, state: dict | None) -> None:
+        if crash_at and metrics["step"] >= crash_at and crash_marker and not os.path.exists(crash_marker):
+            Path(crash_marker).touch()  # crash once: the restarted worker must not crash again
+            os._exit(1)  # a lost worker process, as a node failure would look to Ray Train
+        if logger is not None:
+            logger.log_eval(metrics)
+        report = {**metrics, "trial_status": "running"}
+        if state is None:
+            ray.train.report(report)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, Path(d) / CHECKPOINT_FILE)
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    device = ray.train.torch.get_device()
+    summary = run_trial(trial["config"], reporter, resume=resume, device=device)
+    if logger is not None:
+        history = resume["progress"]["history"] if resume else []
+        logger.finish(summary, _full_history(summary, history, logger))
+    final = {k: (-1 if v is None else v) for k, v in summary.items() if k != "status"}
+    ray.train.report({**final, "trial_status": summary["status"], "finished": True})
+
+
+def _full_history(summary: dict, resumed: list[dict], logger) -> list[dict]:
+    """The metric history of the whole trial, read back from MLflow (covers restarts)."""
+    from harness.tracking import EVAL_METRICS
+    rows: dict[int, dict] = {}
+    for key in EVAL_METRICS:
+        for m in logger.client.get_metric_history(logger.run_id, key):
+            rows.setdefault(m.step, {"step": m.step})[key] = m.value
+    return [rows[s] for s in sorted(rows)] or resumed
+
+
+def trial_driver(config: dict) -> None:
+    """Tune's function trainable: one Tune trial = one TorchTrainer run of N DDP workers."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial, track, res = config["trial"], config["tracking"], config["resources"]
+    if track["uri"]:
+        track = {**track, "run_id": tracking.find_or_create_trial_run(
+            track["uri"], track["experiment_id"], track["parent_run_id"], trial)}
+    use_gpu = res["gpus_per_worker"] > 0
+    worker_resources = {"CPU": res["cpus_per_worker"]}
+    if use_gpu:
+        worker_resources["GPU"] = res["gpus_per_worker"]
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={**config, "tracking": track},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=res["workers"], use_gpu=use_gpu,
+                                               resources_per_worker=worker_resources),
+        run_config=ray.train.RunConfig(
+            name=f"train-{trial['key']}",
+            storage_path=config["train_storage"],
+            failure_config=ray.train.FailureConfig(max_failures=config.get("max_failures", 1)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:
+        if track["uri"]:
+            detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+            tracking.mark_trial_error(track["uri"], track["experiment_id"], track["parent_run_id"], trial, detail)
+        raise
