@@ -106,7 +106,7 @@ def parse_log(path: str | Path) -> CaffeLog:
 def _setup(name: str, text: str, curve: list[dict]) -> dict:
     head = text[: text.find("Testing net (#0)")] if "Testing net (#0)" in text else text
     solver: dict[str, str] = {}
-    block = re.search(r"Initializing solver from parameters:(.*?)(?:\n[IWE]\d{4} )", head, re.S)
+    block = re.search(r"Initializing solver from parameters:(.*?)(?:\n[IWE]\d{4} )", head, re.DOTALL)
     for line in (block.group(1) if block else "").splitlines():
         if ":" in line:
             key, _, value = line.strip().partition(":")

@@ -104,7 +104,7 @@ class Claim:
         return self.paper, self.log
 
 
-_CLR_VS_PC = dict(kind="two_arm", field="schedule", a=CYCLICAL, b=("multistep",))
+_CLR_VS_PC = {"kind": "two_arm", "field": "schedule", "a": CYCLICAL, "b": ("multistep",)}
 
 # Numbers below are transcribed from /work/shared/paper/claims.md ("paper" and "log" columns).
 CLAIMS: dict[str, Claim] = {c.id: c for c in [
@@ -508,8 +508,9 @@ def _compare_arms(claim: Claim, scale: str, a: _Arm, b: _Arm, comparison: str, s
         ma, mb = float(np.median(va)), float(np.median(vb))
         measured = (f"{METRICS[metric][1]}: {a.label} {_fmt_value(metric, ma)} vs {b.label} {_fmt_value(metric, mb)} "
                     f"(diff {_fmt_diff(metric, diff)}, 95% CI [{_fmt_diff(metric, lo)}, {_fmt_diff(metric, hi)}])")
-        results.append(dict(metric=metric, direction=direction, verdict=verdict, reason=reason, diff=diff, lo=lo,
-                            hi=hi, p=p, test=test, ma=ma, mb=mb, measured=measured, n=(len(va), len(vb))))
+        results.append({"metric": metric, "direction": direction, "verdict": verdict, "reason": reason, "diff": diff,
+                        "lo": lo, "hi": hi, "p": p, "test": test, "ma": ma, "mb": mb, "measured": measured,
+                        "n": (len(va), len(vb))})
     main = results[0]
     verdict, reason = main["verdict"], main["reason"]
     if np.isfinite(rho[0]) and verdict == "supported" and rho[0] * main["direction"] <= 0:
@@ -585,8 +586,12 @@ def _shared(arm: pd.DataFrame, strata: list[str], f: str, value) -> set[str]:
 def _covary_text(ra: pd.DataFrame, rb: pd.DataFrame, both: pd.DataFrame, f: str) -> str:
     """The fields that differ between the two arms besides the compared one (their paired settings)."""
     diffs = []
+    na = set()
+    for rows in (ra, rb):
+        if f in rows.columns and rows[f].map(_key).nunique() == 1:
+            na |= NOT_APPLICABLE.get((f, rows[f].iloc[0]), set())
     for g in ("steps", "max_lr", "base_lr", "stepsize", "batch_size"):
-        if g in both.columns and g != f:
+        if g in both.columns and g != f and g not in na:
             va, vb = ra[g].map(_key).unique(), rb[g].map(_key).unique()
             if len(va) == 1 and len(vb) == 1 and va[0] != vb[0]:
                 diffs.append(f"{g} {va[0]} vs {vb[0]}")

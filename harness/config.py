@@ -45,7 +45,7 @@ class TrialConfig:
     # --- training algorithm: optimizer ---
     optimizer: str = "sgd"
     momentum: float = 0.9              # SGD momentum (Adam: beta1) when the schedule does not cycle it
-    weight_decay: float = 1e-4         # biases and BN parameters are exempt, as in the paper
+    weight_decay: float = 1e-4         # exemptions as the paper's prototxt (conv biases); see trial.build_optimizer
     # --- training algorithm: schedule (per optimizer step) ---
     schedule: str = "one_cycle"
     base_lr: float = 0.1
@@ -79,9 +79,9 @@ class TrialConfig:
                 did = f" (did you mean '{hint[0]}'?)" if hint else ""
                 raise ConfigError(f"unknown trial field '{key}'{did}; allowed: {', '.join(names)}")
         hints = typing.get_type_hints(cls)
-        values = {k: _coerce(k, v, hints[k]) for k, v in d.items()}
+        values = {k: coerce(k, v, hints[k]) for k, v in d.items()}
         cfg = cls(**values)
-        cfg.validate()
+        cfg.validate(world_size=None)  # the batch split is checked where the world size is known
         return cfg
 
     def to_dict(self) -> dict[str, typing.Any]:
@@ -91,7 +91,7 @@ class TrialConfig:
         return TrialConfig.from_dict({**self.to_dict(), **changes})
 
     # ------------------------------------------------------------------
-    def validate(self, world_size: int = 1) -> None:
+    def validate(self, world_size: int | None = 1) -> None:
         _choice("dataset", self.dataset, DATASETS)
         _choice("preprocess", self.preprocess, PREPROCESS)
         _choice("model", self.model, MODELS)
@@ -131,7 +131,8 @@ class TrialConfig:
             raise ConfigError("schedule 'multistep' needs milestones, e.g. [50000, 70000]")
         if list(self.milestones) != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
             raise ConfigError(f"milestones must be increasing positive steps, got {list(self.milestones)}")
-        self.micro_batches(world_size)  # raises on an impossible batch split
+        if world_size is not None:
+            self.micro_batches(world_size)  # raises on an impossible batch split
 
     def micro_batches(self, world_size: int) -> tuple[int, int]:
         """(per-worker batch, micro-batches per worker) for this world size, or ConfigError."""
@@ -161,7 +162,7 @@ def _positive(name: str, value) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value}")
 
 
-def _coerce(name: str, value, hint):
+def coerce(name: str, value, hint):
     """Check a YAML/JSON value against a field's type hint; ints are accepted where floats are."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -169,11 +170,11 @@ def _coerce(name: str, value, hint):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)][0]
-        return _coerce(name, value, inner)
+        return coerce(name, value, inner)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name} must be a list of {args[0].__name__}, got {value!r}")
-        return tuple(_coerce(name, v, args[0]) for v in value)
+        return tuple(coerce(name, v, args[0]) for v in value)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             if isinstance(value, str):

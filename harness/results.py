@@ -78,7 +78,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     elif uri.startswith("file:") or "://" not in uri:
-        path = uri[len("file:"):] if uri.startswith("file:") else uri
+        path = uri.removeprefix("file:")
         uri = Path(path.removeprefix("//")).resolve().as_uri()
     return uri
 
@@ -253,8 +253,36 @@ def _trials_frame(runs) -> tuple[pd.DataFrame, list[str]]:
         notes.append(f"{int(dup.sum())} older run(s) of the same trial (same trial key) were ignored")
     df = df[~dup].drop(columns="_rank")
     df["superseded"] = False
-    df = df.sort_values(["cell", "seed" if "seed" in df else "run_name", "run_name"], kind="stable")
-    return df.reset_index(drop=True), notes
+    seed = df["seed"] if "seed" in df else pd.Series(0, index=df.index)
+    order = sorted(df.index, key=lambda i: (cell_sort_key(df.at[i, "cell"]), _num_key(seed[i]), df.at[i, "run_name"]))
+    return df.loc[order].reset_index(drop=True), notes
+
+
+def split_cell(cell: str) -> list[str]:
+    """'a=1,b=[50, 70]' -> ['a=1', 'b=[50, 70]'] (commas inside list values are kept)."""
+    out, depth, cur = [], 0, ""
+    for ch in str(cell):
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur)
+    return [p.strip() for p in out if p.strip()]
+
+
+def _num_key(v) -> tuple:
+    try:
+        return (0, float(v), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(v))
+
+
+def cell_sort_key(cell: str) -> tuple:
+    """Natural order of cells: numbers by value (batch_size=256 before batch_size=1024)."""
+    return tuple((k, _num_key(v)) for k, _, v in (p.partition("=") for p in split_cell(cell)))
 
 
 def _add_curve_fallbacks(df: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:

@@ -19,13 +19,14 @@ import hashlib
 import itertools
 import json
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from harness.config import FIELDS, ConfigError, TrialConfig
+from harness.config import FIELDS, ConfigError, TrialConfig, coerce
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 SCALES = ("smoke", "quick", "paper")
@@ -124,6 +125,7 @@ def _section(body: dict, where: str) -> None:
             if not isinstance(body[key], dict):
                 raise SpecError(f"{where}: {key} must be a mapping of trial fields")
             _keys(body[key], FIELDS, f"{where}: {key}")
+            _types(body[key], f"{where}: {key}")
     if "grid" in body:
         grid = body["grid"]
         if not isinstance(grid, dict):
@@ -132,6 +134,8 @@ def _section(body: dict, where: str) -> None:
         for k, v in grid.items():
             if not isinstance(v, list) or not v:
                 raise SpecError(f"{where}: grid.{k} must be a non-empty list of values, got {v!r}")
+            for value in v:
+                _types({k: value}, f"{where}: grid")
     if "paired" in body:
         paired = body["paired"]
         if not isinstance(paired, dict):
@@ -141,6 +145,7 @@ def _section(body: dict, where: str) -> None:
                 raise SpecError(f"{where}: paired.{axis} must be a non-empty list of mappings of trial fields")
             for o in options:
                 _keys(o, FIELDS, f"{where}: paired.{axis}")
+                _types(o, f"{where}: paired.{axis}")
     if "resources" in body:
         res = body["resources"]
         if not isinstance(res, dict):
@@ -253,6 +258,16 @@ def _keys(d: dict, allowed, where: str) -> None:
             hint = difflib.get_close_matches(str(k), list(allowed), n=1)
             did = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise SpecError(f"{where}: unknown key '{k}'{did}; allowed: {', '.join(allowed)}")
+
+
+def _types(fields: dict, where: str) -> None:
+    """Type-check each field on its own, so a value that every trial overrides is still caught."""
+    hints = typing.get_type_hints(TrialConfig)
+    for k, v in fields.items():
+        try:
+            coerce(k, v, hints[k])
+        except ConfigError as e:
+            raise SpecError(f"{where}: {e}") from None
 
 
 def _is_number(v, positive: bool = False) -> bool:

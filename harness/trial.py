@@ -7,8 +7,9 @@ has initialised `torch.distributed` first. It knows nothing of Ray or MLflow: me
 Batch semantics. `batch_size` is the global batch of one optimizer step; `bn_batch` is how many images one
 BatchNorm statistic sees (the paper: 125 per GPU). Each rank takes its slice of the global batch, splits
 it into micro-batches of `bn_batch`, accumulates their gradients (DDP `no_sync` for all but the last) and
-steps once. So a batch-1000 step has the paper's BN semantics on 1, 2 or 8 devices, and the same config
-and seed give the same trajectory whatever the world size (up to float summation order).
+steps once. BN running statistics (used at test time) follow the first micro-batch of each step, as Caffe's
+test net follows GPU 0. So a batch-1000 step has the paper's BN semantics on 1, 2 or 8 devices, and the same
+config and seed give the same trajectory whatever the world size (up to float summation order).
 
 Divergence (a non-finite loss, or a loss above `divergence_factor` x the first step's) ends the trial with
 status `diverged`: a result, not an exception.
@@ -17,6 +18,7 @@ status `diverged`: a result, not an exception.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from typing import Any, Callable
@@ -28,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harness.config import TrialConfig
 from harness.data import TrainBatches, load_dataset, test_batches
-from harness.models import build_model
+from harness.models import build_model, caffe_param_multipliers
 from harness.schedules import build_scheduler, lr_momentum
 
 Reporter = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
@@ -84,10 +86,14 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
         step_loss = torch.zeros((), device=device)
         for i in range(accum):
             sync = world == 1 or i == accum - 1
+            if i == 1:
+                _track_bn_stats(model, False)
             with contextlib.nullcontext() if sync else net.no_sync():
                 loss = F.cross_entropy(net(x[i * micro:(i + 1) * micro]), y[i * micro:(i + 1) * micro])
                 (loss / accum).backward()
             step_loss += loss.detach() / accum
+        if accum > 1:
+            _track_bn_stats(model, True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -133,8 +139,8 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
         if reporter is not None:
             state = None
             if rank == 0:
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "progress": dict(p)}
+                state = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "scheduler": scheduler.state_dict(), "progress": p})  # a snapshot
             reporter(dict(record), state)
         if status == "diverged":
             break
@@ -166,9 +172,19 @@ def summarize(cfg: TrialConfig, p: dict, status: str, diverged_at: int | None, w
 
 # ----------------------------------------------------------------------------------------------------
 def build_optimizer(model: torch.nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer:
-    """The paper's weight decay: on weights only; biases and BatchNorm parameters are exempt (Caffe decay_mult 0)."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    """SGD/Nesterov/Adam/AdaGrad/AdaDelta with the paper's weight-decay exemptions.
+
+    The authors' Caffe ResNets decay what their prototxt decays (decay_mult): conv biases are exempt, BN scale
+    and shift and the FC bias are not. Other models exempt every bias and BN parameter (the common convention).
+    Caffe's lr_mult 2 on biases is not reproduced: every parameter follows the schedule's lr.
+    """
+    if cfg.model in ("resnet20", "resnet56", "resnet110"):
+        mults = caffe_param_multipliers(model)
+        decayed = {n for n, (_, decay_mult) in mults.items() if decay_mult > 0}
+    else:
+        decayed = {n for n, p in model.named_parameters() if p.ndim > 1}
+    decay = [p for n, p in model.named_parameters() if n in decayed]
+    no_decay = [p for n, p in model.named_parameters() if n not in decayed]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     lr = cfg.max_lr
     if cfg.optimizer in ("sgd", "nesterov"):
@@ -197,6 +213,15 @@ def evaluate(model: torch.nn.Module, ds, device: torch.device, rank: int, world:
         dist.all_reduce(totals)
     loss, correct, count = totals.tolist()
     return loss / count, correct / count
+
+
+def _track_bn_stats(model: torch.nn.Module, on: bool) -> None:
+    """BN running statistics follow the first micro-batch of each step only (on rank 0, whose buffers DDP
+    broadcasts): as in Caffe, where the test net uses GPU 0's statistics of its 125 images per iteration.
+    So the statistics, like the gradients, are the same on 1, 2 or 8 workers."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = on
 
 
 def _global_mean(value: torch.Tensor, world: int) -> float:

@@ -50,6 +50,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         logger = tracking.TrialLogger(track["uri"], track["run_id"])
         if resume is None:
             logger.start(trial["config"], world, tracking.system_tags(hostnames))
+        else:
+            logger.client.set_tag(logger.run_id, "harness.resumed_from_step", str(resume["progress"]["step"]))
 
     crash_at = loop_config.get("inject_crash_at_step")
     crash_marker = loop_config.get("inject_crash_marker")

@@ -1,0 +1,318 @@
+"""The report's figures. Each function draws into a rectangle of a page (figure fractions) and reads only
+the frames of harness.results (trials, curves) and the authors' reference curves (harness.reference)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from harness import caffe_logs
+from harness.results import split_cell
+
+PALETTE = sns.color_palette("colorblind", 10)
+SHORT = {"batch_size": "bs", "max_lr": "lr", "base_lr": "blr", "weight_decay": "wd", "momentum": "mom",
+         "train_size": "n", "stepsize": "ss", "steps": "it", "schedule": "", "optimizer": "", "model": "",
+         "dataset": "", "cycle_momentum": "cyc_mom", "milestones": "ms"}
+MAX_LINES = 10   # curves per panel; more cells are summarised in the legend
+
+
+def cell_label(cell: str) -> str:
+    """'batch_size=1000,schedule=one_cycle' -> 'bs=1000 one_cycle' (legends)."""
+    if cell in ("all", ""):
+        return "all trials"
+    parts = []
+    for part in split_cell(cell):
+        k, _, v = part.partition("=")
+        short = SHORT.get(k, k)
+        parts.append(v if short == "" else f"{short}={v}")
+    return " ".join(parts)
+
+
+def _axes(fig: Figure, rect, ncols: int = 1, nrows: int = 1, wspace: float = 0.25, hspace: float = 0.45,
+          legend_w: float = 0.0):
+    left, bottom, width, height = rect
+    gs = fig.add_gridspec(nrows, ncols, left=left + 0.045, right=left + width * (1 - legend_w) - 0.01,
+                          bottom=bottom + 0.06, top=bottom + height - 0.03, wspace=wspace, hspace=hspace)
+    return [fig.add_subplot(gs[i, j]) for i in range(nrows) for j in range(ncols)]
+
+
+def _colors(keys) -> dict:
+    return {k: PALETTE[i % len(PALETTE)] for i, k in enumerate(keys)}
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _levels(values) -> list:
+    uniq = {str(v): v for v in values}
+    return sorted(uniq.values(), key=lambda v: (math.isnan(_num(v)) if v is not None else False,
+                                                _num(v) if v is not None else math.inf, str(v)))
+
+
+def _label(v) -> str:
+    if v is None:
+        return "full" if v is None else str(v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=7, color="0.4", transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+# ------------------------------------------------------------------------------------------------ references
+def reference_for_cells(trials: pd.DataFrame) -> dict[str, list[str]]:
+    """cell -> names of the authors' logs with the same setup (see caffe_logs.match_reference)."""
+    index = caffe_logs.load_index()
+    out = {}
+    keys = ("dataset", "model", "schedule", "batch_size", "base_lr", "max_lr", "steps", "optimizer", "momentum",
+            "weight_decay", "train_size")
+    for cell, rows in trials.groupby("cell", sort=False):
+        first = rows.iloc[0]
+        setup = {k: first[k] for k in keys if k in rows.columns}
+        found = caffe_logs.match_reference(setup, index)
+        if found:
+            out[cell] = found
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ curves
+def _band(curves: pd.DataFrame, run_ids, x: str, y: str) -> pd.DataFrame:
+    c = curves[curves["run_id"].isin(run_ids)].dropna(subset=[y])
+    if c.empty:
+        return c
+    g = c.groupby(x)[y]
+    return pd.DataFrame({"median": g.median(), "lo": g.min(), "hi": g.max(), "n": g.count()}).reset_index()
+
+
+def draw_curves(ax, trials: pd.DataFrame, curves: pd.DataFrame, cells: list[str], refs: dict, y: str = "test_acc",
+                title: str = "") -> None:
+    """Median over seeds (line) and min-max band per cell; the authors' matching curves dashed."""
+    colors = _colors(cells)
+    drawn = 0
+    for cell in cells[:MAX_LINES]:
+        ids = trials.loc[trials["cell"] == cell, "run_id"]
+        b = _band(curves, ids, "step", y)
+        if b.empty:
+            continue
+        scale = 100 if y == "test_acc" else 1
+        n = trials.loc[trials["cell"] == cell, "run_id"].nunique()
+        ax.plot(b["step"], b["median"] * scale, color=colors[cell], lw=1.2, label=f"{cell_label(cell)} (n={n})")
+        if n > 1:
+            ax.fill_between(b["step"], b["lo"] * scale, b["hi"] * scale, color=colors[cell], alpha=0.2, lw=0)
+        drawn += 1
+        for name in refs.get(cell, []) if y == "test_acc" else []:
+            ref = caffe_logs.load_curve(name)
+            ax.plot(ref["iteration"], ref["test_acc"] * 100, color=colors[cell], lw=0.8, ls="--",
+                    label=f"authors' log {name}")
+    if not drawn:
+        empty(ax, "no curves logged")
+        return
+    if len(cells) > MAX_LINES:
+        ax.plot([], [], " ", label=f"+{len(cells) - MAX_LINES} more cells (see tables)")
+    ax.set_xlabel("iteration (optimizer step)")
+    ax.set_ylabel("test accuracy (%)" if y == "test_acc" else y)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, lw=0.4)
+    ax.legend(loc="best", frameon=False)
+
+
+def draw_accuracy_by_schedule(fig: Figure, rect, trials: pd.DataFrame, curves: pd.DataFrame, refs: dict) -> None:
+    """Test accuracy vs iteration, one panel per schedule, one line (+ seed band) per cell."""
+    schedules = [s for s in _levels(trials["schedule"]) if s != "range_test"] if "schedule" in trials else ["all"]
+    if not schedules:
+        ax = _axes(fig, rect)[0]
+        empty(ax, "only LR range tests in this study (see the range test figure)")
+        return
+    ncols = min(2, len(schedules))
+    nrows = math.ceil(len(schedules) / ncols)
+    axes = _axes(fig, rect, ncols=ncols, nrows=nrows)
+    for ax, sched in zip(axes, schedules):
+        rows = trials[trials["schedule"] == sched] if "schedule" in trials else trials
+        draw_curves(ax, rows, curves, list(dict.fromkeys(rows["cell"])), refs, title=f"schedule: {sched}")
+
+
+def draw_schedules(fig: Figure, rect, trials: pd.DataFrame, curves: pd.DataFrame) -> None:
+    """The logged lr and momentum of one trial per distinct schedule setup."""
+    ax_lr, ax_m = _axes(fig, rect, ncols=2)
+    keys = [k for k in ("schedule", "base_lr", "max_lr", "steps", "stepsize", "milestones", "cycle_momentum",
+                        "momentum", "batch_size") if k in trials.columns]
+    reps = trials.drop_duplicates(subset=keys) if keys else trials.head(1)
+    reps = reps.head(MAX_LINES)
+    colors = _colors(list(reps["run_id"]))
+    any_line = False
+    for _, r in reps.iterrows():
+        c = curves[curves["run_id"] == r["run_id"]].sort_values("step")
+        if c.empty:
+            continue
+        label = cell_label(r["cell"])
+        if str(r.get("schedule", "")) not in label:
+            label = f"{r.get('schedule', '')} {label}".strip()
+        ax_lr.plot(c["step"], c["lr"], color=colors[r["run_id"]], lw=1, marker=".", ms=2, label=label)
+        ax_m.plot(c["step"], c["momentum"], color=colors[r["run_id"]], lw=1, marker=".", ms=2, label=label)
+        any_line = True
+    if not any_line:
+        empty(ax_lr, "no lr logged")
+        empty(ax_m, "no momentum logged")
+        return
+    for ax, name in ((ax_lr, "learning rate"), (ax_m, "momentum")):
+        ax.set_xlabel("iteration (optimizer step)")
+        ax.set_ylabel(name)
+        ax.set_title(f"logged {name} (one trial per schedule setup)")
+        ax.grid(alpha=0.3, lw=0.4)
+    ax_lr.legend(loc="best", frameon=False)
+
+
+# ------------------------------------------------------------------------------------------------ outcomes
+def draw_levels(ax, trials: pd.DataFrame, x: str, hue: str = "", y: str = "outcome_acc", title: str = "") -> None:
+    """One point per trial at its level of x (dodged by hue), median tick per group; diverged trials as 'x'."""
+    if x not in trials.columns or trials.empty:
+        empty(ax, f"no {x}")
+        return
+    levels = _levels(trials[x])
+    hues = _levels(trials[hue]) if hue and hue in trials.columns else [None]
+    colors = _colors([str(h) for h in hues])
+    width = 0.7 / len(hues)
+    scale = 100 if y in ("outcome_acc", "final_acc", "best_acc") else 1
+    for j, h in enumerate(hues):
+        rows = trials if h is None else trials[trials[hue].astype(str) == str(h)]
+        for i, lv in enumerate(levels):
+            pts = rows[rows[x].astype(str) == str(lv)]
+            if pts.empty:
+                continue
+            pos = i - 0.35 + width * (j + 0.5)
+            vals = pts[y].astype(float).to_numpy() * scale
+            jitter = np.linspace(-width * 0.25, width * 0.25, len(vals)) if len(vals) > 1 else np.zeros(1)
+            div = (pts["status"] == "diverged").to_numpy()
+            ax.scatter(pos + jitter[~div], vals[~div], s=10, color=colors[str(h)], zorder=3,
+                       label=(_label(h) if h is not None else None) if i == 0 or not ax.get_legend_handles_labels()[1]
+                       else None)
+            if div.any():
+                ax.scatter(pos + jitter[div], vals[div], s=16, marker="x", color="crimson", zorder=3,
+                           label="diverged" if "diverged" not in ax.get_legend_handles_labels()[1] else None)
+            ax.hlines(np.median(vals), pos - width * 0.4, pos + width * 0.4, color="black", lw=1.2, zorder=4)
+    ax.set_xticks(range(len(levels)))
+    ax.set_xticklabels([_label(v) for v in levels])
+    ax.set_xlim(-0.6, len(levels) - 0.4)
+    ax.set_xlabel(x)
+    ax.set_ylabel("final test accuracy (%)" if scale == 100 else y)
+    ax.set_title(title or f"final accuracy by {x} (bar = median)")
+    ax.grid(axis="y", alpha=0.3, lw=0.4)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(loc="best", frameon=False, title=hue or None, title_fontsize=6)
+
+
+def draw_final_vs_batch(ax, trials: pd.DataFrame) -> None:
+    """Final accuracy vs total batch size, one line (median) per schedule; diverged trials as 'x'."""
+    if "batch_size" not in trials.columns or trials["batch_size"].nunique() < 2:
+        if "batch_size" in trials.columns and len(trials):
+            draw_levels(ax, trials, "schedule" if "schedule" in trials else "cell",
+                        title=f"final accuracy per schedule (one total batch size: {trials['batch_size'].iloc[0]})")
+        else:
+            empty(ax, "no batch size")
+        return
+    scheds = _levels(trials["schedule"]) if "schedule" in trials else [None]
+    colors = _colors([str(s) for s in scheds])
+    for s in scheds:
+        rows = trials if s is None else trials[trials["schedule"] == s]
+        bs = rows["batch_size"].astype(float)
+        acc = rows["outcome_acc"].astype(float) * 100
+        div = (rows["status"] == "diverged").to_numpy()
+        ax.scatter(bs[~div], acc[~div], s=9, color=colors[str(s)], alpha=0.7)
+        if div.any():
+            ax.scatter(bs[div], acc[div], s=14, marker="x", color="crimson")
+        med = rows.assign(acc=acc).groupby("batch_size")["acc"].median()
+        ax.plot(med.index.astype(float), med.values, color=colors[str(s)], lw=1.2, marker="o", ms=3, label=str(s))
+    ax.set_xscale("log", base=2)
+    ticks = sorted(trials["batch_size"].astype(float).unique())
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("total batch size (images per optimizer step)")
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_title("final accuracy vs total batch size (line = median; x = diverged)")
+    ax.grid(alpha=0.3, lw=0.4)
+    ax.legend(loc="best", frameon=False, title="schedule", title_fontsize=6)
+
+
+def draw_steps_to_target(ax, trials: pd.DataFrame) -> None:
+    """Steps to the target accuracy per trial, one row per cell; misses (and divergences) at the right edge."""
+    cells = list(dict.fromkeys(trials["cell"]))[:25]
+    if not cells:
+        empty(ax, "no trials")
+        return
+    finite = trials["steps_to_target_eff"].replace(np.inf, np.nan).dropna()
+    right = max(float(trials["steps_done"].max() or 1), float(finite.max()) if len(finite) else 1.0) * 1.08
+    for i, cell in enumerate(cells):
+        rows = trials[trials["cell"] == cell]
+        s = rows["steps_to_target_eff"].astype(float).to_numpy()
+        hit = np.isfinite(s)
+        ax.scatter(s[hit], np.full(hit.sum(), i), s=12, color=PALETTE[0], zorder=3)
+        if (~hit).any():
+            ax.scatter(np.full((~hit).sum(), right), np.full((~hit).sum(), i), s=16, marker=">", color="crimson",
+                       zorder=3)
+        if hit.any():
+            ax.vlines(np.median(s[hit]), i - 0.3, i + 0.3, color="black", lw=1)
+        ax.text(right * 1.02, i, f"{hit.sum()}/{len(s)}", va="center", fontsize=6)
+    ax.set_yticks(range(len(cells)))
+    ax.set_yticklabels([cell_label(c) for c in cells])
+    ax.set_ylim(len(cells) - 0.5, -0.5)
+    ax.set_xlim(0, right * 1.1)
+    target = trials["target_acc"].dropna().unique() if "target_acc" in trials else []
+    tgt = ", ".join(f"{100 * float(t):g}%" for t in target)
+    ax.set_xlabel(f"steps to target accuracy {tgt} (red > = missed or diverged; k/n = reached)")
+    ax.set_title("steps to target per cell (bar = median of those that reached it)")
+    ax.grid(axis="x", alpha=0.3, lw=0.4)
+
+
+def draw_range_tests(ax, trials: pd.DataFrame, curves: pd.DataFrame) -> None:
+    """LR range tests: test accuracy vs learning rate, ours (solid) and the authors' matching logs (dashed)."""
+    rows = trials[trials["schedule"] == "range_test"] if "schedule" in trials else trials.iloc[0:0]
+    if rows.empty:
+        empty(ax, "no range test trials")
+        return
+    cells = list(dict.fromkeys(rows["cell"]))[:MAX_LINES]
+    colors = _colors(cells)
+    for cell in cells:
+        for k, rid in enumerate(rows.loc[rows["cell"] == cell, "run_id"]):
+            c = curves[curves["run_id"] == rid].dropna(subset=["test_acc"]).sort_values("step")
+            ax.plot(c["lr"], c["test_acc"] * 100, color=colors[cell], lw=1, alpha=0.8,
+                    label=cell_label(cell) if k == 0 else None)
+    refs = reference_for_cells(rows)
+    for cell, names in refs.items():
+        for name in names:
+            ref = caffe_logs.load_curve(name).dropna(subset=["lr"])
+            ax.plot(ref["lr"], ref["test_acc"] * 100, color=colors.get(cell, "0.3"), lw=0.8, ls="--",
+                    label=f"authors' log {name}")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("LR range test: test accuracy as the LR rises linearly")
+    ax.grid(alpha=0.3, lw=0.4)
+    ax.legend(loc="best", frameon=False)
+
+
+# ------------------------------------------------------------------------------------------------ claim pages
+def draw_claim(fig: Figure, rect, verdicts: list, trials: pd.DataFrame, curves: pd.DataFrame, refs: dict) -> None:
+    """Left: the claim's comparison (per-trial outcomes by level); right: accuracy curves of its cells."""
+    v = verdicts[0]
+    rows = trials[trials["run_id"].isin({r for vv in verdicts for r in vv.run_ids})]
+    left, right = _axes(fig, rect, ncols=2, wspace=0.22)
+    if v.claim_id == "SC3":
+        draw_range_tests(left, rows, curves)
+    else:
+        x = v.plot_x if v.plot_x in rows.columns else "cell"
+        hue = v.plot_hue if v.plot_hue in rows.columns and v.plot_hue != x else ""
+        draw_levels(left, rows, x, hue, title=f"{v.claim_id}: final accuracy by {x} (bar = median)")
+    cells = list(dict.fromkeys(rows["cell"]))
+    draw_curves(right, rows, curves, cells, refs, title="test accuracy vs iteration (median, min-max band)")

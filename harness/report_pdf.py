@@ -1,0 +1,203 @@
+"""A small flow layout on matplotlib's PdfPages: headings, wrapped paragraphs, tables that break across
+pages, and figure blocks. Text is real text (TrueType, `pdf.fonttype` 42), figures are vector graphics.
+
+    with FlowPdf(path, footer="study x") as pdf:
+        pdf.heading("Verdicts")
+        pdf.paragraph("Long text ...")
+        pdf.table(["a", "b"], [["1", "2"]], widths=[0.3, 0.7])
+        pdf.figure(lambda fig, rect: ..., height=3.0)   # rect = (left, bottom, width, height), figure fractions
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import matplotlib
+import matplotlib.lines
+
+matplotlib.use("Agg")
+matplotlib.rcParams.update({"pdf.fonttype": 42, "ps.fonttype": 42, "font.family": "DejaVu Sans",
+                            "axes.titlesize": 8, "axes.labelsize": 7, "xtick.labelsize": 6.5,
+                            "ytick.labelsize": 6.5, "legend.fontsize": 6, "svg.fonttype": "none"})
+from matplotlib.backends.backend_agg import RendererAgg
+from matplotlib.backends.backend_pdf import PdfPages
+from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
+
+PAGE_W, PAGE_H = 11.69, 8.27          # A4 landscape, inches
+MARGIN_X, MARGIN_TOP, MARGIN_BOTTOM = 0.5, 0.45, 0.5
+LINE = 1.22                            # line height in font sizes
+_RENDERER = RendererAgg(100, 100, 72)  # 72 dpi: widths come out in points
+
+
+@functools.lru_cache(maxsize=200_000)
+def text_width(text: str, size: float, bold: bool = False) -> float:
+    """Width of one line of text in inches."""
+    prop = FontProperties(family="DejaVu Sans", size=size, weight="bold" if bold else "normal")
+    w, _, _ = _RENDERER.get_text_width_height_descent(text, prop, ismath=False)
+    return w / 72.0
+
+
+def wrap(text: str, width_in: float, size: float, bold: bool = False) -> list[str]:
+    """Greedy word wrap by measured width; long tokens break after ',' ';' '/' or anywhere."""
+    lines: list[str] = []
+    for para in str(text).split("\n"):
+        words = para.split(" ")
+        cur = ""
+        for w in words:
+            cand = f"{cur} {w}" if cur else w
+            if text_width(cand, size, bold) <= width_in:
+                cur = cand
+                continue
+            if cur:
+                lines.append(cur)
+            cur = ""
+            while text_width(w, size, bold) > width_in:    # a token wider than the column
+                cut = _cut(w, width_in, size, bold)
+                lines.append(w[:cut])
+                w = w[cut:]
+            cur = w
+        lines.append(cur)
+    return lines
+
+
+def _cut(token: str, width_in: float, size: float, bold: bool) -> int:
+    n = 1
+    while n < len(token) and text_width(token[: n + 1], size, bold) <= width_in:
+        n += 1
+    for sep in ",;/_=":
+        i = token.rfind(sep, 0, n)
+        if i > n // 3:
+            return i + 1
+    return n
+
+
+class FlowPdf:
+    def __init__(self, path, footer: str = "", metadata: dict | None = None):
+        self.pdf = PdfPages(path, metadata={"Creator": "harness.report", "CreationDate": None, **(metadata or {})})
+        self.footer = footer
+        self.fig: Figure | None = None
+        self.y = 0.0        # inches from the top of the page
+        self.pages = 0
+
+    # ------------------------------------------------------------------ pages
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def width(self) -> float:
+        return PAGE_W - 2 * MARGIN_X
+
+    @property
+    def room(self) -> float:
+        return PAGE_H - MARGIN_BOTTOM - self.y
+
+    def new_page(self) -> None:
+        self._flush()
+        self.fig = Figure(figsize=(PAGE_W, PAGE_H))
+        self.y = MARGIN_TOP
+        self.pages += 1
+        self.fig.text(PAGE_W - MARGIN_X, 0.25, f"{self.footer}   page {self.pages}", ha="right", va="bottom",
+                      fontsize=6.5, color="0.4", transform=self._tr())
+
+    def _ensure(self, height: float) -> None:
+        if self.fig is None or (height > self.room and self.y > MARGIN_TOP + 1e-6):
+            self.new_page()
+
+    def _flush(self) -> None:
+        if self.fig is not None:
+            self.pdf.savefig(self.fig)
+            self.fig = None
+
+    def close(self) -> int:
+        self._flush()
+        self.pdf.close()
+        return self.pages
+
+    def _tr(self):
+        from matplotlib.transforms import Affine2D
+        return Affine2D().scale(1 / PAGE_W, 1 / PAGE_H) + self.fig.transFigure
+
+    def _text(self, x: float, y_top: float, s: str, size: float, **kw) -> None:
+        """Lines of text below y_top (inches from the page top), x inches from the left, on common baselines."""
+        kw.pop("linespacing", None)
+        for i, line in enumerate(s.split("\n")):
+            baseline = y_top + (0.8 + i * LINE) * size / 72
+            self.fig.text(x / PAGE_W, 1 - baseline / PAGE_H, line, fontsize=size, va="baseline", ha="left", **kw)
+
+    # ------------------------------------------------------------------ flow elements
+    def space(self, h: float) -> None:
+        self.y += h
+
+    def heading(self, text: str, size: float = 13, keep_with: float = 1.0) -> None:
+        if self.fig is not None and self.y > MARGIN_TOP + 1e-6:
+            self.y += 0.08
+        self._ensure(size * LINE / 72 + keep_with)
+        self._text(MARGIN_X, self.y, text, size, weight="bold")
+        self.y += size * LINE / 72 + 0.06
+
+    def paragraph(self, text: str, size: float = 8.5, color: str = "black", indent: float = 0.0) -> None:
+        lh = size * LINE / 72
+        for line in wrap(text, self.width - indent, size):
+            self._ensure(lh)
+            self._text(MARGIN_X + indent, self.y, line, size, color=color)
+            self.y += lh
+        self.y += 0.05
+
+    def table(self, columns: Sequence[str], rows: Sequence[Sequence[str]], widths: Sequence[float],
+              size: float = 7.0, styles: Sequence[dict] | None = None, max_lines: int = 40,
+              header: bool = True) -> None:
+        """A wrapped table; rows never split; the header repeats on each new page. widths: fractions."""
+        pad = 0.04
+        total = self.width
+        col_w = [w / sum(widths) * total for w in widths]
+        lh = size * LINE / 72
+        head = [wrap(c, w - 2 * pad, size, bold=True) for c, w in zip(columns, col_w)]
+        head_h = max(len(h) for h in head) * lh + 2 * pad
+
+        def draw_header():
+            if not header:
+                self._rows_line(self.y)
+                return
+            self._rows_line(self.y)
+            x = MARGIN_X
+            for lines, w in zip(head, col_w):
+                self._text(x + pad, self.y + pad, "\n".join(lines), size, weight="bold", linespacing=LINE)
+                x += w
+            self.y += head_h
+            self._rows_line(self.y, lw=0.6)
+
+        self._ensure(head_h + lh * 2 + 2 * pad)
+        draw_header()
+        for i, row in enumerate(rows):
+            cells = [wrap(str(c), w - 2 * pad, size)[:max_lines] for c, w in zip(row, col_w)]
+            h = max(len(c) for c in cells) * lh + 2 * pad
+            if h > self.room:
+                self.new_page()
+                draw_header()
+            style = (styles[i] if styles else None) or {}
+            x = MARGIN_X
+            for j, (lines, w) in enumerate(zip(cells, col_w)):
+                kw = style.get(j, {})
+                self._text(x + pad, self.y + pad, "\n".join(lines), size, linespacing=LINE, **kw)
+                x += w
+            self.y += h
+            self._rows_line(self.y, lw=0.3, color="0.75")
+        self.y += 0.12
+
+    def _rows_line(self, y: float, lw: float = 0.8, color: str = "black") -> None:
+        yy = 1 - y / PAGE_H
+        self.fig.add_artist(matplotlib.lines.Line2D([MARGIN_X / PAGE_W, 1 - MARGIN_X / PAGE_W], [yy, yy], lw=lw,
+                                                    color=color))
+
+    def figure(self, draw: Callable[[Figure, tuple], None], height: float) -> None:
+        """Reserve `height` inches (a new page if needed) and let draw(fig, rect) fill the rectangle."""
+        height = min(height, PAGE_H - MARGIN_TOP - MARGIN_BOTTOM)
+        self._ensure(height)
+        rect = (MARGIN_X / PAGE_W, 1 - (self.y + height) / PAGE_H, self.width / PAGE_W, height / PAGE_H)
+        draw(self.fig, rect)
+        self.y += height + 0.1

@@ -1,0 +1,29 @@
+"""Shared fixtures: one local Ray for the whole session (starting Ray costs ~10 s), sized like CI: 2 CPUs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from harness.study import DRIVER_RESOURCE, RAY_ENV
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+    for k, v in RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    ray.init(num_cpus=2, resources={DRIVER_RESOURCE: 8}, runtime_env={"env_vars": RAY_ENV},
+             include_dashboard=True, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A fresh working directory with its own sqlite MLflow store and Ray storage."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return tmp_path

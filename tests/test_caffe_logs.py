@@ -1,0 +1,112 @@
+"""The authors' Caffe logs -> harness/reference/*.csv (parser, committed CSVs, setup matching)."""
+
+from __future__ import annotations
+
+import gzip
+
+import pytest
+
+from harness import caffe_logs
+
+LOGS = caffe_logs.LOGS_DIR
+needs_logs = pytest.mark.skipif(not (LOGS / "clr3SS5kFig1a.log.gz").is_file(),
+                                reason=f"the authors' Caffe logs are not at {LOGS}")
+
+
+@needs_logs
+def test_parse_real_log_fig1a():
+    log = caffe_logs.parse_log(LOGS / "clr3SS5kFig1a.log.gz")
+    rows = {r["iteration"]: r for r in log.curve}
+    assert rows[0]["lr"] == 0.1 and rows[100]["lr"] == 0.158
+    assert rows[10000]["test_acc"] == 0.9244                      # claims.md: CLR 92.44
+    assert len(log.curve) == 101                                  # one row per test interval (every 100 it)
+    s = log.setup
+    assert (s["dataset"], s["model"], s["schedule"], s["batch"], s["max_lr"], s["steps"]) == \
+        ("cifar10", "resnet56", "triangular", 1000, 3.0, 10000)
+    assert s["final_acc"] == 0.9244 and "SC1" in s["claims"]
+
+
+@needs_logs
+def test_parse_real_logs_match_claims_table_numbers():
+    expect = {"lr35Fig1a": 0.9032, "clr3SS5kTr10kTab1": 0.80592, "lr35Tr20kTab1": 0.62328,
+              "clr3SS5kRes110Tab1": 0.9237, "lr35AdaDeltaFig9": 0.70968}
+    for name, acc in expect.items():
+        setup = caffe_logs.parse_log(LOGS / f"{name}.log.gz").setup
+        assert setup["final_acc"] == acc, name
+    pc = caffe_logs.parse_log(LOGS / "lr35Res110Fig6b.log.gz").setup
+    assert (pc["schedule"], pc["model"], pc["batch"], pc["max_lr"], pc["steps"]) == \
+        ("multistep", "resnet110", 800, 0.35, 80000)
+    rt = caffe_logs.parse_log(LOGS / "range3Iter20kFig2b.log.gz").setup
+    assert (rt["schedule"], rt["base_lr"], rt["max_lr"], rt["steps"]) == ("range_test", 0.0, 3.0, 20000)
+
+
+@needs_logs
+def test_committed_reference_csvs_match_a_reparse(tmp_path):
+    caffe_logs.write_reference(LOGS, tmp_path)
+    committed = sorted(p.name for p in caffe_logs.REFERENCE_DIR.glob("*.csv"))
+    fresh = sorted(p.name for p in tmp_path.glob("*.csv"))
+    assert committed == fresh
+    for name in fresh:
+        assert (tmp_path / name).read_text() == (caffe_logs.REFERENCE_DIR / name).read_text(), name
+
+
+def test_reference_index_and_curve_load():
+    index = caffe_logs.load_index()
+    assert len(index) >= 40 and set(caffe_logs.INDEX_COLUMNS) <= set(index.columns)
+    curve = caffe_logs.load_curve("clr3SS5kFig1a")
+    assert list(curve.columns) == list(caffe_logs.CURVE_COLUMNS)
+    assert curve["test_acc"].iloc[-1] == pytest.approx(0.9244)
+
+
+def test_match_reference_by_setup():
+    clr = {"dataset": "cifar10", "model": "resnet56", "schedule": "triangular", "batch_size": 1000, "base_lr": 0.1,
+           "max_lr": 3.0, "steps": 10000, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4,
+           "train_size": None}
+    assert caffe_logs.match_reference(clr) == ["clr3SS5kFig1a"]
+    assert caffe_logs.match_reference({**clr, "weight_decay": 1e-5}) == ["clr3SS5kWD-5Fig11"]
+    assert caffe_logs.match_reference({**clr, "train_size": 10000}) == ["clr3SS5kTr10kTab1"]
+    assert caffe_logs.match_reference({**clr, "steps": 2000}) == []
+    assert caffe_logs.match_reference({**clr, "schedule": "one_cycle"}) == []
+    pc = {**clr, "schedule": "multistep", "base_lr": 0.35, "max_lr": 1.0, "steps": 80000}   # max_lr unused
+    assert caffe_logs.match_reference(pc) == ["lr35Fig1a"]
+
+
+def test_parser_on_a_small_log_with_a_resume(tmp_path):
+    text = """I0817 16:02:51.154722 1 caffe.cpp:217] Using GPUs 0, 1
+I0817 16:02:51.582952 1 solver.cpp:48] Initializing solver from parameters:
+base_lr: 0.35
+max_iter: 200
+lr_policy: "multistep"
+momentum: 0.9
+weight_decay: 0.0001
+I0817 16:02:51.587083 1 solver.cpp:91] Creating training net from net file: a.prototxt
+    source: "examples/cifar10/cifar10_train20k_lmdb"
+    batch_size: 50
+I0817 16:02:59.1 1 solver.cpp:337] Iteration 0, Testing net (#0)
+I0817 16:04:18.5 1 solver.cpp:404]     Test net output #0: accuracy = 0.1
+I0817 16:04:22.5 1 solver.cpp:228] Iteration 0, loss = 2.3
+I0817 16:04:22.6 1 sgd_solver.cpp:166] Iteration 0, lr = 0.35
+I0817 16:06:38.5 1 solver.cpp:337] Iteration 100, Testing net (#0)
+I0817 16:07:57.7 1 solver.cpp:404]     Test net output #0: accuracy = 0.3
+I0817 16:07:59.0 1 solver.cpp:228] Iteration 100, loss = 1.9
+I0817 16:07:59.1 1 sgd_solver.cpp:166] Iteration 100, lr = 0.35
+I0817 16:06:38.5 1 solver.cpp:337] Iteration 100, Testing net (#0)
+I0817 16:07:57.7 1 solver.cpp:404]     Test net output #0: accuracy = 0.5
+I0817 16:07:59.0 1 solver.cpp:317] Iteration 200, loss = 1.2
+I0817 16:07:59.0 1 solver.cpp:337] Iteration 200, Testing net (#0)
+I0817 16:07:59.1 1 solver.cpp:404]     Test net output #0: accuracy = 0.6
+"""
+    path = tmp_path / "tiny.log.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(text)
+    log = caffe_logs.parse_log(path)
+    assert [r["iteration"] for r in log.curve] == [0, 100, 200]
+    assert [r["test_acc"] for r in log.curve] == [0.1, 0.5, 0.6]        # a repeated iteration: the last wins
+    assert log.setup["batch"] == 100 and log.setup["train_size"] == 20000 and log.setup["schedule"] == "multistep"
+    assert "lr,test_acc" in caffe_logs.curve_csv(log)
+
+
+def test_cli_without_logs_exits_2(tmp_path, capsys):
+    assert caffe_logs.main(["--logs", str(tmp_path / "none"), "--out", str(tmp_path / "out")]) == 2
+    assert "no Caffe logs" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

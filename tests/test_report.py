@@ -1,0 +1,138 @@
+"""`python -m harness.report`: the PDF, its Markdown and CSV twins, and the bad-input paths (exit 2)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from pypdf import PdfReader
+
+from harness import report
+from harness.results import load_study
+
+try:
+    from tests.synthetic_store import synthetic_uri
+except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+    from synthetic_store import synthetic_uri
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def uri():
+    return synthetic_uri()
+
+
+def run_report(uri, study, out_dir, *extra) -> tuple[int, Path]:
+    out = Path(out_dir) / f"{study}.pdf"
+    code = report.main([study, "--tracking-uri", uri, "--out", str(out), *extra])
+    return code, out
+
+
+def pdf_text(path: Path) -> list[str]:
+    return [page.extract_text() for page in PdfReader(path).pages]
+
+
+def test_report_supported_study(uri, tmp_path, capsys):
+    code, pdf = run_report(uri, "super_convergence", tmp_path)
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "6 pages" in printed and str(pdf) in printed and " s (loading" in printed
+    pages = pdf_text(pdf)
+    # page 1: question, verdict, claims.md numbers, setup; then SC1; accuracy curves; outcomes+schedules;
+    # all cells; appendix
+    assert len(pages) == 6
+    first = " ".join(pages[0].split())
+    for text in ("Does one cycle of a large cyclical learning rate", "SC1", "supported", "CLR 92.4 vs PC 91.2",
+                 "92.44 vs 90.32", "triangular 92.12% vs multistep 85.12%", "Welch t", "quick scale", "2x CPU",
+                 "0123456789abcdef", "Setup", "Decision rule"):
+        assert text in first, text
+    assert "authors' log clr3SS5kFig1a" not in first
+    trials = pd.read_csv(tmp_path / "super_convergence.trials.csv")
+    assert len(trials) == 8 and set(trials["status"]) == {"completed"}
+    appendix = " ".join(" ".join(pages[-1].split()).split())
+    assert all(rid in appendix for rid in trials["run_id"])            # every trial with its MLflow run id
+    verdicts = pd.read_csv(tmp_path / "super_convergence.verdicts.csv")
+    assert verdicts[["claim_id", "verdict"]].values.tolist() == [["SC1", "supported"]]
+    cells = pd.read_csv(tmp_path / "super_convergence.cells.csv")
+    assert cells["cell"].tolist() == ["schedule=multistep", "schedule=triangular"] and cells["n"].tolist() == [4, 4]
+    md = (tmp_path / "super_convergence.md").read_text()
+    assert "| SC1: Super-convergence" in md and "supported" in md and trials["run_id"][0] in md
+
+
+def test_report_diverged_study(uri, tmp_path):
+    code, pdf = run_report(uri, "weight_decay", tmp_path)
+    assert code == 0
+    text = " ".join(" ".join(pdf_text(pdf)).split())
+    assert "3 diverged" in text and "Excluded from the verdicts: 1 error trial(s)" in text
+    assert "error: RuntimeError: CUDA out of memory" in text
+    cells = pd.read_csv(tmp_path / "weight_decay.cells.csv")
+    assert cells.set_index("cell").loc["weight_decay=0.001", "diverged"] == 3
+
+
+def test_smoke_study_is_a_pipeline_check_via_the_real_cli(uri, tmp_path):
+    out = tmp_path / "smoke" / "smoke_check.pdf"
+    proc = subprocess.run([sys.executable, "-m", "harness.report", "smoke_check", "--tracking-uri", uri,
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "report:" in proc.stdout and str(out) in proc.stdout
+    first = " ".join(pdf_text(out)[0].split())
+    assert "pipeline check (smoke scale): would be inconclusive" in first
+    assert set(pd.read_csv(tmp_path / "smoke" / "smoke_check.verdicts.csv")["verdict"]) == {"pipeline check"}
+    assert "LR range tests" in " ".join(pdf_text(out))
+
+
+def test_run_selection(uri):
+    latest = load_study("super_convergence", uri, curves=False)
+    both = load_study("super_convergence", uri, run="all", curves=False)
+    assert latest.parent["tags"]["harness.scale"] == "quick" and len(latest.trials) == 8
+    assert len(both.parents) == 2 and len(both.trials) == 10 and both.scale == "quick"
+    old = both.parents[1]["run_id"]
+    assert set(load_study("super_convergence", uri, run=old, curves=False).trials["scale"]) == {"smoke"}
+
+
+def test_curves_loaded_in_bulk_match_the_per_run_history(uri):
+    from mlflow.tracking import MlflowClient
+    res = load_study("batch_size_effect", uri)
+    assert set(res.curves.columns) >= {"run_id", "step", "lr", "momentum", "test_acc", "train_seconds"}
+    rid = res.trials["run_id"].iloc[0]
+    hist = sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(rid, "test_acc"))
+    mine = res.curves[res.curves["run_id"] == rid][["step", "test_acc"]]
+    assert [tuple(r) for r in mine.itertuples(index=False)] == hist
+
+
+@pytest.mark.parametrize("case", ["unknown_study", "no_runs", "missing_store", "unreachable_server", "unknown_run"])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(uri, tmp_path, capsys, case):
+    study, extra, store = "super_convergence", [], uri
+    expect = ""
+    if case == "unknown_study":
+        study, expect = "no_such_study", "studies there: batch_size_effect, empty_study, momentum_effect"
+    elif case == "no_runs":
+        study, expect = "empty_study", "no trial runs"
+    elif case == "missing_store":
+        store, expect = f"sqlite:///{tmp_path}/nothing/mlflow.db", "no MLflow store"
+    elif case == "unreachable_server":
+        store, expect = "http://127.0.0.1:9", "does not answer"
+    elif case == "unknown_run":
+        extra, expect = ["--run", "0" * 32], "is not a parent run"
+    out_dir = tmp_path / "out"
+    code = report.main([study, "--tracking-uri", store, "--out", str(out_dir / "x.pdf"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and expect in err, err
+    assert not out_dir.exists() and not (tmp_path / "nothing").exists()
+
+
+def test_help_and_default_uri(monkeypatch, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        report.parse_args(["--help"])
+    assert e.value.code == 0 and "--tracking-uri" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert report.main(["x"]) == 2                         # default store: ./mlflow.db, which does not exist
+    assert f"{tmp_path}/mlflow.db" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []

@@ -1,0 +1,226 @@
+"""The study runner: YAML schema and errors, grid expansion, resource arithmetic, and real Ray Tune runs
+(2-worker gloo TorchTrainers on the session's 2-CPU local Ray): end to end with a divergence, a lost worker
+resumed from its checkpoint, an errored trial, an interrupted study resumed with --resume, and --dry-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from harness import spec as specs
+from harness.study import main
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = {
+    "name": "tiny",
+    "question": "Does the pipeline run?",
+    "claims": ["SC1"],
+    "target_acc": 0.5,
+    "resources": {"workers": 2, "gpus_per_worker": 0, "cpus_per_worker": 1},
+    "base": {"dataset": "digits", "model": "small_cnn", "preprocess": "paper", "batch_size": 250, "bn_batch": 125,
+             "steps": 20, "eval_every": 5, "base_lr": 0.08, "bn_momentum": 0.5, "device": "cpu"},
+    "paired": {"schedule": [{"schedule": "one_cycle", "max_lr": 0.8},
+                            {"schedule": "constant", "max_lr": 5000.0}]},
+}
+
+
+def write_study(folder: Path, study: dict) -> str:
+    path = folder / f"{study['name']}.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return str(path)
+
+
+def child_runs(uri: str, study: str = "tiny") -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(study)
+    return client.search_runs([exp.experiment_id], filter_string="tags.`harness.role` = 'trial'")
+
+
+def parent_runs(uri: str, study: str = "tiny") -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(study)
+    return client.search_runs([exp.experiment_id], filter_string="tags.`harness.role` = 'study'")
+
+
+# ------------------------------------------------------------------------------------------------- schema
+@pytest.mark.parametrize("mutate, message", [
+    (lambda s: s.update(resoures={}), "unknown key 'resoures' (did you mean 'resources'?)"),
+    (lambda s: s["base"].update(batchsize=3), "unknown key 'batchsize' (did you mean 'batch_size'?)"),
+    (lambda s: s["base"].update(max_lr="big"), "max_lr must be a number"),
+    (lambda s: s["base"].update(batch_size=300), "multiple of workers x bn_batch = 250"),
+    (lambda s: s.update(grid={"seed": 3}), "grid.seed must be a non-empty list"),
+    (lambda s: s.update(claims=["SC99"]), "claims must be a list of claim IDs"),
+    (lambda s: s["resources"].update(workers=0), "resources.workers must be an integer >= 1"),
+    (lambda s: s.update(scales={"huge": {}}), "unknown key 'huge'"),
+    (lambda s: s.update(scales={"quick": {"base": {"modle": "mlp"}}}), "did you mean 'model'?"),
+    (lambda s: s["paired"]["schedule"].append({"schedule": "one_cycle", "max_lr": 0.8}), "same config"),
+])
+def test_bad_study_files_exit_2_with_one_line_and_start_nothing(workdir, capsys, mutate, message):
+    study = yaml.safe_load(yaml.safe_dump(TINY))
+    mutate(study)
+    rc = main([write_study(workdir, study)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert message in err and len(err.splitlines()) == 1
+    assert not (workdir / "mlflow.db").exists() and not (workdir / "ray_results").exists()
+
+
+def test_unknown_study_name_suggests_the_closest(workdir, capsys):
+    assert main(["batch_size_efect"]) == 2
+    assert "did you mean 'batch_size_effect'" in capsys.readouterr().err
+
+
+def test_shipped_studies_are_valid_at_every_scale():
+    for name, question in specs.list_studies():
+        spec = specs.load_spec(name)
+        assert question and spec["claims"]
+        for scale in spec.get("scales", {}):
+            assert specs.trials(spec, scale)
+
+
+def test_grid_expansion_pairs_lr_scales_and_names():
+    study = {**TINY, "grid": {"seed": [0, 1, 2]}, "lr_scales": [0.5, 1.0]}
+    trials = specs.trials(study, "smoke")
+    assert len(trials) == 2 * 3 * 2
+    assert len({t.name for t in trials}) == len({t.key for t in trials}) == 12
+    one_cycle = [t for t in trials if t.config["schedule"] == "one_cycle"]
+    assert sorted({t.config["max_lr"] for t in one_cycle}) == [0.4, 0.8]
+    assert sorted({t.config["base_lr"] for t in one_cycle}) == [0.04, 0.08]
+    assert {t.cell for t in one_cycle} == {"schedule=one_cycle,lr_scale=0.5", "schedule=one_cycle,lr_scale=1"}
+    assert "one_cycle-s2-x0.5" in {t.name for t in trials}
+    assert specs.trials(study, "smoke")[0].key == trials[0].key  # deterministic
+
+
+def test_scales_override_base_grid_and_resources():
+    study = {**TINY, "scales": {"quick": {"base": {"steps": 40}, "grid": {"seed": [7]},
+                                          "resources": {"workers": 1}}}}
+    resolved = specs.resolve(study, "quick")
+    assert resolved["resources"] == {"workers": 1, "gpus_per_worker": 0, "cpus_per_worker": 1}
+    assert {t.config["steps"] for t in specs.trials(study, "quick")} == {40}
+    with pytest.raises(specs.SpecError, match="has no scale 'paper'"):
+        specs.resolve(study, "paper")
+
+
+def test_dry_run_prints_trials_and_cost_and_runs_nothing(workdir, capsys):
+    rc = main(["batch_size_effect", "--scale", "paper", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "72 trials" in out and "GPU-hours" in out and "bs1000-multistep-s2-x2" in out
+    assert not (workdir / "mlflow.db").exists() and not (workdir / "ray_results").exists()
+
+
+def test_list_shows_studies_and_questions(capsys):
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "batch_size_effect" in out and "super_convergence" in out and "batch size" in out
+
+
+# ------------------------------------------------------------------------------------------------- resources
+def test_a_trial_that_cannot_fit_the_cluster_is_refused(ray_session, workdir, capsys):
+    study = {**TINY, "resources": {"workers": 2, "cpus_per_worker": 2}}
+    rc = main([write_study(workdir, study)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs 4 CPUs" in err and "cluster has 2 CPUs" in err
+    assert not (workdir / "ray_results").exists()
+
+
+def test_unreachable_tracking_server_fails_before_any_trial(workdir, capsys):
+    rc = main([write_study(workdir, TINY), "--tracking-uri", "http://127.0.0.1:9"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "does not answer" in err and len(err.splitlines()) == 1
+    assert not (workdir / "ray_results").exists()
+
+
+# ------------------------------------------------------------------------------------------------- Ray runs
+def test_two_trial_study_end_to_end_with_a_divergence(ray_session, workdir, capsys):
+    rc = main([write_study(workdir, TINY)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    runs = {r.data.tags["harness.cell"]: r for r in child_runs(uri)}
+    assert set(runs) == {"schedule=one_cycle", "schedule=constant"}
+    ok, bad = runs["schedule=one_cycle"], runs["schedule=constant"]
+    assert ok.data.tags["harness.status"] == "completed" and ok.data.metrics["final_acc"] > 0.5
+    assert bad.data.tags["harness.status"] == "diverged" and bad.data.metrics["diverged_at_step"] < 20
+    assert ok.data.params["workers"] == "2" and ok.data.metrics["world_size"] == 2
+    assert "schedule=one_cycle" in out and "diverged" in out  # the summary table
+
+
+def test_lost_worker_resumes_from_checkpoint_into_the_same_run(ray_session, workdir):
+    study = {**TINY, "paired": {"schedule": [{"schedule": "one_cycle", "max_lr": 0.8}]}}
+    rc = main([write_study(workdir, study), "--inject-crash", "10"])
+    assert rc == 0
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    (run,) = child_runs(uri)
+    assert run.data.tags["harness.status"] == "completed"
+    assert run.data.tags.get("harness.resumed_from_step") == "10"  # the checkpoint at step 10, not a restart
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "test_acc")]
+    assert steps == [5, 10, 15, 20]  # no duplicates, no gaps
+    assert (workdir / "ray_results" / "tiny-smoke" / "injected_crash.marker").exists()
+
+
+def test_errored_trial_gives_exit_1_and_is_listed(ray_session, workdir, capsys):
+    study = {**TINY, "paired": {"schedule": [{"schedule": "one_cycle", "max_lr": 0.8}]}}
+    rc = main([write_study(workdir, study), "--inject-crash", "10", "--max-failures", "0"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "ERROR trial:" in err
+    (run,) = child_runs(f"sqlite:///{workdir}/mlflow.db")
+    assert run.data.tags["harness.status"] == "error" and run.data.tags["harness.error"]
+    assert run.info.status == "FAILED"
+    (parent,) = parent_runs(f"sqlite:///{workdir}/mlflow.db")
+    assert parent.info.status == "FAILED"
+
+
+def test_interrupted_study_resumes_without_rerunning_finished_trials(ray_session, workdir):
+    study = {**TINY, "base": {**TINY["base"], "steps": 30},
+             "paired": {"schedule": [{"schedule": "one_cycle", "max_lr": 0.8},
+                                     {"schedule": "multistep", "max_lr": 0.2, "milestones": [20]},
+                                     {"schedule": "cosine", "max_lr": 0.4}]}}
+    path = write_study(workdir, study)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "harness.study", path], cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    deadline = time.time() + 240
+    finished = []
+    while time.time() < deadline and not finished:
+        time.sleep(2)
+        if (workdir / "mlflow.db").exists():
+            try:
+                finished = [r for r in child_runs(uri) if r.info.status == "FINISHED"]
+            except Exception:  # the store may still be being created
+                finished = []
+    os.killpg(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert finished, out[-3000:]
+    first = finished[0]
+    assert len([r for r in child_runs(uri) if r.info.status == "FINISHED"]) < 3, "interrupted too late"
+
+    rc = main([path, "--resume"])
+    assert rc == 0
+    runs = child_runs(uri)
+    assert len(runs) == 3 and all(r.data.tags["harness.status"] == "completed" for r in runs)
+    again = MlflowClient(uri).get_run(first.info.run_id)
+    assert again.info.end_time == first.info.end_time  # the finished trial was not run again
+    (parent,) = parent_runs(uri)  # the resumed study reused its parent run
+    assert parent.info.status == "FINISHED"
+
+
+def test_resume_without_an_earlier_run_is_refused(ray_session, workdir, capsys):
+    assert main([write_study(workdir, TINY), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_readme_main_command_is_the_smoke_study():
+    readme = (REPO / "README.md").read_text()
+    assert "python -m harness.study batch_size_effect --scale smoke" in readme
+    assert textwrap.dedent("python -m pytest") in readme
