@@ -206,7 +206,8 @@ def setup_rows(res: StudyResults, ev: claims_mod.Evaluation) -> list[tuple[str, 
     t = res.trials
     tags = res.parent["tags"]
     status = t["status"].value_counts().to_dict()
-    seeds = t.groupby("cell")["run_id"].count()
+    seeds = t.groupby(["scale", "cell"])["run_id"].count()
+    seeds_text = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()}-{seeds.max()}"
     secs = float(np.nansum(t["train_seconds"].astype(float)))
     steps = float(np.nansum(t["steps_done"].astype(float)))
     images = float(np.nansum(t["images"].astype(float))) if "images" in t else float("nan")
@@ -224,11 +225,12 @@ def setup_rows(res: StudyResults, ev: claims_mod.Evaluation) -> list[tuple[str, 
         ("scale", f"{ev.scale} (verdicts use the {ev.n_trials} completed or diverged trials at this scale)"
          + (f"; parent runs at scales {_uniq(t, 'scale')}" if t["scale"].nunique() > 1 else "")),
         ("dataset / model", f"{_uniq(t, 'dataset')} / {_uniq(t, 'model')}"),
-        ("trials", f"{len(t)} in {t['cell'].nunique()} cells, {seeds.min()}-{seeds.max()} seeds per cell; "
+        ("trials", f"{len(t)} in {len(seeds)} cells, {seeds_text} seeds per cell; "
                    + ", ".join(f"{k} {v}" for k, v in sorted(status.items()))),
         ("hardware", f"{tags.get('harness.hardware', 'unknown')}; Ray resources {tags.get('harness.ray_resources', '?')}"
                      + (f"; GPUs {', '.join(gpus)}" if gpus else "")),
-        ("total compute", (f"{secs / 3600:.2f} h of training (sum of train_seconds, evaluation excluded), "
+        ("total compute", (f"{secs / 3600:.2f} h" if secs >= 360 else f"{secs:,.0f} s") +
+                          (" of training (sum of train_seconds, evaluation excluded), "
                            f"{steps:,.0f} optimizer steps, {images:,.0f} training images")),
         ("git commit", "; ".join(commits)),
         ("harness version", f"{tags.get('harness.version', '?')}; torch {_uniq(t, 'sys.torch')}"),
@@ -276,6 +278,8 @@ def write_pdf(path: Path, res: StudyResults, ev: claims_mod.Evaluation, tables: 
     from harness.report_pdf import FlowPdf
 
     t = res.trials
+    if t["scale"].nunique() > 1:      # --run all over several scales: figures show the scale of the verdicts
+        t = t[t["scale"] == ev.scale]
     curves = res.curves
     refs = figs.reference_for_cells(t)
     with FlowPdf(path, footer=f"harness.report · study {res.study} · {ev.scale} scale",
@@ -283,8 +287,8 @@ def write_pdf(path: Path, res: StudyResults, ev: claims_mod.Evaluation, tables: 
         # ---- page 1: question, verdicts, setup
         pdf.new_page()
         pdf.heading(f"Study {res.study}: {ev.scale} scale", size=16, keep_with=0)
-        pdf.paragraph(f"Claims: {', '.join(ev.requested)} · parent run {res.parent['run_id']} · "
-                      f"{len(t)} trials · report of {dt.date.today():%Y-%m-%d}", size=8, color="0.35")
+        pdf.paragraph(f"Claims: {', '.join(ev.requested)} · parent run(s) {', '.join(p['run_id'] for p in res.parents)}"
+                      f" · {len(res.trials)} trials · report of {dt.date.today():%Y-%m-%d}", size=8, color="0.35")
         pdf.heading("Question", size=11)
         pdf.paragraph(res.parent["tags"].get("harness.question", "") or "(the study states no question)", size=9)
         pdf.heading("Verdicts", size=11)
@@ -352,16 +356,17 @@ def write_pdf(path: Path, res: StudyResults, ev: claims_mod.Evaluation, tables: 
         pdf.heading("Appendix: every trial", size=12)
         pdf.paragraph("Final accuracy of a diverged trial is its last measured test accuracy; steps to target "
                       "'never' = missed or diverged. Open a run in MLflow by its run id.", size=7.5)
-        pdf.table(TRIAL_COLUMNS, _trial_rows(t), widths=TRIAL_WIDTHS, size=6.5)
+        pdf.table(TRIAL_COLUMNS, _trial_rows(res.trials), widths=TRIAL_WIDTHS, size=6.5)
         return pdf.pages
 
 
 def _trial_rows(t: pd.DataFrame) -> list[list[str]]:
     rows = []
+    multi = t["scale"].nunique() > 1
     for r in t.to_dict("records"):
         status = r["status"] + (f": {r['error']}" if r.get("error") else "")
         seed = r.get("seed")
-        rows.append([str(r["run_name"]), r["run_id"], r["cell"], "" if seed is None else str(seed), status,
+        rows.append([str(r["run_name"]), r["run_id"], (f"[{r['scale']}] " if multi else "") + r["cell"], "" if seed is None else str(seed), status,
                      _pct(r["outcome_acc"]), _pct(r["best_acc"]), _steps(r["steps_to_target_eff"]),
                      _steps(r["steps_done"]), "n/a" if np.isnan(r["train_seconds"]) else f"{r['train_seconds']:,.0f}"])
     return rows

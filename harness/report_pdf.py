@@ -47,7 +47,7 @@ def wrap(text: str, width_in: float, size: float, bold: bool = False) -> list[st
         cur = ""
         for w in words:
             cand = f"{cur} {w}" if cur else w
-            if text_width(cand, size, bold) <= width_in:
+            if text_width(cand, size, bold) <= width_in * 0.98:
                 cur = cand
                 continue
             if cur:
@@ -174,12 +174,13 @@ class FlowPdf:
         self._ensure(head_h + lh * 2 + 2 * pad)
         draw_header()
         for i, row in enumerate(rows):
-            cells = [wrap(str(c), w - 2 * pad, size)[:max_lines] for c, w in zip(row, col_w)]
+            style = (styles[i] if styles else None) or {}
+            cells = [wrap(str(c), w - 2 * pad, size, bold=style.get(j, {}).get("weight") == "bold")[:max_lines]
+                     for j, (c, w) in enumerate(zip(row, col_w))]
             h = max(len(c) for c in cells) * lh + 2 * pad
             if h > self.room:
                 self.new_page()
                 draw_header()
-            style = (styles[i] if styles else None) or {}
             x = MARGIN_X
             for j, (lines, w) in enumerate(zip(cells, col_w)):
                 kw = style.get(j, {})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -57,18 +58,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     crash_marker = loop_config.get("inject_crash_marker")
 
     def reporter(metrics: dict, state: dict | None) -> None:
-        if crash_at and metrics["step"] >= crash_at and crash_marker and not os.path.exists(crash_marker):
-            Path(crash_marker).touch()  # crash once: the restarted worker must not crash again
-            os._exit(1)  # a lost worker process, as a node failure would look to Ray Train
         if logger is not None:
             logger.log_eval(metrics)
         report = {**metrics, "trial_status": "running"}
         if state is None:
             ray.train.report(report)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state, Path(d) / CHECKPOINT_FILE)
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(state, Path(d) / CHECKPOINT_FILE)
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+        if crash_at and metrics["step"] >= crash_at and crash_marker and not os.path.exists(crash_marker):
+            Path(crash_marker).touch()  # crash once: the restarted worker must not crash again
+            time.sleep(3)  # let the controller collect the report, as a crash some time after a checkpoint
+            os._exit(1)  # a lost worker process, as a node failure looks to Ray Train
 
     device = ray.train.torch.get_device()
     summary = run_trial(trial["config"], reporter, resume=resume, device=device)

@@ -64,10 +64,11 @@ def _momentum(cfg: dict, step: int) -> float:
 
 
 class Builder:
-    def __init__(self, uri: str):
+    def __init__(self, folder: Path):
         from mlflow.tracking import MlflowClient
-        self.client = MlflowClient(uri)
-        self.uri = uri
+        self.folder = Path(folder).resolve()
+        self.uri = f"sqlite:///{self.folder}/mlflow.db"
+        self.client = MlflowClient(self.uri)
         self.clock = T0
 
     def _tick(self) -> int:
@@ -76,7 +77,8 @@ class Builder:
 
     def parent(self, study: str, scale: str, claims: str, question: str) -> tuple[str, str]:
         exp = self.client.get_experiment_by_name(study)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(study)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(
+            study, artifact_location=(self.folder / "mlruns" / study).as_uri())   # artifacts beside the store
         tags = {"harness.role": "study", "harness.study": study, "harness.scale": scale, "harness.claims": claims,
                 "harness.question": question, "harness.git_commit": "0123456789abcdef0123456789abcdef01234567",
                 "harness.git_dirty": "false", "harness.version": "0.1.0",
@@ -147,8 +149,7 @@ JITTER = (-0.005, 0.0, 0.005, 0.0025)
 def build(folder: Path) -> str:
     """Create the store in `folder`; returns its tracking URI."""
     folder.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{folder.resolve()}/mlflow.db"
-    b = Builder(uri)
+    b = Builder(folder)
 
     # super_convergence: an older smoke parent, then the quick one (latest)
     exp, old = b.parent("super_convergence", "smoke", "SC1", "Does one CLR cycle beat PC-LR? (smoke)")
@@ -207,7 +208,7 @@ def build(folder: Path) -> str:
             {**small, "schedule": "range_test", "base_lr": 0.0, "max_lr": 3.0, "steps": 40, "seed": 0}, final=0.55)
 
     b.parent("empty_study", "quick", "SC1", "A study whose trials never started.")
-    return uri
+    return b.uri
 
 
 @functools.lru_cache(maxsize=1)

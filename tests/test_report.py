@@ -77,7 +77,8 @@ def test_report_diverged_study(uri, tmp_path):
 def test_smoke_study_is_a_pipeline_check_via_the_real_cli(uri, tmp_path):
     out = tmp_path / "smoke" / "smoke_check.pdf"
     proc = subprocess.run([sys.executable, "-m", "harness.report", "smoke_check", "--tracking-uri", uri,
-                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
     assert "report:" in proc.stdout and str(out) in proc.stdout
     first = " ".join(pdf_text(out)[0].split())
@@ -105,7 +106,8 @@ def test_curves_loaded_in_bulk_match_the_per_run_history(uri):
     assert [tuple(r) for r in mine.itertuples(index=False)] == hist
 
 
-@pytest.mark.parametrize("case", ["unknown_study", "no_runs", "missing_store", "unreachable_server", "unknown_run"])
+@pytest.mark.parametrize("case", ["unknown_study", "no_runs", "missing_store", "not_a_store", "unreachable_server",
+                                  "unknown_run"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(uri, tmp_path, capsys, case):
     study, extra, store = "super_convergence", [], uri
     expect = ""
@@ -115,6 +117,9 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(uri, tmp_path, capsy
         study, expect = "empty_study", "no trial runs"
     elif case == "missing_store":
         store, expect = f"sqlite:///{tmp_path}/nothing/mlflow.db", "no MLflow store"
+    elif case == "not_a_store":
+        (tmp_path / "empty.db").write_bytes(b"")
+        store, expect = f"sqlite:///{tmp_path}/empty.db", "is not an MLflow store"
     elif case == "unreachable_server":
         store, expect = "http://127.0.0.1:9", "does not answer"
     elif case == "unknown_run":
@@ -125,6 +130,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(uri, tmp_path, capsy
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and expect in err, err
     assert not out_dir.exists() and not (tmp_path / "nothing").exists()
+    if case == "not_a_store":
+        assert (tmp_path / "empty.db").stat().st_size == 0          # untouched
 
 
 def test_help_and_default_uri(monkeypatch, tmp_path, capsys):
