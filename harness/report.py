@@ -366,7 +366,8 @@ def _trial_rows(t: pd.DataFrame) -> list[list[str]]:
     for r in t.to_dict("records"):
         status = r["status"] + (f": {r['error']}" if r.get("error") else "")
         seed = r.get("seed")
-        rows.append([str(r["run_name"]), r["run_id"], (f"[{r['scale']}] " if multi else "") + r["cell"], "" if seed is None else str(seed), status,
+        seed = "" if seed is None or pd.isna(seed) else f"{seed:g}" if isinstance(seed, float) else str(seed)
+        rows.append([str(r["run_name"]), r["run_id"], (f"[{r['scale']}] " if multi else "") + r["cell"], seed, status,
                      _pct(r["outcome_acc"]), _pct(r["best_acc"]), _steps(r["steps_to_target_eff"]),
                      _steps(r["steps_done"]), "n/a" if np.isnan(r["train_seconds"]) else f"{r['train_seconds']:,.0f}"])
     return rows

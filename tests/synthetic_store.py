@@ -10,6 +10,7 @@ Studies (experiment name = study name):
   weight_decay       quick  SC6   triangular, WD 1e-3 diverges (chance accuracy, no steps_to_target), 1e-4 0.92,
                                   1e-5 0.88, 3 seeds; plus one errored trial
   smoke_check        smoke  SC1,SC3  1 seed per schedule + one range test (pipeline check)
+  in_progress        quick  SC1   one finished trial, one still running, one errored before logging any param
   empty_study        quick  -     a parent run without trials
 """
 
@@ -206,6 +207,20 @@ def build(folder: Path) -> str:
             final=0.4)
     b.trial(exp, pid, "smoke_check", "smoke", ["schedule", "seed"],
             {**small, "schedule": "range_test", "base_lr": 0.0, "max_lr": 3.0, "steps": 40, "seed": 0}, final=0.55)
+
+    # in_progress: one finished trial, one still running (no harness.status yet), one that failed to start
+    exp, pid = b.parent("in_progress", "quick", "SC1", "A study still running.")
+    cfg = {**small, "schedule": "one_cycle", "max_lr": 1.0, "steps": 40}
+    b.trial(exp, pid, "in_progress", "quick", ["schedule", "seed"], {**cfg, "seed": 0}, final=0.6, reach_at=30)
+    running = b.trial(exp, pid, "in_progress", "quick", ["schedule", "seed"], {**cfg, "seed": 1}, final=0.5)
+    b.client.delete_tag(running, "harness.status")
+    b.client.update_run(running, status="RUNNING")
+    failed = b.client.create_run(exp, run_name="never-started", start_time=b._tick(), tags={
+        "mlflow.parentRunId": pid, "harness.role": "trial", "harness.study": "in_progress", "harness.scale": "quick",
+        "harness.trial_key": "deadbeef", "harness.cell": "schedule=one_cycle"}).info.run_id
+    b.client.set_tag(failed, "harness.status", "error")
+    b.client.set_tag(failed, "harness.error", "ValueError: worker could not start")
+    b.client.set_terminated(failed, "FAILED")
 
     b.parent("empty_study", "quick", "SC1", "A study whose trials never started.")
     return b.uri

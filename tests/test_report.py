@@ -87,6 +87,16 @@ def test_smoke_study_is_a_pipeline_check_via_the_real_cli(uri, tmp_path):
     assert "LR range tests" in " ".join(pdf_text(out))
 
 
+def test_study_in_progress_still_reports(uri, tmp_path):
+    code, pdf = run_report(uri, "in_progress", tmp_path)
+    assert code == 0
+    text = " ".join(" ".join(pdf_text(pdf)).split())
+    assert "Not tested by this study's runs: SC1" in text and "1 running trial(s)" in text
+    assert "error: ValueError: worker could not start" in text
+    trials = pd.read_csv(tmp_path / "in_progress.trials.csv")
+    assert sorted(trials["status"]) == ["completed", "error", "running"]
+
+
 def test_run_selection(uri):
     latest = load_study("super_convergence", uri, curves=False)
     both = load_study("super_convergence", uri, run="all", curves=False)
@@ -112,7 +122,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(uri, tmp_path, capsy
     study, extra, store = "super_convergence", [], uri
     expect = ""
     if case == "unknown_study":
-        study, expect = "no_such_study", "studies there: batch_size_effect, empty_study, momentum_effect"
+        study, expect = "no_such_study", "studies there: batch_size_effect, empty_study, in_progress, momentum"
     elif case == "no_runs":
         study, expect = "empty_study", "no trial runs"
     elif case == "missing_store":

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from harness import spec as specs
 from harness.study import main
+from mlflow_checks import check_study_runs
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {
@@ -153,6 +154,7 @@ def test_two_trial_study_end_to_end_with_a_divergence(ray_session, workdir, caps
     assert bad.data.tags["harness.status"] == "diverged" and bad.data.metrics["diverged_at_step"] < 20
     assert ok.data.params["workers"] == "2" and ok.data.metrics["world_size"] == 2
     assert "schedule=one_cycle" in out and "diverged" in out  # the summary table
+    check_study_runs(uri, "tiny", n_trials=2)
 
 
 def test_lost_worker_resumes_from_checkpoint_into_the_same_run(ray_session, workdir):
@@ -160,7 +162,7 @@ def test_lost_worker_resumes_from_checkpoint_into_the_same_run(ray_session, work
     rc = main([write_study(workdir, study), "--inject-crash", "10"])
     assert rc == 0
     uri = f"sqlite:///{workdir}/mlflow.db"
-    (run,) = child_runs(uri)
+    (run,) = child_runs(uri)  # exactly one run for the trial, though its workers started twice
     assert run.data.tags["harness.status"] == "completed"
     assert run.data.tags.get("harness.resumed_from_step") == "10"  # the checkpoint at step 10, not a restart
     steps = [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "test_acc")]
