@@ -1,7 +1,7 @@
 """The authors' Caffe training logs -> compact reference curves (one row per test interval).
 
 `python -m harness.caffe_logs [--logs DIR] [--out DIR]` parses every `*.log.gz` in the logs folder
-(default /work/shared/paper/caffe-logs, or $HARNESS_CAFFE_LOGS) into `harness/reference/<log>.csv` with
+(default ../shared/paper/caffe-logs beside the repository, or $HARNESS_CAFFE_LOGS) into `harness/reference/<log>.csv` with
 columns iteration, lr, test_acc, train_loss, and writes `harness/reference/index.csv`: one row per log with
 the setup read from the log itself (dataset, model, schedule, total batch, base/max LR, steps, momentum,
 weight decay, optimizer, training images) and its final and best test accuracy.
@@ -32,7 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-LOGS_DIR = Path(os.environ.get("HARNESS_CAFFE_LOGS", "/work/shared/paper/caffe-logs"))
+LOGS_DIR = Path(os.environ.get("HARNESS_CAFFE_LOGS",
+                               Path(__file__).resolve().parents[2] / "shared/paper/caffe-logs"))
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 CURVE_COLUMNS = ("iteration", "lr", "test_acc", "train_loss")
 INDEX_COLUMNS = ("file", "claims", "dataset", "model", "schedule", "optimizer", "batch", "gpus", "base_lr", "max_lr",

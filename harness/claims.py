@@ -1,6 +1,6 @@
 """The claims registry and the statistics behind each verdict.
 
-Every claim of /work/shared/paper/claims.md (IDs SC1..SC10, DA1..DA4, CLR1) is a `Claim`: its statement,
+Every claim of shared/paper/claims.md (IDs SC1..SC10, DA1..DA4, CLR1) is a `Claim`: its statement,
 setup, the paper's number and the authors' log number (transcribed from claims.md as data: the report prints
 them beside ours), and the comparison it needs from a study's trials. `evaluate(results)` returns one
 `Verdict` per comparison that the study's runs allow, and the claims it could not test (with why).
@@ -106,7 +106,7 @@ class Claim:
 
 _CLR_VS_PC = {"kind": "two_arm", "field": "schedule", "a": CYCLICAL, "b": ("multistep",)}
 
-# Numbers below are transcribed from /work/shared/paper/claims.md ("paper" and "log" columns).
+# Numbers below are transcribed from shared/paper/claims.md ("paper" and "log" columns).
 CLAIMS: dict[str, Claim] = {c.id: c for c in [
     Claim("SC1", "Super-convergence: one CLR cycle reaches higher accuracy in 1/8 of the iterations of PC-LR",
           "C10, ResNet-56, batch 1000; CLR 0.1-3 SS 5k 10k it vs PC-LR 0.35 80k it",
@@ -365,7 +365,7 @@ def _fmt_level(f: str, v) -> str:
 def _field_order(columns) -> list[str]:
     try:
         from harness.config import FIELDS
-    except Exception:  # noqa: BLE001 - the registry works on any frame
+    except Exception:
         FIELDS = ()
     order = [f for f in PRIORITY_FIELDS] + [f for f in FIELDS if f not in PRIORITY_FIELDS]
     return [f for f in order if f in columns and f not in NOT_FACTORS]

@@ -112,7 +112,8 @@ class TrialConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.schedule in ("triangular", "one_cycle", "one_cycle_cos", "range_test") and self.max_lr < self.base_lr:
-            raise ConfigError(f"max_lr ({self.max_lr}) must be >= base_lr ({self.base_lr}) for schedule '{self.schedule}'")
+            raise ConfigError(f"max_lr ({self.max_lr}) must be >= base_lr ({self.base_lr}) "
+                              f"for schedule '{self.schedule}'")
         if self.min_momentum > self.max_momentum:
             raise ConfigError(f"min_momentum ({self.min_momentum}) must be <= max_momentum ({self.max_momentum})")
         if not 0 < self.bn_momentum <= 1:
@@ -126,7 +127,8 @@ class TrialConfig:
         if self.stepsize is not None:
             _positive("stepsize", self.stepsize)
             if self.schedule in ("one_cycle", "one_cycle_cos") and 2 * self.stepsize > self.steps:
-                raise ConfigError(f"one_cycle needs 2 x stepsize <= steps, got stepsize {self.stepsize}, steps {self.steps}")
+                raise ConfigError(f"one_cycle needs 2 x stepsize <= steps, got stepsize {self.stepsize}, "
+                                  f"steps {self.steps}")
         if self.schedule == "multistep" and not self.milestones:
             raise ConfigError("schedule 'multistep' needs milestones, e.g. [50000, 70000]")
         if list(self.milestones) != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
@@ -169,7 +171,7 @@ def coerce(name: str, value, hint):
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)][0]
+        inner = next(a for a in args if a is not type(None))
         return coerce(name, value, inner)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):

@@ -247,7 +247,7 @@ def _load_raw(name: str, data_dir, download: bool):
     else:
         try:
             _download(name, cache_dir())
-        except Exception as e:  # noqa: BLE001 -- offline: URLError, RuntimeError, OSError, ...; reported below
+        except Exception as e:
             reason = " ".join(f"{type(e).__name__}: {e}".split())[:240]
             tried.append(f"download into {cache_dir()} (failed: {reason})")
         else:

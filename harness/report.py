@@ -227,7 +227,8 @@ def setup_rows(res: StudyResults, ev: claims_mod.Evaluation) -> list[tuple[str, 
         ("dataset / model", f"{_uniq(t, 'dataset')} / {_uniq(t, 'model')}"),
         ("trials", f"{len(t)} in {len(seeds)} cells, {seeds_text} seeds per cell; "
                    + ", ".join(f"{k} {v}" for k, v in sorted(status.items()))),
-        ("hardware", f"{tags.get('harness.hardware', 'unknown')}; Ray resources {tags.get('harness.ray_resources', '?')}"
+        ("hardware", f"{tags.get('harness.hardware', 'unknown')}; "
+                     f"Ray resources {tags.get('harness.ray_resources', '?')}"
                      + (f"; GPUs {', '.join(gpus)}" if gpus else "")),
         ("total compute", (f"{secs / 3600:.2f} h" if secs >= 360 else f"{secs:,.0f} s") +
                           (" of training (sum of train_seconds, evaluation excluded), "

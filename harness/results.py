@@ -108,7 +108,7 @@ def check_store(uri: str, timeout_s: float = 5.0) -> None:
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
                 ok = resp.status == 200
-        except Exception as e:  # noqa: BLE001 - any failure to connect is the same message to the user
+        except Exception as e:
             raise StudyError(f"MLflow server at {uri} does not answer ({type(e).__name__}); start it or pass "
                              f"another --tracking-uri") from None
         if not ok:
@@ -153,7 +153,7 @@ def load_study(study: str, tracking_uri: str | None = None, run: str = "latest",
     client = _client(uri)
     try:
         exp = client.get_experiment_by_name(study)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise StudyError(f"MLflow store {uri} cannot be read: {type(e).__name__}: {str(e).splitlines()[0]}") \
             from None
     if exp is None:
@@ -342,7 +342,7 @@ def _load_curves(client, run_ids: list[str], keys=CURVE_METRICS) -> pd.DataFrame
     if hasattr(store, "engine") and hasattr(store, "ManagedSessionMaker"):
         try:
             return _sql_curves(store, run_ids, keys)
-        except Exception:  # noqa: BLE001 - a schema this code does not know: use the store's own bulk API
+        except Exception:
             records = []
     if hasattr(store, "get_metric_history_bulk") and hasattr(store, "ManagedSessionMaker"):
         for key in keys:
@@ -353,7 +353,7 @@ def _load_curves(client, run_ids: list[str], keys=CURVE_METRICS) -> pd.DataFrame
     if hasattr(store, "get_host_creds"):
         try:
             return _records_to_frame(_bulk_rest(store, run_ids, keys))
-        except Exception:  # noqa: BLE001 - an old or restricted server: fall back to one call per run and key
+        except Exception:
             records = []
 
     def one(job):

@@ -132,8 +132,9 @@ def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, cluster
     command = "python -m harness.study " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     hardware = _hardware(cluster)
     study_spec = {k: v for k, v in resolved.items()}
+    resources = {k: v for k, v in cluster.items() if k in ("CPU", "GPU", "memory", DRIVER_RESOURCE)}
     parent = tracking.start_study_run(uri, study_spec, resolved["scale"], str(exp_path), command,
-                                      cluster, hardware, resume=args.resume)
+                                      resources, hardware, resume=args.resume)
     exp_id = tracking.experiment_id(uri, resolved["name"])
     print(f"study {resolved['name']} ({resolved['scale']}): {len(trials)} trials, {res['workers']} workers each, "
           f"{concurrent} at a time; MLflow {uri} run {parent}; Ray state {exp_path}", flush=True)

@@ -34,7 +34,7 @@ import harness
 
 EVAL_METRICS = ("epoch", "lr", "momentum", "train_loss", "test_loss", "test_acc", "images_per_s", "train_seconds")
 SUMMARY_METRICS = ("final_acc", "best_acc", "reached_target", "steps_to_target", "seconds_to_target", "target_acc",
-                   "diverged_at_step", "world_size", "bn_batch", "accum_steps", "steps_run")
+                   "diverged_at_step", "world_size", "bn_batch", "accum_steps", "steps_run", "startup_seconds")
 
 
 class TrackingError(RuntimeError):
@@ -60,7 +60,7 @@ def check_store(uri: str, timeout_s: float = 10.0) -> None:
                     raise TrackingError(f"MLflow server at {uri} answered /health with HTTP {resp.status}")
         except TrackingError:
             raise
-        except Exception as e:  # noqa: BLE001 - any failure to connect is the same message to the user
+        except Exception as e:
             raise TrackingError(
                 f"MLflow tracking server at {uri} does not answer ({type(e).__name__}: {e}); start it "
                 f"(mlflow server --host 127.0.0.1 --port 5000) or pass another --tracking-uri") from None
@@ -72,7 +72,7 @@ def check_store(uri: str, timeout_s: float = 10.0) -> None:
                                 f"pass --tracking-uri sqlite:///<writable path>/mlflow.db")
     try:
         _client(uri).search_experiments(max_results=1)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise TrackingError(f"MLflow store {uri} does not answer: {type(e).__name__}: {str(e).splitlines()[0]}") \
             from None
 
@@ -119,7 +119,8 @@ def start_study_run(uri: str, spec: dict, scale: str, tune_path: str, command: s
         "harness.ray_resources": json.dumps(resources, sort_keys=True), "harness.hardware": hardware,
         "harness.tune_path": tune_path,
         "mlflow.note.content": (f"Study `{spec['name']}` at scale `{scale}`. Build its report with:\n\n"
-                                f"    python -m harness.report {spec['name']} --tracking-uri {uri} --run <this run id>"),
+                                f"    python -m harness.report {spec['name']} --tracking-uri {uri} "
+                                "--run <this run id>"),
     }
     run = client.create_run(exp_id, run_name=f"{spec['name']}-{scale}", tags=tags)
     import yaml

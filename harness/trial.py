@@ -21,7 +21,8 @@ import contextlib
 import copy
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -74,7 +75,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
         scheduler.load_state_dict(resume["scheduler"])
         p.update(resume["progress"])
 
-    status, diverged_at = "completed", None
+    status, diverged_at, first_step_at = "completed", None, None
     loss_sum = torch.zeros((), device=device)   # summed on-device between evaluations: no per-step sync
     loss_steps, window_images, window_seconds = 0, 0, 0.0
     net.train()
@@ -101,6 +102,8 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
         loss_steps += 1
         p["step"] = step = step + 1
         window_images += cfg.batch_size
+        if first_step_at is None:
+            first_step_at = time.time()  # wall clock: the orchestration overhead ends here
 
         is_eval = step % cfg.eval_every == 0 or step == cfg.steps
         if is_eval or step % DIVERGENCE_CHECK_EVERY == 0 or step == 1:
@@ -147,7 +150,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
         net.train()
         tick = time.perf_counter()
 
-    return summarize(cfg, p, status, diverged_at, world, accum)
+    return {**summarize(cfg, p, status, diverged_at, world, accum), "first_step_at": first_step_at}
 
 
 def summarize(cfg: TrialConfig, p: dict, status: str, diverged_at: int | None, world: int, accum: int) -> dict:

@@ -74,6 +74,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     device = ray.train.torch.get_device()
     summary = run_trial(trial["config"], reporter, resume=resume, device=device)
+    first_step_at = summary.pop("first_step_at")
+    if first_step_at and resume is None:  # Tune trial start -> first optimizer step: the orchestration overhead
+        summary["startup_seconds"] = first_step_at - loop_config["driver_started_at"]
     if logger is not None:
         history = resume["progress"]["history"] if resume else []
         logger.finish(summary, _full_history(summary, history, logger))
@@ -95,6 +98,7 @@ def trial_driver(config: dict) -> None:
     """Tune's function trainable: one Tune trial = one TorchTrainer run of N DDP workers."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    started = time.time()
     trial, track, res = config["trial"], config["tracking"], config["resources"]
     if track["uri"]:
         track = {**track, "run_id": tracking.find_or_create_trial_run(
@@ -105,7 +109,7 @@ def trial_driver(config: dict) -> None:
         worker_resources["GPU"] = res["gpus_per_worker"]
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**config, "tracking": track},
+        train_loop_config={**config, "tracking": track, "driver_started_at": started},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=res["workers"], use_gpu=use_gpu,
                                                resources_per_worker=worker_resources),

@@ -18,7 +18,7 @@ try:
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
     from synthetic_store import synthetic_uri
 
-CLAIMS_MD = Path("/work/shared/paper/claims.md")
+CLAIMS_MD = Path(__file__).resolve().parents[2] / "shared/paper/claims.md"  # ../shared beside the repo
 JITTER = (-0.004, 0.0, 0.004, 0.002)
 
 
@@ -165,7 +165,7 @@ def test_registry_numbers_are_those_of_claims_md():
     for cid, cells in rows.items():
         c = claims.CLAIMS[cid]
         _, statement, setup, paper, log = cells
-        assert c.statement == statement and c.setup in setup or cid == "DA4", cid
+        assert (c.statement == statement and c.setup in setup) or cid == "DA4", cid
         assert c.log == log, cid
         assert c.paper == paper or paper == "as given", cid
 

@@ -148,7 +148,8 @@ def test_cifar10_files_in_torchvision_layout_and_flat(tmp_path):
     assert ds.train_y.tolist() == y[:100] and ds.test_y.tolist() == y[100:]
     # rows are R, G, B planes of 32x32, as in the original files
     assert torch.equal((ds.train_x * 255).round().to(torch.uint8), torch.from_numpy(x[:100]).view(-1, 3, 32, 32))
-    assert torch.equal((ds.test_x[3, 1] * 255).round().to(torch.uint8), torch.from_numpy(x[103, 1024:2048]).view(32, 32))
+    assert torch.equal((ds.test_x[3, 1] * 255).round().to(torch.uint8),
+                       torch.from_numpy(x[103, 1024:2048]).view(32, 32))
 
     shutil.copytree(tmp_path / "tv" / "cifar-10-batches-py", tmp_path / "flat")
     flat = data.load_dataset("cifar10", data_dir=tmp_path / "flat", preprocess="none", download=False)
@@ -199,7 +200,8 @@ def test_mnist_from_the_shared_flat_folder():
     assert data._read_idx(SHARED_MNIST / "train-labels-idx1-ubyte.gz").shape == (60000,)
 
 
-@pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason=f"{DEBIAN_FASHION} absent (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(not DEBIAN_FASHION.is_dir(),
+                    reason=f"{DEBIAN_FASHION} absent (apt-get install dataset-fashion-mnist)")
 def test_fashion_mnist_from_debian(monkeypatch):
     monkeypatch.setattr(data, "DEBIAN_DATA_ROOT", DEBIAN_FASHION.parent)
     ds = data.load_dataset("fashion_mnist", train_size=500, preprocess="none", download=False)

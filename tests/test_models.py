@@ -28,7 +28,7 @@ from harness.models import (
     small_cnn,
 )
 
-CAFFE_DIR = Path("/work/shared/paper/caffe-config")
+CAFFE_DIR = Path(__file__).resolve().parents[2] / "shared/paper/caffe-config"  # ../shared beside the repo
 
 # Written down once from the prototxt files (see test_param_count_matches_prototxt): conv weights + biases,
 # Scale gamma + beta, FC weight + bias. Less than the usual "0.85M" ResNet-56 because the downsampling
@@ -156,7 +156,8 @@ def test_param_count_matches_prototxt(depth):
 @pytest.mark.parametrize("depth", [20, 56, 110])
 def test_conv_layers_and_shapes_match_prototxt(depth):
     layers, _ = caffe_net(depth)
-    proto = [(L["in_shape"][0], L["num_output"], L["kernel_size"], L["stride"], L["pad"], L["bias_term"], L["out_shape"])
+    proto = [(L["in_shape"][0], L["num_output"], L["kernel_size"], L["stride"], L["pad"], L["bias_term"],
+              L["out_shape"])
              for L in layers if L["type"] == "Convolution"]
     assert len(proto) == depth - 1  # + the FC layer = depth
     model = resnet_cifar(depth)

@@ -18,7 +18,7 @@ from harness.schedules import build_scheduler, curve, lr_momentum
 PAPER_CLR = {"schedule": "triangular", "base_lr": 0.1, "max_lr": 3.0, "stepsize": 5000, "steps": 10000}
 PAPER_PC = {"schedule": "multistep", "max_lr": 0.35, "milestones": (50000, 70000), "gamma": 0.1, "steps": 80000}
 ONE_CYCLE = {"schedule": "one_cycle", "base_lr": 0.08, "max_lr": 0.8, "steps": 200, "stepsize": 90}
-LOG_DIRS = [Path(__file__).resolve().parents[1] / "shared/paper/caffe-logs", Path("/work/shared/paper/caffe-logs")]
+LOG_DIRS = [Path(__file__).resolve().parents[2] / "shared/paper/caffe-logs"]  # ../shared beside the repo
 LOG_DIR = next((d for d in LOG_DIRS if d.is_dir()), None)
 
 

@@ -11,10 +11,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from mlflow_checks import check_study_runs
 
 from harness import tracking
 from harness.study import main
-from mlflow_checks import check_study_runs
 
 
 def test_uri_resolution_order_and_absolute_paths(tmp_path, monkeypatch):
@@ -74,7 +74,7 @@ def mlflow_server(tmp_path):
 def test_smoke_study_against_a_real_mlflow_server(ray_session, workdir, mlflow_server):
     rc = main(["batch_size_effect", "--scale", "smoke", "--tracking-uri", mlflow_server])
     assert rc == 0
-    parent, children = check_study_runs(mlflow_server, "batch_size_effect", n_trials=4)
+    _, children = check_study_runs(mlflow_server, "batch_size_effect", n_trials=4)
     assert {c.data.tags["harness.cell"] for c in children} == {
         "batch_size=250,schedule=one_cycle", "batch_size=250,schedule=multistep",
         "batch_size=1000,schedule=one_cycle", "batch_size=1000,schedule=multistep"}

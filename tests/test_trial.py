@@ -42,12 +42,12 @@ def test_trial_learns_and_reports_every_evaluation():
 
 
 def test_same_config_and_seed_twice_gives_identical_metrics():
-    a, ra, _ = _run(SMALL)
-    b, rb, _ = _run(SMALL)
+    _, ra, _ = _run(SMALL)
+    _, rb, _ = _run(SMALL)
     strip = ("images_per_s", "train_seconds")
     assert [{k: v for k, v in r.items() if k not in strip} for r in ra] == \
         [{k: v for k, v in r.items() if k not in strip} for r in rb]
-    c, rc, _ = _run({**SMALL, "seed": 1})
+    _, rc, _ = _run({**SMALL, "seed": 1})
     assert [r["test_loss"] for r in rc] != [r["test_loss"] for r in ra]
 
 
