@@ -2,9 +2,10 @@
 
 `python -m harness.caffe_logs [--logs DIR] [--out DIR]` parses every `*.log.gz` in the logs folder
 (default ../shared/paper/caffe-logs beside the repository, or $HARNESS_CAFFE_LOGS) into
-`harness/reference/<log>.csv` with columns iteration, lr, test_acc, train_loss, and writes `harness/reference/index.csv`: one row per log with
-the setup read from the log itself (dataset, model, schedule, total batch, base/max LR, steps, momentum,
-weight decay, optimizer, training images) and its final and best test accuracy.
+`harness/reference/<log>.csv` with columns iteration, lr, test_acc, train_loss, and writes
+`harness/reference/index.csv`: one row per log with the setup read from the log itself (dataset, model,
+schedule, total batch, base/max LR, steps, momentum, weight decay, optimizer, training images) and its final
+and best test accuracy.
 
 The report overlays a reference curve on ours when a study cell has the same setup (`match_reference`).
 

@@ -41,7 +41,9 @@ EVAL_BATCH = 1000
 
 def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
               resume: dict[str, Any] | None = None, device: torch.device | str | None = None) -> dict[str, Any]:
-    """Train one trial; call `reporter(metrics, checkpoint_state)` at every evaluation; return the summary.
+    """Train one trial; call `reporter(metrics, checkpoint_state)` at every evaluation; return the summary
+    (with `history`, every evaluation record since step 0, and `first_step_at`, the wall clock of this
+    process's first step).
 
     `checkpoint_state` is a dict (model, optimizer, scheduler, progress) on rank 0 and None elsewhere;
     passing it back as `resume` continues the trial exactly where it was.
@@ -150,7 +152,8 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
         net.train()
         tick = time.perf_counter()
 
-    return {**summarize(cfg, p, status, diverged_at, world, accum), "first_step_at": first_step_at}
+    return {**summarize(cfg, p, status, diverged_at, world, accum), "first_step_at": first_step_at,
+            "history": p["history"]}
 
 
 def summarize(cfg: TrialConfig, p: dict, status: str, diverged_at: int | None, world: int, accum: int) -> dict:

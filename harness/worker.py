@@ -74,24 +74,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     device = ray.train.torch.get_device()
     summary = run_trial(trial["config"], reporter, resume=resume, device=device)
-    first_step_at = summary.pop("first_step_at")
+    history, first_step_at = summary.pop("history"), summary.pop("first_step_at")
     if first_step_at and resume is None:  # Tune trial start -> first optimizer step: the orchestration overhead
         summary["startup_seconds"] = first_step_at - loop_config["driver_started_at"]
     if logger is not None:
-        history = resume["progress"]["history"] if resume else []
-        logger.finish(summary, _full_history(summary, history, logger))
+        logger.finish(summary, history)
     final = {k: (-1 if v is None else v) for k, v in summary.items() if k != "status"}
     ray.train.report({**final, "trial_status": summary["status"], "finished": True})
-
-
-def _full_history(summary: dict, resumed: list[dict], logger) -> list[dict]:
-    """The metric history of the whole trial, read back from MLflow (covers restarts)."""
-    from harness.tracking import EVAL_METRICS
-    rows: dict[int, dict] = {}
-    for key in EVAL_METRICS:
-        for m in logger.client.get_metric_history(logger.run_id, key):
-            rows.setdefault(m.step, {"step": m.step})[key] = m.value
-    return [rows[s] for s in sorted(rows)] or resumed
 
 
 def trial_driver(config: dict) -> None:

@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray for the whole session (starting Ray costs ~10 s), sized like CI: 2 CPUs."""
+"""Shared fixtures: one local Ray per test module that needs it (starting Ray costs ~10 s), sized like CI: 2 CPUs.
+Module scope, not session: Ray's processes are gone again before the gloo tests of test_trial.py spawn theirs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from harness.study import DRIVER_RESOURCE, RAY_ENV
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session():
     import ray
     for k, v in RAY_ENV.items():

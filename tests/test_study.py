@@ -167,6 +167,8 @@ def test_lost_worker_resumes_from_checkpoint_into_the_same_run(ray_session, work
     assert run.data.tags.get("harness.resumed_from_step") == "10"  # the checkpoint at step 10, not a restart
     steps = [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "test_acc")]
     assert steps == [5, 10, 15, 20]  # no duplicates, no gaps
+    with open(MlflowClient(uri).download_artifacts(run.info.run_id, "history.csv")) as f:
+        assert [int(line.split(",")[0]) for line in f.read().splitlines()[1:]] == steps
     assert (workdir / "ray_results" / "tiny-smoke" / "injected_crash.marker").exists()
 
 

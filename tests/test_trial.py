@@ -66,6 +66,7 @@ def test_resume_from_a_checkpoint_continues_exactly():
     resumed, resumed_records, _ = _run(SMALL, resume=mid)
     assert [r["step"] for r in resumed_records] == [15, 20]
     assert resumed["final_acc"] == full["final_acc"]
+    assert [r["step"] for r in resumed["history"]] == [5, 10, 15, 20]  # the whole trial, not just since resume
     assert resumed_records[-1]["test_loss"] == pytest.approx(full_records[-1]["test_loss"], abs=1e-6)
 
 
@@ -117,6 +118,7 @@ def _rank_main(rank: int, world: int, init_file: str, out: str, config: dict) ->
         _, records, states = _run(config)
         if rank == 0:
             torch.save({"first_step": states[0]["model"], "records": records}, out)
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
