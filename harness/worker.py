@@ -18,6 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
+import ray
 import ray.train
 import torch
 import torch.distributed as dist
@@ -80,7 +81,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if logger is not None:
         logger.finish(summary, history)
     final = {k: (-1 if v is None else v) for k, v in summary.items() if k != "status"}
-    ray.train.report({**final, "trial_status": summary["status"], "finished": True})
+    ray.train.report({**final, "step": summary["steps_run"], "test_acc": summary["final_acc"],
+                      "trial_status": summary["status"], "finished": True})
 
 
 def trial_driver(config: dict) -> None:
@@ -107,6 +109,7 @@ def trial_driver(config: dict) -> None:
             storage_path=config["train_storage"],
             failure_config=ray.train.FailureConfig(max_failures=config.get("max_failures", 1)),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.LoggingConfig(log_level="WARNING"),  # Tune's table is the progress display
             callbacks=[TuneReportCallback()],
         ),
     )
