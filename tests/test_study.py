@@ -234,3 +234,11 @@ def test_readme_main_command_is_the_smoke_study():
     readme = (REPO / "README.md").read_text()
     assert "python -m harness.study batch_size_effect --scale smoke" in readme
     assert textwrap.dedent("python -m pytest") in readme
+
+
+def test_default_scale_follows_the_hardware_and_dry_run_measures_throughput(workdir, capsys):
+    rc = main(["batch_size_effect", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.splitlines()[0] == "scale: smoke (no GPU found); pick another with --scale smoke|quick|paper"
+    assert "4 trials" in out and "measured on this machine" in out and "CPU-hours" in out
