@@ -36,7 +36,7 @@ RESOURCE_KEYS = ("workers", "gpus_per_worker", "cpus_per_worker")
 SHORT = {"batch_size": "bs", "max_lr": "lr", "seed": "s", "weight_decay": "wd", "momentum": "mom",
          "train_size": "n", "bn_batch": "bn", "steps": "it", "stepsize": "ss", "base_lr": "blr"}
 IDENTITY = ("dataset", "model", "optimizer", "batch_size", "schedule", "train_size", "weight_decay", "momentum",
-            "cycle_momentum", "stepsize", "max_lr", "seed")
+            "cycle_momentum", "stepsize", "steps", "max_lr", "seed")
 KNOWN_CLAIMS = ("SC1", "SC2", "SC3", "SC4", "SC5", "SC6", "SC7", "SC8", "SC9", "SC10",
                 "DA1", "DA2", "DA3", "DA4", "CLR1")
 
