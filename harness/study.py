@@ -223,7 +223,7 @@ def dry_run(resolved: dict, trials: list[specs.Trial]) -> None:
     ips = resolved.get("images_per_s")
     source = "configured in the study file"
     if not ips:
-        ips, source = measure_images_per_s(trials[0].config), "measured on this machine (3 steps of the first trial)"
+        ips, source = measure_images_per_s(trials[0].config), "measured on this machine: 4 steps of the first trial"
     devices = res["workers"] * (res["gpus_per_worker"] or res["cpus_per_worker"])
     kind = "GPU" if res["gpus_per_worker"] else "CPU"
     hours = images / ips / 3600
