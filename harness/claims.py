@@ -349,7 +349,8 @@ def _level_value(v) -> float:
         return math.nan
 
 
-def _sorted_levels(values) -> list:
+def sorted_levels(values) -> list:
+    """Distinct values in numeric order (then text): the order of levels in tables and figures."""
     uniq = {_key(v): v for v in values}
     return sorted(uniq.values(), key=lambda v: (math.isnan(_level_value(v)), _level_value(v), _key(v)))
 
@@ -607,7 +608,7 @@ def _eval_trend(claim: Claim, df: pd.DataFrame, scale: str):
     out = []
     for combo in _stratum_combos(df, strata):
         rows = _match(df, combo)
-        levels = _sorted_levels(rows[f])
+        levels = sorted_levels(rows[f])
         if len(levels) < 2:
             continue
         lo_v, hi_v = levels[0], levels[-1]
@@ -653,7 +654,7 @@ def _eval_best_level(claim: Claim, df: pd.DataFrame, scale: str):
         stratum = _stratum_label(combo)
         la, lb = f"{f}={ka} (claimed best)", f"{f}={kb} (best other)"
         comparison = f"{f} {ka} vs {kb}" + (f" @ {stratum}" if stratum else "")
-        levels = _sorted_levels(rows[f])
+        levels = sorted_levels(rows[f])
         trend = ", ".join(f"{_key(v)}: {100 * med[_key(v)]:.2f}%" for v in levels)
         v = _compare_arms(claim, scale, _Arm(la, ra), _Arm(lb, rb), comparison, stratum, combo,
                           metrics=(("final_acc", +1),), extra_measured=f"; medians by {f}: {trend}",
@@ -684,7 +685,7 @@ def _eval_interaction(claim: Claim, df: pd.DataFrame, scale: str):
         strata, _ = split_fields(both, [f, g])
         for combo in _stratum_combos(both, strata):
             rows = _match(both, combo)
-            levels = [lv for lv in _sorted_levels(rows[g])
+            levels = [lv for lv in sorted_levels(rows[g])
                       if {_key(av), _key(bv)} <= set(rows[rows[g].map(_key) == _key(lv)][f].map(_key))]
             if len(levels) < 2:
                 continue
@@ -733,7 +734,7 @@ def _eval_best_shift(claim: Claim, df: pd.DataFrame, scale: str):
     g2 = df[df[g].map(_key).isin({_key(v) for v in claim.b})]
     if g1[f].map(_key).nunique() < 2 or g2[f].map(_key).nunique() < 2:
         return f"needs at least 2 levels of {f} under both a cyclical schedule and {', '.join(claim.b)}"
-    levels = _sorted_levels(pd.concat([g1[f], g2[f]]))
+    levels = sorted_levels(pd.concat([g1[f], g2[f]]))
     pos = {_key(v): i for i, v in enumerate(levels)}
     rng = np.random.default_rng(_seed(claim.id, f, g))
 

@@ -11,6 +11,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from harness import caffe_logs
+from harness.claims import sorted_levels
 from harness.results import split_cell
 
 PALETTE = sns.color_palette("colorblind", 10)
@@ -42,19 +43,6 @@ def _axes(fig: Figure, rect, ncols: int = 1, nrows: int = 1, wspace: float = 0.2
 
 def _colors(keys) -> dict:
     return {k: PALETTE[i % len(PALETTE)] for i, k in enumerate(keys)}
-
-
-def _num(v) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _levels(values) -> list:
-    uniq = {str(v): v for v in values}
-    return sorted(uniq.values(), key=lambda v: (math.isnan(_num(v)) if v is not None else False,
-                                                _num(v) if v is not None else math.inf, str(v)))
 
 
 def _label(v) -> str:
@@ -130,7 +118,7 @@ def draw_curves(ax, trials: pd.DataFrame, curves: pd.DataFrame, cells: list[str]
 
 def draw_accuracy_by_schedule(fig: Figure, rect, trials: pd.DataFrame, curves: pd.DataFrame, refs: dict) -> None:
     """Test accuracy vs iteration, one panel per schedule, one line (+ seed band) per cell."""
-    schedules = [s for s in _levels(trials["schedule"]) if s != "range_test"] if "schedule" in trials else ["all"]
+    schedules = [s for s in sorted_levels(trials["schedule"]) if s != "range_test"] if "schedule" in trials else ["all"]
     if not schedules:
         ax = _axes(fig, rect)[0]
         empty(ax, "only LR range tests in this study (see the range test figure)")
@@ -180,8 +168,8 @@ def draw_levels(ax, trials: pd.DataFrame, x: str, hue: str = "", y: str = "outco
     if x not in trials.columns or trials.empty:
         empty(ax, f"no {x}")
         return
-    levels = _levels(trials[x])
-    hues = _levels(trials[hue]) if hue and hue in trials.columns else [None]
+    levels = sorted_levels(trials[x])
+    hues = sorted_levels(trials[hue]) if hue and hue in trials.columns else [None]
     colors = _colors([str(h) for h in hues])
     width = 0.7 / len(hues)
     scale = 100 if y in ("outcome_acc", "final_acc", "best_acc") else 1
@@ -222,7 +210,7 @@ def draw_final_vs_batch(ax, trials: pd.DataFrame) -> None:
         else:
             empty(ax, "no batch size")
         return
-    scheds = _levels(trials["schedule"]) if "schedule" in trials else [None]
+    scheds = sorted_levels(trials["schedule"]) if "schedule" in trials else [None]
     colors = _colors([str(s) for s in scheds])
     for s in scheds:
         rows = trials if s is None else trials[trials["schedule"] == s]
