@@ -12,6 +12,8 @@ Where the files come from (cifar10, cifar100, mnist, fashion_mnist), first hit w
 Each place may hold torchvision's layout (<root>/cifar-10-batches-py/, <root>/MNIST/raw/), the original files
 flat in <root>, or either of those in <root>/<name>/. IDX files may be gzipped or not. The download is skipped
 with download=False or HARNESS_NO_DOWNLOAD=1; when nothing is found, DataNotFoundError says where it looked.
+The download is atomic (temporary folder, verified, renamed) and happens once per node: concurrent trials wait
+on a file lock in the cache dir and then load what the first one left.
 `digits` is scikit-learn's bundled 8x8 digits set and never needs files.
 
 Randomness is keyed, never stateful: the training subset by (seed), an epoch's order by (seed, epoch), a global
@@ -26,7 +28,9 @@ import hashlib
 import math
 import os
 import pickle
+import shutil
 import struct
+import tempfile
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,6 +228,44 @@ def _download(name: str, root: Path) -> None:
         cls(root=str(root), train=train, download=True)
 
 
+def _prepare_in_cache(name: str, cache: Path):
+    """Download `name` into the cache once per node, whatever the number of trials asking at the same time.
+
+    A file lock per dataset serialises the processes of one node (eight one-GPU trials start together on a p4d);
+    the first downloads into a temporary folder, checks the files load, and renames them into place, so a
+    process that finds the files finds them whole; the others wait on the lock and then load what it left.
+    Returns the raw tensors, or None when the download finished without the expected files."""
+    from filelock import FileLock
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / f".{name}.lock")):
+        if (raw := _load_from(name, cache)) is not None:  # another process finished it while we waited
+            return raw
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-download-", dir=cache))
+        try:
+            _download(name, staging)
+            raw = _load_from(name, staging)  # verify before anything becomes visible in the cache
+            if raw is None:
+                return None
+            top = _download_folder(name)
+            target = cache / top
+            if target.exists():  # a partial folder from an interrupted download of an older version
+                shutil.rmtree(target)
+            os.replace(staging / top, target)  # atomic on one filesystem
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return raw
+
+
+def _download_folder(name: str) -> str:
+    """The top-level folder torchvision's download creates in its root (the archive next to it is dropped)."""
+    import torchvision
+
+    if name in _CIFAR:
+        return getattr(torchvision.datasets, _CIFAR[name][0]).base_folder  # cifar-10-batches-py
+    return _IDX[name]  # MNIST/, FashionMNIST/ (raw/ inside)
+
+
 def _expected_files(name: str) -> str:
     if name in _CIFAR:
         import torchvision
@@ -246,12 +288,12 @@ def _load_raw(name: str, data_dir, download: bool):
         tried.append("download (disabled)")
     else:
         try:
-            _download(name, cache_dir())
+            raw = _prepare_in_cache(name, cache_dir())
         except Exception as e:
             reason = " ".join(f"{type(e).__name__}: {e}".split())[:240]
             tried.append(f"download into {cache_dir()} (failed: {reason})")
         else:
-            if (raw := _load_from(name, cache_dir())) is not None:
+            if raw is not None:
                 return raw
             tried.append(f"download into {cache_dir()} (finished, but the files were not found there)")
     raise DataNotFoundError(

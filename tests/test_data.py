@@ -257,7 +257,8 @@ def test_download_is_tried_last_and_its_failure_reported(tmp_path, monkeypatch):
     with pytest.raises(data.DataNotFoundError) as err:
         data.load_dataset("cifar10")
     msg = str(err.value)
-    assert calls == [("cifar10", tmp_path / "xdg" / "harness" / "data")]
+    assert [(n, root.parent) for n, root in calls] == [("cifar10", tmp_path / "xdg" / "harness" / "data")]
+    assert not list(calls[0][1].parent.glob(".cifar10-download-*"))  # the failed download left nothing behind
     assert "\n" not in msg and "failed: RuntimeError: Error downloading" in msg and "HARNESS_DATA_DIR (unset)" in msg
     assert "cifar-10-batches-py" in msg
 
@@ -411,3 +412,44 @@ def test_cuda_batches_match_cpu_bit_for_bit():
     for step in (0, 30):
         (xa, ya), (xb, yb) = a.get(step), b.get(step)
         assert xb.is_cuda and torch.equal(xb.cpu(), xa) and torch.equal(yb.cpu(), ya)
+
+
+# --------------------------------------------------------------------------- one download per node
+
+
+def _prepare_with_fake_download(cache: str, counter: str, per_batch: int) -> tuple:
+    """One of the concurrent processes: the real load_dataset, with torchvision's download replaced by a fake
+    that writes the CIFAR-10 python format slowly (widening the race) and counts its calls."""
+    import os
+    import time
+
+    os.environ["XDG_CACHE_HOME"] = cache
+
+    def fake_download(name, root):
+        with open(counter, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        write_cifar10(Path(root) / "cifar-10-batches-py", per_batch=per_batch)
+        time.sleep(1.0)
+
+    data._download = fake_download
+    ds = data.load_dataset("cifar10", preprocess="none")
+    return tuple(ds.train_x.shape), (ds.train_x * 255).round().to(torch.uint8).flatten().tolist()[:64], \
+        ds.train_y.tolist()
+
+
+def test_concurrent_preparation_downloads_once_and_every_process_loads_it(tmp_path):
+    import multiprocessing
+
+    cache, counter = tmp_path / "shared_cache", tmp_path / "downloads.txt"
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters, as four trials on one node are
+    with ctx.Pool(4) as pool:
+        results = pool.starmap(_prepare_with_fake_download, [(str(cache), str(counter), 20)] * 4)
+    assert len(counter.read_text().splitlines()) == 1  # one download for four processes
+    expected_x, expected_y = write_cifar10(tmp_path / "expected", per_batch=20)
+    train_x = torch.from_numpy(expected_x[:100].reshape(-1, 3, 32, 32))
+    for shape, first_pixels, labels in results:
+        assert shape == (100, 3, 32, 32)
+        assert first_pixels == train_x.flatten().tolist()[:64]
+        assert labels == expected_y[:100]
+    root = cache / "harness" / "data"
+    assert sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock")) == ["cifar-10-batches-py"]
