@@ -25,6 +25,7 @@ import torch.distributed as dist
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from harness import tracking
+from harness.study import storage_exists, storage_touch
 from harness.trial import run_trial
 
 CHECKPOINT_FILE = "trial_state.pt"
@@ -68,8 +69,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
                 torch.save(state, Path(d) / CHECKPOINT_FILE)
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
-        if crash_at and metrics["step"] >= crash_at and crash_marker and not os.path.exists(crash_marker):
-            Path(crash_marker).touch()  # crash once: the restarted worker must not crash again
+        if crash_at and metrics["step"] >= crash_at and crash_marker and not storage_exists(crash_marker):
+            storage_touch(crash_marker)  # crash once: the restarted worker must not crash again
             time.sleep(3)  # let the controller collect the report, as a crash some time after a checkpoint
             os._exit(1)  # a lost worker process, as a node failure looks to Ray Train
 
