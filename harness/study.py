@@ -42,9 +42,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="smoke (CPU, offline, ~minutes), quick (CPU, tens of minutes), paper (the authors' "
                         "setup on GPUs); default: paper when the cluster has GPUs, else smoke")
     p.add_argument("--address", help="join an existing Ray cluster ('auto' or host:port; also RAY_ADDRESS)")
-    p.add_argument("--storage", default="ray_results",
+    p.add_argument("--storage", default=os.environ.get("HARNESS_STORAGE") or "ray_results",
                    help="Tune/Train state and checkpoints: a folder every node sees, or s3://BUCKET/PATH, "
-                        "gs://BUCKET/PATH (pyarrow options as a query, e.g. ?endpoint_override=HOST:PORT&scheme=http)")
+                        "gs://BUCKET/PATH (pyarrow options as a query, e.g. ?endpoint_override=HOST:PORT&scheme=http); "
+                        "default $HARNESS_STORAGE, else ./ray_results")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
                                           "sqlite:///<cwd>/mlflow.db)")
     p.add_argument("--resume", action="store_true", help="continue the last interrupted run of this study/scale")
