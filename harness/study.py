@@ -248,17 +248,23 @@ def measure_images_per_s(config: dict) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------
+_OUR_RAY_JOB: list = []  # the job ID of the connection this module made (so main ends it, and only it)
+
+
 def _init_ray(address: str | None) -> bool:
+    """Connect (or start a local Ray); True when the connection is ours to shut down, even if an earlier call
+    (_cluster_gpus, picking the default scale) made it."""
     import ray
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
     if ray.is_initialized():
-        return False
+        return _OUR_RAY_JOB == [ray.get_runtime_context().get_job_id()]
     env = {**RAY_ENV, **_storage_credentials()}
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
         ray.init(resources={DRIVER_RESOURCE: 64}, runtime_env={"env_vars": env}, include_dashboard=True)
+    _OUR_RAY_JOB[:] = [ray.get_runtime_context().get_job_id()]
     return True
 
 
