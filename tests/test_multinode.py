@@ -128,18 +128,13 @@ def bucket_keys(client, prefix: str) -> list[str]:
 
 def train_worker_nodes(address: str) -> dict[str, set[str]]:
     """Ray Train worker actors (alive or dead) by node ID, from Ray's state API."""
-    import ray
     from ray.util.state import list_actors
 
-    ray.init(address=address, log_to_driver=False)
-    try:
-        actors = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=1000)
-        nodes: dict[str, set[str]] = {}
-        for a in actors:
-            nodes.setdefault(a.node_id, set()).add(a.actor_id)
-        return nodes
-    finally:
-        ray.shutdown()
+    actors = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=1000)
+    nodes: dict[str, set[str]] = {}
+    for a in actors:
+        nodes.setdefault(a.node_id, set()).add(a.actor_id)
+    return nodes
 
 
 # --------------------------------------------------------------------------------------------------------------
