@@ -237,12 +237,25 @@ def test_address_a_gpu_study_is_queued_for_the_autoscalers_gpu_node_type(ray_hea
     gcs = ray._raylet.GcsClient(address=ray_head.address)
     gcs.internal_kv_put(ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), config.SerializeToString(), True,
                         ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode())
+    # the trials will run on nodes not up yet: a folder on the head is refused, so the storage is an S3 endpoint
+    import boto3
+    from moto.server import ThreadedMotoServer
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3.start()
     try:
+        host, port = s3.get_host_and_port()
+        credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}
+        boto3.client("s3", endpoint_url=f"http://{host}:{port}", **{
+            "aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"},
+        ).create_bucket(Bucket="queued")
         study = tiny_study(tmp_path, scales={"paper": {}}, gpus_per_worker=1, workers=1)
-        env = {**os.environ, "PYTHONPATH": str(CLUSTER.parent), "RAY_ADDRESS": ray_head.address,
+        env = {**os.environ, **credentials, "PYTHONPATH": str(CLUSTER.parent), "RAY_ADDRESS": ray_head.address,
                "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "harness.study", study], cwd=tmp_path, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        storage = f"s3://queued/runs?endpoint_override={host}:{port}&scheme=http"
+        proc = subprocess.Popen([sys.executable, "-m", "harness.study", study, "--storage", storage], cwd=tmp_path,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
         lines, deadline = [], time.time() + 180
         while time.time() < deadline:
             line = proc.stdout.readline()
@@ -255,6 +268,7 @@ def test_address_a_gpu_study_is_queued_for_the_autoscalers_gpu_node_type(ray_hea
         rest = proc.communicate(timeout=120)[0]
         out = "".join(lines) + rest
     finally:
+        s3.stop()
         gcs.internal_kv_del(ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), False,
                             ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode())
     assert "no GPU up yet; the autoscaler can launch 2 (" in out, out[-3000:]
