@@ -268,6 +268,8 @@ def test_address_a_gpu_study_is_queued_for_the_autoscalers_gpu_node_type(ray_hea
         rest = proc.communicate(timeout=120)[0]
         out = "".join(lines) + rest
     finally:
+        if "proc" in locals() and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         s3.stop()
         gcs.internal_kv_del(ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), False,
                             ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode())
