@@ -152,7 +152,8 @@ def test_multinode_study_spreads_ranks_logs_over_http_and_stores_in_s3(cluster, 
 
     keys = bucket_keys(client, "runs/multinode-smoke/")
     assert any(k.endswith("experiment_state.json") or "experiment_state" in k for k in keys), keys[:20]
-    assert len({k.split("/train_runs/")[1].split("/")[0] for k in keys if "/train_runs/" in k}) == 2  # 2 Train runs
+    runs = {k.split("/train_runs/")[1].split("/")[0] for k in keys if "/train_runs/" in k} - {""}  # "": the folder
+    assert len(runs) == 2  # both trials' Train runs
     assert any("/train_runs/" in k and k.endswith("/trial_state.pt") for k in keys)  # checkpoints in the bucket
     assert any(k.endswith("result.json") for k in keys)
 
