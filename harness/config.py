@@ -73,7 +73,7 @@ class TrialConfig:
     precision: str = "auto"            # auto: bf16 autocast on CUDA, fp32 elsewhere; fp32; bf16 (autocast anywhere)
     channels_last: bool = True         # NHWC memory format for the convolutional models (MLPs stay as they are)
     compile: bool = False              # torch.compile the model (minutes of compilation before the first step)
-    warmup_steps: int = 5              # steps of a process's first window left out of its images_per_s
+    warmup_steps: int = 2              # a process's first steps, left out of its first images_per_s (< eval_every)
 
     # ------------------------------------------------------------------
     @classmethod

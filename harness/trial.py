@@ -91,7 +91,9 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
     status, diverged_at, first_step_at = "completed", None, None
     loss_sum = torch.zeros((), device=device)   # summed on-device between evaluations: no per-step sync
     loss_steps, window_images = 0, 0
-    warm_until = p["step"] + cfg.warmup_steps  # this process's first steps: allocator, cudnn autotune, compile
+    # this process's first steps (allocator, oneDNN/cuDNN set-up, compilation) are left out of the first window's
+    # images/s; at most eval_every - 1 of them, so that window still counts at least one step
+    warm_until = p["step"] + min(cfg.warmup_steps, cfg.eval_every - 1)
     net.train()
     tick = window_tick = time.perf_counter()
     while p["step"] < cfg.steps:
@@ -120,7 +122,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
         window_images += cfg.batch_size
         if first_step_at is None:
             first_step_at = time.time()  # wall clock: the orchestration overhead ends here
-        if step == warm_until and step % cfg.eval_every and step < cfg.steps:
+        if step == warm_until and step % cfg.eval_every:
             # warm-up over before this window's evaluation: its images/s counts only the steps from here
             _sync(device)
             window_tick, window_images = time.perf_counter(), 0
@@ -295,3 +297,10 @@ def _pick_device(name: str) -> torch.device:
     if not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is visible; use device: auto or cpu")
     return torch.device("cuda", torch.cuda.current_device())
+
+
+if __name__ == "__main__":  # python -m harness.trial STUDY --cell CELL (or under torchrun): see harness/trial_cli.py
+    import sys
+
+    from harness.trial_cli import main
+    sys.exit(main())
