@@ -312,7 +312,8 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads")
 
 
-def print_table(figures: list[Figure], out=sys.stdout) -> None:
+def print_table(figures: list[Figure], out=None) -> None:
+    out = out or sys.stdout
     print(f"{'figure':6s} {'what':62s} {'value':>12s} {'goal':>8s} {'met':>4s}", file=out)
     for f in figures:
         print(f"{f.name:6s} {f.what[:62]:62s} {f.shown():>12s} {f.goal:>8s} {f.met:>4s}", file=out)

@@ -11,6 +11,7 @@ mid-trial (FailureConfig) and a study resumed with --resume both continue from t
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import tempfile
@@ -28,9 +29,21 @@ from harness import tracking
 from harness.trial import run_trial
 
 CHECKPOINT_FILE = "trial_state.pt"
+PROFILE_ENV = "HARNESS_STARTUP_PROFILE"  # a file: each rank appends its start-up phases (wall clock) as a JSON line
+IMPORTED = time.time()  # this module imported (torch and ray.train.torch with it)
+
+
+def _profile(phases: dict, **extra) -> None:
+    path = os.environ.get(PROFILE_ENV)
+    if path:
+        import psutil
+        with open(path, "a") as f:
+            record = {"process_created": psutil.Process().create_time(), "imported": IMPORTED, **phases, **extra}
+            f.write(json.dumps(record) + "\n")
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    phases = {"driver_started": loop_config["driver_started_at"], "loop_entered": time.time()}
     trial, track = loop_config["trial"], loop_config["tracking"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -46,6 +59,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         gathered: list = [None] * world
         dist.all_gather_object(gathered, socket.gethostname())
         hostnames = gathered
+    phases["hostnames_gathered"] = time.time()
 
     logger = None
     if rank == 0 and track["uri"]:
@@ -54,6 +68,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             logger.start(trial["config"], world, tracking.system_tags(hostnames))
         else:
             logger.client.set_tag(logger.run_id, "harness.resumed_from_step", str(resume["progress"]["step"]))
+    phases["mlflow_started"] = time.time()
 
     crash_at = loop_config.get("inject_crash_at_step")
     crash_marker = loop_config.get("inject_crash_marker")
@@ -76,6 +91,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     summary = run_trial(trial["config"], reporter, resume=resume, device=device)
     history, first_step_at = summary.pop("history"), summary.pop("first_step_at")
+    _profile({**phases, "first_step": first_step_at}, rank=rank, trial=trial["name"])
     if first_step_at and resume is None:  # Tune trial start -> first optimizer step: the orchestration overhead
         summary["startup_seconds"] = first_step_at - loop_config["driver_started_at"]
     if logger is not None:
