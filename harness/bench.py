@@ -181,22 +181,51 @@ def smoke_grid_study(folder: Path, trials: int) -> Path:
     return path
 
 
-def run_smoke_grid(trials: int, timeout_s: float) -> tuple[str | None, str, str]:
+PHASES = ("process_created", "imported", "loop_entered", "hostnames_gathered", "mlflow_started", "first_step")
+PHASE_TEXT = {"process_created": "Train worker process exists (Train controller started it)",
+              "imported": "torch, ray.train.torch and the harness imported in it",
+              "loop_entered": "train loop entered (gloo process group set up)",
+              "hostnames_gathered": "checkpoint looked up, host names gathered over gloo",
+              "mlflow_started": "rank 0's MLflow run opened and its params logged",
+              "first_step": "data, model, DDP, optimizer built; first step done"}
+
+
+def run_smoke_grid(trials: int, timeout_s: float) -> tuple[str | None, str, str, Path]:
     """Run the smoke grid through `python -m harness.study` (Ray Tune, Train, MLflow, dashboard on) in a fresh
-    folder; return (parent run id or None, tracking uri, why-not)."""
+    folder, each Train worker logging its start-up phases; return (parent run id or None, tracking uri, why-not,
+    the phase log)."""
     folder = Path(tempfile.mkdtemp(prefix="harness-bench-"))
     uri = f"sqlite:///{folder}/mlflow.db"
     study = smoke_grid_study(folder, trials)
     cmd = [sys.executable, "-m", "harness.study", str(study), "--scale", "smoke", "--tracking-uri", uri,
            "--storage", str(folder / "ray_results")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    profile = folder / "startup_phases.jsonl"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "HARNESS_STARTUP_PROFILE": str(profile)}
     try:
         done = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return None, uri, f"the study ran past {timeout_s:.0f} s"
+        return None, uri, f"the study ran past {timeout_s:.0f} s", profile
     if done.returncode != 0:
-        return None, uri, f"the study exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"
-    return study_parent_run(uri, "bench_smoke_grid"), uri, ""
+        return None, uri, f"the study exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}", profile
+    return study_parent_run(uri, "bench_smoke_grid"), uri, "", profile
+
+
+def startup_profile(path: Path) -> list[str]:
+    """Where a trial's start-up goes: per rank, the median wall clock from the Tune trial's start to each phase."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    ranks = sorted({r["rank"] for r in rows})
+    lines = [f"{'seconds after the Tune trial started (median of ' + str(len(rows) // max(len(ranks), 1)) + ')':58s}"
+             + "".join(f"{'rank ' + str(k):>9s}" for k in ranks)]
+    for phase in PHASES:
+        cells = []
+        for k in ranks:
+            offsets = [r[phase] - r["driver_started"] for r in rows if r["rank"] == k and r.get(phase)]
+            cells.append(f"{statistics.median(offsets):9.1f}" if offsets else f"{'-':>9s}")
+        lines.append(f"{PHASE_TEXT[phase]:58s}" + "".join(cells))
+    return lines
 
 
 def study_parent_run(uri: str, study: str) -> str | None:
@@ -237,7 +266,9 @@ def study_timing(uri: str, parent_run_id: str) -> dict:
 
 def p3_p5_smoke(trials: int, timeout_s: float) -> list[Figure]:
     t0 = time.time()
-    parent, uri, why = run_smoke_grid(trials, timeout_s)
+    parent, uri, why, profile = run_smoke_grid(trials, timeout_s)
+    for line in startup_profile(profile):
+        print(f"P3 profile | {line}", flush=True)
     if parent is None:
         return [Figure("P3", "Tune trial start -> first step, median", None, "s", "<= 8", why),
                 Figure("P5", "smoke grid: study wall / trials' own compute", None, "", "<= 1.25", why)]

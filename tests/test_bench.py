@@ -124,3 +124,23 @@ def test_dry_run_with_no_way_to_know_gives_no_estimate(workdir, capsys, monkeypa
     assert study_main([str(path), "--scale", "paper", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "no cost estimate: the study runs on GPUs, this machine has none" in out and "GPU-hours" not in out
+
+
+def test_startup_profile_gives_each_ranks_median_phase(tmp_path):
+    import json
+    rows = []
+    for trial, shift in (("a", 0.0), ("b", 2.0), ("c", 4.0)):
+        for rank in (0, 1):
+            t0 = 1000.0
+            rows.append({"trial": trial, "rank": rank, "driver_started": t0, "process_created": t0 + 5 + shift,
+                         "imported": t0 + 8 + shift, "loop_entered": t0 + 9 + shift, "hostnames_gathered": t0 + 9.5,
+                         "mlflow_started": t0 + 10 + rank, "first_step": t0 + 12 + shift})
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = bench.startup_profile(path)
+    assert "median of 3" in lines[0] and "rank 0" in lines[0] and "rank 1" in lines[0]
+    first_step = next(line for line in lines if line.startswith("data, model"))
+    assert first_step.split()[-2:] == ["14.0", "14.0"]
+    mlflow = next(line for line in lines if line.startswith("rank 0's MLflow"))
+    assert mlflow.split()[-2:] == ["10.0", "11.0"]
+    assert bench.startup_profile(tmp_path / "none.jsonl") == []
