@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from harness.config import TrialConfig
-from harness.data import TrainBatches, load_dataset, test_batches
+from harness.data import RawData, TrainBatches, load_dataset, test_batches
 from harness.models import build_model, caffe_param_multipliers
 from harness.schedules import build_scheduler, lr_momentum
 
@@ -44,13 +44,15 @@ EVAL_BATCH = 1000
 
 
 def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
-              resume: dict[str, Any] | None = None, device: torch.device | str | None = None) -> dict[str, Any]:
+              resume: dict[str, Any] | None = None, device: torch.device | str | None = None,
+              raw: RawData | None = None) -> dict[str, Any]:
     """Train one trial; call `reporter(metrics, checkpoint_state)` at every evaluation; return the summary
     (with `history`, every evaluation record since step 0, and `first_step_at`, the wall clock of this
     process's first step).
 
     `checkpoint_state` is a dict (model, optimizer, scheduler, progress) on rank 0 and None elsewhere;
-    passing it back as `resume` continues the trial exactly where it was.
+    passing it back as `resume` continues the trial exactly where it was. `raw`: the dataset's files already read
+    (`harness.data.load_raw`, shared by the trials of a node), else they are read here.
     """
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
     rank, world = _rank_and_world()
@@ -62,7 +64,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
     # --- workload: data and model ---
     torch.manual_seed(cfg.seed)
     ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, train_size=cfg.train_size, seed=cfg.seed,
-                      preprocess=cfg.preprocess, device=device)
+                      preprocess=cfg.preprocess, device=device, raw=raw)
     model = build_model(cfg, ds.in_channels, ds.num_classes, ds.image_size).to(device)
     fast = FastPath.of(cfg, device)
     if fast.channels_last:

@@ -95,3 +95,23 @@ def test_throughput_window_leaves_out_the_warm_up(monkeypatch):
     assert without[0]["images_per_s"] > 2 * 10 * 250 / 0.6
     # training time still counts every step: the warm-up is excluded from the rate, not from the trial's time
     assert without[0]["train_seconds"] > 0.6 and without[-1]["train_seconds"] > 0.6
+
+
+def test_a_shared_raw_dataset_gives_the_same_trial_and_stays_unchanged(monkeypatch):
+    """The trial driver reads a dataset once per node and shares it (a Ray object); a trial given it must not touch
+    the files, must train exactly as if it had read them, and must not change the shared copy."""
+    from harness import data
+    raw = data.load_raw("digits")
+    before = raw.train_x.clone()
+    config = {"dataset": "digits", "model": "small_cnn", "batch_size": 250, "steps": 4, "eval_every": 2,
+              "device": "cpu", "preprocess": "standard"}
+    own = run_trial(config)
+
+    def no_files(*a, **k):
+        raise AssertionError("files read although the raw data was given")
+    monkeypatch.setattr(data, "_load_digits", no_files)
+    shared = run_trial(config, raw=raw)
+    assert [h["test_loss"] for h in shared["history"]] == [h["test_loss"] for h in own["history"]]
+    assert torch.equal(raw.train_x, before)
+    with pytest.raises(ValueError, match="raw data of 'digits' given for dataset 'mnist'"):
+        data.load_dataset("mnist", raw=raw)
