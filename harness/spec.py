@@ -36,7 +36,8 @@ SCALES = ("smoke", "quick", "paper")
 TOP_KEYS = ("name", "question", "claims", "target_acc", "resources", "base", "grid", "paired", "lr_scales", "analysis",
             "scales")
 SCALE_KEYS = ("base", "grid", "paired", "lr_scales", "resources", "target_acc", "images_per_s", "deviations")
-RESOURCE_KEYS = ("workers", "gpus_per_worker", "cpus_per_worker")
+RESOURCE_KEYS = ("workers", "gpus_per_worker", "cpus_per_worker", "placement")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement strategies for a trial's ranks
 SHORT = {"batch_size": "bs", "max_lr": "lr", "seed": "s", "weight_decay": "wd", "momentum": "mom",
          "train_size": "n", "bn_batch": "bn", "steps": "it", "stepsize": "ss", "base_lr": "blr", "lr_scale": "x"}
 IDENTITY = ("dataset", "model", "optimizer", "batch_size", "schedule", "train_size", "weight_decay", "momentum",
@@ -180,6 +181,9 @@ def _section(body: dict, where: str) -> None:
         if "workers" in res and (not isinstance(res["workers"], int) or isinstance(res["workers"], bool)
                                  or res["workers"] < 1):
             raise SpecError(f"{where}: resources.workers must be an integer >= 1, got {res['workers']!r}")
+        if "placement" in res and res["placement"] not in PLACEMENTS:
+            raise SpecError(f"{where}: resources.placement '{res['placement']}' is not known; "
+                            f"allowed: {', '.join(PLACEMENTS)}")
         for k in ("gpus_per_worker", "cpus_per_worker"):
             if k in res and not _is_number(res[k], positive=(k == "cpus_per_worker")):
                 raise SpecError(f"{where}: resources.{k} must be a number >= 0, got {res[k]!r}")

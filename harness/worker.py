@@ -145,7 +145,8 @@ def trial_driver(config: dict) -> None:
                            "raw_data": shared_raw_data(trial["config"])},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=res["workers"], use_gpu=use_gpu,
-                                               resources_per_worker=worker_resources),
+                                               resources_per_worker=worker_resources,
+                                               placement_strategy=res.get("placement", "PACK")),
         run_config=ray.train.RunConfig(
             name=f"train-{trial['key']}",
             storage_path=config["train_storage"],

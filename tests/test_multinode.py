@@ -31,7 +31,8 @@ from harness.study import DRIVER_RESOURCE, main
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "harness-test"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-STUDY = {**TINY, "name": "multinode"}
+STUDY = {**TINY, "name": "multinode",  # STRICT_SPREAD: each trial's two ranks on two different nodes
+         "resources": {**TINY["resources"], "placement": "STRICT_SPREAD"}}
 
 
 def free_port() -> int:
