@@ -15,6 +15,11 @@ The schema (what `harness.results` reads):
 Idempotent under retries: a child run is found by (parent run, trial key) before one is created, and a
 restarted trial skips evaluation records whose step is already logged. So a worker restarted from a
 checkpoint, or a study resumed with --resume, writes into the same runs and never duplicates one.
+
+Outages: a trial's logging goes through a local buffer (TrialLogger) retried with backoff, so training never
+waits on the store; past HARNESS_TRACKING_GRACE_S the trial completes without it and `harness.backfill`
+fills MLflow in from Ray's storage later. Calls that end runs (end_study_run, mark_trial_error) never raise:
+a store failure there is a warning line, so the error the user sees is the first one.
 """
 
 from __future__ import annotations

@@ -91,12 +91,15 @@ def start_cli(workdir: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def kill_group(pgid: int) -> None:
-    """SIGKILL what is left of a process group this test started (the driver's Ray), and wait for it."""
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL what is left of the process group of `proc`, which this test started in a new session (the
+    driver and its Ray, or an MLflow server), and wait until the group is gone."""
+    pgid = proc.pid
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         return
+    proc.wait(timeout=30)  # reap the leader: a zombie still counts as a member of its group
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
@@ -149,7 +152,7 @@ def test_ctrl_c_stops_at_a_checkpoint_marks_runs_killed_exits_130_and_resumes(wo
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
         out = proc.communicate(timeout=180)[0]
     finally:
-        kill_group(proc.pid)
+        kill_group(proc)
     assert proc.returncode == 130, out[-3000:]
     assert f"Continue with: python -m harness.study {path} --resume" in out
     (parent,) = runs(uri, "study")
@@ -162,7 +165,7 @@ def test_ctrl_c_stops_at_a_checkpoint_marks_runs_killed_exits_130_and_resumes(wo
     try:
         out = resumed.communicate(timeout=300)[0]
     finally:
-        kill_group(resumed.pid)
+        kill_group(resumed)
     assert resumed.returncode == 0, out[-3000:]
     check_resumed(uri, trials["one_cycle"].info.end_time)
 
@@ -177,7 +180,7 @@ def test_sigkill_of_the_driver_then_resume_finishes_without_rerun_or_duplicates(
         os.kill(proc.pid, signal.SIGKILL)  # the driver only; its Ray processes are then cleaned up below
         proc.wait(timeout=30)
     finally:
-        kill_group(proc.pid)
+        kill_group(proc)
     (parent,) = runs(uri, "study")
     assert parent.info.status == "RUNNING"  # nobody was left to end it
     first_end = by_name(uri)["one_cycle"].info.end_time
@@ -186,7 +189,7 @@ def test_sigkill_of_the_driver_then_resume_finishes_without_rerun_or_duplicates(
     try:
         out = resumed.communicate(timeout=300)[0]
     finally:
-        kill_group(resumed.pid)
+        kill_group(resumed)
     assert resumed.returncode == 0, out[-3000:]
     check_resumed(uri, first_end)
 
@@ -245,8 +248,7 @@ class MlflowServer:
 
     def stop(self) -> None:
         if self.proc is not None:
-            kill_group(self.proc.pid)
-            self.proc.wait(timeout=30)
+            kill_group(self.proc)
             self.proc = None
 
 
@@ -257,14 +259,17 @@ def server(tmp_path):
     srv.stop()
 
 
-def stop_server_at_first_metric(srv: MlflowServer, down_s: float | None) -> dict:
-    """In a thread: stop the server as soon as a trial has logged an evaluation; start it again after
+def first_metric(store: str) -> bool:
+    return any(eval_steps(store, r.info.run_id) for r in runs(store, "trial"))
+
+
+def stop_server_when(srv: MlflowServer, condition, down_s: float | None) -> dict:
+    """In a thread: stop the server as soon as `condition(its sqlite store)` holds; start it again after
     `down_s` seconds (None: leave it down). Returns the times, filled in as it happens."""
     times: dict = {}
 
     def run():
-        wait_for(lambda: any(eval_steps(srv.store, r.info.run_id) for r in runs(srv.store, "trial")), 240,
-                 "a first evaluation in MLflow")
+        wait_for(lambda: condition(srv.store), 240, "the moment to stop the MLflow server")
         srv.stop()
         times["down"] = time.time()
         if down_s is not None:
@@ -281,16 +286,16 @@ def stop_server_at_first_metric(srv: MlflowServer, down_s: float | None) -> dict
 # ------------------------------------------------------------------------------------------------- tracking outage
 def test_mlflow_down_30_s_mid_study_loses_and_duplicates_nothing(hooked_ray, workdir, server, monkeypatch):
     monkeypatch.setenv(tracking.TRACKING_GRACE_ENV, "240")
-    outage = stop_server_at_first_metric(server, down_s=30)
-    rc = main([write_study(workdir, study(ONE_CYCLE, {"schedule": "constant", "max_lr": 5000.0})),
-               "--tracking-uri", server.uri])
+    outage = stop_server_when(server, long_trial_reported, down_s=30)  # the long trial trains through it
+    rc = main([write_study(workdir, TWO_TRIALS), "--tracking-uri", server.uri])
     outage["thread"].join(timeout=120)
     assert rc == 0
     assert "up" in outage, "the server was never stopped and restarted"
     _, children = check_study_runs(server.uri, "tiny", n_trials=2)  # every step once, full schema
     trials = {c.info.run_name: c for c in children}
-    history = MlflowClient(server.uri).get_metric_history(trials["one_cycle"].info.run_id, "test_acc")
-    assert [m.step for m in history] == [5, 10, 15, 20]
+    assert eval_steps(server.uri, trials["one_cycle"].info.run_id) == [5, 10, 15, 20]
+    history = MlflowClient(server.uri).get_metric_history(trials["cosine"].info.run_id, "test_acc")
+    assert [m.step for m in history] == list(range(10, 301, 10))
     buffered = [m for m in history if outage["down"] * 1000 < m.timestamp < outage["up"] * 1000]
     assert buffered, "no evaluation happened while the server was down: the trial did not keep training"
     assert {c.info.status for c in children} == {"FINISHED"}
@@ -302,7 +307,7 @@ def test_mlflow_down_past_the_grace_bound_then_backfill_fills_it_once(hooked_ray
                                                                      capsys):
     monkeypatch.setenv(tracking.TRACKING_GRACE_ENV, "5")
     path = write_study(workdir, study(ONE_CYCLE, {"schedule": "cosine", "max_lr": 0.4}))
-    outage = stop_server_at_first_metric(server, down_s=None)
+    outage = stop_server_when(server, first_metric, down_s=None)
     rc = main([path, "--tracking-uri", server.uri])
     outage["thread"].join(timeout=60)
     err = capsys.readouterr().err
