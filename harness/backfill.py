@@ -22,8 +22,8 @@ from pathlib import Path
 
 from harness import tracking
 
-NONE_AS = -1  # the worker's final report writes None (e.g. steps_to_target never reached) as -1
-OPTIONAL = ("steps_to_target", "seconds_to_target", "diverged_at_step", "startup_seconds")
+NONE_AS = -1  # the worker's final report writes None (steps_to_target never reached...) as -1; no summary
+              # metric can be negative otherwise
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,7 +85,7 @@ def backfill_trial(uri: str, track: dict, config: dict, rows: list[dict], final:
     logger.start(trial["config"], config["resources"]["workers"], (final or {}).get("system_tags", {}))
     if final is None:  # an unfinished or errored trial: its curves, not a status
         return "filled" if logger.drain() else "failed"
-    summary = {k: (None if k in OPTIONAL and v == NONE_AS else v) for k, v in final.items()
+    summary = {k: (None if v == NONE_AS else v) for k, v in final.items()
                if k in tracking.SUMMARY_METRICS}
     summary["status"] = final["trial_status"]
     return "filled" if logger.finish(summary, records) else "failed"

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from mlflow_checks import check_study_runs
+from mlflow_checks import EVAL, check_study_runs
 
 from harness import backfill, tracking
 from harness.study import DRIVER_RESOURCE, RAY_ENV, main
@@ -368,7 +368,7 @@ def test_lost_worker_resumes_from_its_last_checkpoint_with_every_step_once(crash
     (run,) = runs(uri, "trial")  # one run, though its workers started twice
     assert run.info.status == "FINISHED" and run.data.tags["harness.status"] == "completed"
     assert run.data.tags["harness.resumed_from_step"] in resumed_from
-    for key in tracking.EVAL_METRICS:
+    for key in EVAL:
         assert eval_steps(uri, run.info.run_id, key) == [5, 10, 15, 20], key
     check_study_runs(uri, "tiny", n_trials=1)
 
