@@ -3,12 +3,16 @@
     studies/NAME.yaml --(harness.spec)--> trials --(Ray Tune, one TorchTrainer per trial)--> MLflow runs
 
 Exit codes: 0 when every trial completed or diverged (a divergence is a result), 1 when a trial errored
-(listed at the end with its error), 2 for bad input (nothing started, nothing logged).
+(listed at the end with its error), 2 for bad input (nothing started, nothing logged), 3 when every trial
+ended but MLflow stayed unreachable past HARNESS_TRACKING_GRACE_S (the results are in Ray's storage; the
+printed `python -m harness.backfill` command fills MLflow in), 130 when interrupted (Ctrl-C: the trials stop
+at their last checkpoint, the study run and unfinished trial runs are marked KILLED, `--resume` continues).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import shlex
@@ -23,6 +27,7 @@ from harness import spec as specs
 from harness import tracking
 from harness.config import ConfigError
 
+EXIT_UNTRACKED = 3  # every trial ended, but MLflow misses some of it: run harness.backfill
 DRIVER_RESOURCE = "trial_driver"  # a custom resource for the Tune trial's own actor: it must not hold a CPU
 RAY_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",  # the Train controller polls reports every 2 s by default
@@ -53,7 +58,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-concurrent", type=int, help="at most this many trials at once (default: what fits)")
     p.add_argument("--workers-per-trial", type=int, help="DDP workers per trial (default: the study's)")
     p.add_argument("--max-failures", type=int, default=1, help="worker failures a trial recovers from (default 1)")
-    p.add_argument("--inject-crash", type=int, metavar="STEP", help=argparse.SUPPRESS)  # tests: lose a worker once
     return p.parse_args(argv)
 
 
@@ -98,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     try:
+        tracking.tracking_grace_s()
         tracking.check_store(uri)
     except tracking.TrackingError as e:
         return _fail(str(e))
@@ -146,14 +151,12 @@ def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, cluster
           f"{concurrent} at a time; MLflow {uri} run {parent}; Ray state {exp_path}", flush=True)
 
     base = {
-        "tracking": {"uri": uri, "experiment_id": exp_id, "parent_run_id": parent},
+        "tracking": {"uri": uri, "experiment_id": exp_id, "parent_run_id": parent,
+                     "grace_s": tracking.tracking_grace_s()},
         "resources": res,
         "train_storage": _storage_join(exp_path, "train_runs"),
         "max_failures": args.max_failures,
     }
-    if args.inject_crash:
-        base["inject_crash_at_step"] = args.inject_crash
-        base["inject_crash_marker"] = _storage_join(exp_path, "injected_crash.marker")
     param_space = {**base, "trial": tune.grid_search(
         [{**t.as_dict(), "study": resolved["name"], "scale": resolved["scale"]} for t in trials])}
     from harness.worker import trial_driver
@@ -179,31 +182,59 @@ def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, cluster
                                           progress_reporter=reporter, verbose=1,
                                           failure_config=tune.FailureConfig(max_failures=0)))
         results = tuner.fit()
-        errors = summarize(results, resolved, time.time() - t0)
-        status = "FAILED" if errors else "FINISHED"
+        outcome = summarize(results, resolved, time.time() - t0)
+        if outcome.unfinished:  # Tune's first Ctrl-C handler stopped the trials at a checkpoint and returned
+            raise KeyboardInterrupt
+        status = "FAILED" if outcome.errors else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
-        print(f"interrupted; continue with: {command} --resume", file=sys.stderr)
+        try:
+            killed = tracking.mark_unfinished_trials_killed(uri, exp_id, parent)
+        except Exception as e:  # the store may be what failed; the interrupt is what the user must see
+            killed = f"? (MLflow: {type(e).__name__})"
+        resume = command if args.resume else f"{command} --resume"
+        print(f"interrupted: the study run and {killed} unfinished trial runs are marked KILLED; every trial "
+              f"keeps its last checkpoint. Continue with: {resume}", file=sys.stderr, flush=True)
         return 130
     finally:
-        tracking.end_study_run(uri, parent, status)
+        tracking.end_study_run(uri, parent, status)  # never raises: a warning line if the store is down
     print(f"MLflow: {uri} (experiment '{resolved['name']}', parent run {parent}); browse with "
           f"`mlflow ui --backend-store-uri {uri}`")
     print(f"report: python -m harness.report {resolved['name']} --tracking-uri {uri} --run {parent}")
-    return 1 if errors else 0
+    if outcome.untracked:
+        print(f"warning: MLflow was unreachable past the grace period ({tracking.TRACKING_GRACE_ENV}); trials "
+              f"{', '.join(outcome.untracked)} are complete in {exp_path} but not fully logged. Fill MLflow in "
+              f"with: python -m harness.backfill {resolved['name']} --scale {resolved['scale']} --storage "
+              f"{shlex.quote(str(storage))} --tracking-uri {uri}", file=sys.stderr)
+    if outcome.errors:
+        return 1
+    return EXIT_UNTRACKED if outcome.untracked else 0
 
 
-def summarize(results, resolved: dict, wall_s: float) -> list[tuple[str, str]]:
-    """Print one row per cell and the errored trials; return the errors."""
+@dataclasses.dataclass
+class Outcome:
+    errors: list[tuple[str, str]]  # (trial, last line of its error)
+    unfinished: list[str]          # trials Tune stopped before their end (an interrupt)
+    untracked: list[str]           # completed trials whose MLflow run misses items (a tracking outage)
+
+
+def summarize(results, resolved: dict, wall_s: float) -> Outcome:
+    """Print one row per cell of finished trials and the errored ones; return what did not end well."""
     cells: dict[str, list[dict]] = {}
-    errors = []
+    out = Outcome([], [], [])
     for r in results:
-        trial = r.config["trial"]
+        trial, metrics = r.config["trial"], r.metrics or {}
         if r.error is not None:
-            errors.append((trial["name"], str(r.error).strip().splitlines()[-1][:300]))
+            out.errors.append((trial["name"], str(r.error).strip().splitlines()[-1][:300]))
             continue
-        cells.setdefault(trial["cell"], []).append(r.metrics or {})
-    print(f"\nstudy {resolved['name']} ({resolved['scale']}) finished in {wall_s:.0f} s")
+        if not metrics.get("finished"):
+            out.unfinished.append(trial["name"])
+            continue
+        if metrics.get("untracked"):
+            out.untracked.append(trial["name"])
+        cells.setdefault(trial["cell"], []).append(metrics)
+    ended = f"interrupted after {wall_s:.0f} s" if out.unfinished else f"finished in {wall_s:.0f} s"
+    print(f"\nstudy {resolved['name']} ({resolved['scale']}) {ended}")
     print(f"{'cell':60s} {'n':>3s} {'final acc':>10s} {'steps to target':>16s} {'diverged':>9s}")
     for cell, rows in cells.items():
         acc = statistics.median(float(m.get("final_acc", float("nan"))) for m in rows)
@@ -211,9 +242,9 @@ def summarize(results, resolved: dict, wall_s: float) -> list[tuple[str, str]]:
         steps = [s if s is not None and s >= 0 else math.inf for s in steps]
         diverged = sum(m.get("trial_status") == "diverged" for m in rows)
         print(f"{cell[:60]:60s} {len(rows):3d} {acc:10.4f} {statistics.median(steps):16g} {diverged:9d}")
-    for name, err in errors:
+    for name, err in out.errors:
         print(f"ERROR {name}: {err}", file=sys.stderr)
-    return errors
+    return out
 
 
 def dry_run(resolved: dict, trials: list[specs.Trial]) -> None:

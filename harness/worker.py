@@ -29,7 +29,6 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from harness import tracking
 from harness.data import RawData, load_raw
-from harness.study import storage_exists, storage_touch
 from harness.trial import run_trial
 
 CHECKPOINT_FILE = "trial_state.pt"
@@ -69,17 +68,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
         hostnames = gathered
     phases["hostnames_gathered"] = time.time()
 
+    system = tracking.system_tags(hostnames)
     logger = None
-    if rank == 0 and track["uri"]:
-        logger = tracking.TrialLogger(track["uri"], track["run_id"])
-        if resume is None:
-            logger.start(trial["config"], world, tracking.system_tags(hostnames))
-        else:
-            logger.client.set_tag(logger.run_id, "harness.resumed_from_step", str(resume["progress"]["step"]))
+    if rank == 0 and track["uri"]:  # buffered: a tracking outage never stops training (see TrialLogger)
+        history = resume["progress"]["history"] if resume is not None else []
+        logger = tracking.TrialLogger(track["uri"], experiment_id=track["experiment_id"],
+                                      parent_run_id=track["parent_run_id"], trial=trial, history=history,
+                                      grace_s=track.get("grace_s"))
+        logger.start(trial["config"], world, system)
+        if resume is not None:
+            logger.set_tag("harness.resumed_from_step", str(resume["progress"]["step"]))
     phases["mlflow_started"] = time.time()
-
-    crash_at = loop_config.get("inject_crash_at_step")
-    crash_marker = loop_config.get("inject_crash_marker")
 
     def reporter(metrics: dict, state: dict | None) -> None:
         if logger is not None:
@@ -91,10 +90,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
                 torch.save(state, Path(d) / CHECKPOINT_FILE)
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
-        if crash_at and metrics["step"] >= crash_at and crash_marker and not storage_exists(crash_marker):
-            storage_touch(crash_marker)  # crash once: the restarted worker must not crash again
-            time.sleep(3)  # let the controller collect the report, as a crash some time after a checkpoint
-            os._exit(1)  # a lost worker process, as a node failure looks to Ray Train
 
     device = ray.train.torch.get_device()
     raw = ray.get(loop_config["raw_data"]) if loop_config.get("raw_data") is not None else None
@@ -104,11 +99,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     _profile({**phases, "first_step": first_step_at}, rank=rank, trial=trial["name"])
     if first_step_at and resume is None:  # Tune trial start -> first optimizer step: the orchestration overhead
         summary["startup_seconds"] = first_step_at - loop_config["driver_started_at"]
-    if logger is not None:
-        logger.finish(summary, history)
+    untracked = 0
+    if logger is not None and not logger.finish(summary, history):
+        untracked = logger.pending  # the study's summary says so; harness.backfill delivers them from Tune's results
     final = {k: (-1 if v is None else v) for k, v in summary.items() if k != "status"}
     ray.train.report({**final, "step": summary["steps_run"], "test_acc": summary["final_acc"],
-                      "trial_status": summary["status"], "finished": True})
+                      "trial_status": summary["status"], "finished": True, "untracked": untracked,
+                      "system_tags": system})  # Tune's result.json keeps it for harness.backfill
 
 
 _RAW: dict[tuple, RawData] = {}  # per trial-driver process (reused across trials): each dataset read once
@@ -132,9 +129,6 @@ def trial_driver(config: dict) -> None:
 
     started = time.time()
     trial, track, res = config["trial"], config["tracking"], config["resources"]
-    if track["uri"]:
-        track = {**track, "run_id": tracking.find_or_create_trial_run(
-            track["uri"], track["experiment_id"], track["parent_run_id"], trial)}
     use_gpu = res["gpus_per_worker"] > 0
     worker_resources = {"CPU": res["cpus_per_worker"]}
     if use_gpu:
@@ -158,7 +152,7 @@ def trial_driver(config: dict) -> None:
     )
     try:
         trainer.fit()
-    except Exception as e:
+    except Exception as e:  # record it in the trial's run (never raises), then let Tune see the original error
         if track["uri"]:
             detail = "".join(traceback.format_exception_only(type(e), e)).strip()
             tracking.mark_trial_error(track["uri"], track["experiment_id"], track["parent_run_id"], trial, detail)
