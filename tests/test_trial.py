@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -143,7 +142,14 @@ def test_one_big_step_on_one_process_equals_two_gloo_ranks(tmp_path):
     assert any(not torch.allclose(other[k].float(), single[k].float(), rtol=1e-4, atol=1e-5) for k in single)
 
 
-def test_world_size_from_environment_is_not_assumed():
+def test_world_size_comes_from_the_process_group_not_the_environment(monkeypatch):
+    """torchrun-style variables without an initialised process group: the trial runs alone, on all the data."""
+    config = {**SMALL, "steps": 2, "eval_every": 2}
+    alone = run_trial(config)
+    for k, v in {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"}.items():
+        monkeypatch.setenv(k, v)
     assert not dist.is_initialized()
-    assert math.isfinite(run_trial({**SMALL, "steps": 2, "eval_every": 2})["final_acc"])
-    assert os.environ.get("WORLD_SIZE") in (None, "1")
+    misled = run_trial(config)
+    assert misled["world_size"] == 1 and misled["accum_steps"] == alone["accum_steps"] == 2
+    assert math.isfinite(misled["final_acc"]) and misled["final_acc"] == alone["final_acc"]
+    assert [h["train_loss"] for h in misled["history"]] == [h["train_loss"] for h in alone["history"]]
