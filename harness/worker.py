@@ -25,6 +25,7 @@ import torch.distributed as dist
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from harness import tracking
+from harness.study import quiet_console
 from harness.trial import run_trial
 
 CHECKPOINT_FILE = "trial_state.pt"
@@ -32,6 +33,10 @@ CHECKPOINT_FILE = "trial_state.pt"
 
 def train_loop_per_worker(loop_config: dict) -> None:
     trial, track = loop_config["trial"], loop_config["tracking"]
+    # Ray Train V2 logs "Reporting training result ..." at INFO to a logger named by its file path, which the
+    # RunConfig's LoggingConfig level (it filters "ray.train.*") does not reach: send it to the study's log.
+    from ray.train.v2._internal.execution import context as train_context
+    quiet_console(loop_config.get("harness_log"), train_context.__file__)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
@@ -90,6 +95,7 @@ def trial_driver(config: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     started = time.time()
+    quiet_console(config.get("harness_log"))
     trial, track, res = config["trial"], config["tracking"], config["resources"]
     if track["uri"]:
         track = {**track, "run_id": tracking.find_or_create_trial_run(
