@@ -49,6 +49,9 @@ def quiet_console(log_path: str | None = None, *more_loggers: str) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s pid %(process)d %(name)s %(levelname)s: %(message)s"))
     for name in (*NOISY_LOGGERS, *more_loggers):
         logger = logging.getLogger(name)
+        for old in logger.handlers:
+            if old is not _HELD and old is not handler:
+                old.close()  # an earlier study's file, in the same process (tests)
         logger.handlers, logger.propagate = [handler], False
         logger.setLevel(logging.INFO)
     if log_path and _HELD.buffer:

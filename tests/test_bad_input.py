@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from harness import data
+from harness import study as study_cli
 from harness.study import main
 
 try:
@@ -46,12 +47,13 @@ ROWS = [
     ("negative steps", base(steps=-5), [], ["steps must be a positive integer, got -5"]),
     ("batch not split into BN micro-batches", base(batch_size=300), [],
      ["batch_size 300", "not a multiple of bn_batch 125", "multiple of workers x bn_batch = 250"]),
-    ("unknown schedule", base(schedule="onecycle"), [],
+    ("unknown schedule", {**TINY, "paired": {"schedule": [{"schedule": "onecycle", "max_lr": 0.8}]}}, [],
      ["schedule 'onecycle' is not known", "did you mean 'one_cycle'", "allowed: constant"]),
     ("unknown model", base(model="vgg16"), [], ["model 'vgg16' is not known", "allowed:", "resnet56"]),
     ("unknown dataset", base(dataset="imagenet"), [], ["dataset 'imagenet' is not known", "allowed:", "cifar10"]),
     ("unknown scale", TINY, ["--scale", "huge"], ["invalid choice: 'huge'", "'smoke', 'quick', 'paper'"]),
-    ("scale the study lacks", TINY, ["--scale", "paper"], ["has no scale 'paper'", "smoke"]),
+    ("scale the study lacks", {**TINY, "scales": {"quick": {"base": {"steps": 40}}}}, ["--scale", "paper"],
+     ["has no scale 'paper'", "it has: quick"]),
     ("dataset missing offline", base(dataset="cifar10", model="resnet20"), [],
      ["dataset 'cifar10' not found", "HARNESS_DATA_DIR", "download (disabled)", "data_batch_1"]),
     ("unreachable --address", TINY, ["--address", "127.0.0.1:1"],
@@ -71,7 +73,14 @@ ROWS = [
 @pytest.fixture(scope="module")
 def not_mlflow():
     """An HTTP server that is not MLflow: every path is 404."""
-    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def log_message(self, *args):  # quiet: the row checks stderr
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
@@ -90,7 +99,8 @@ def offline(workdir, monkeypatch):
 
 
 @pytest.mark.parametrize("study, extra, expected", [row[1:] for row in ROWS], ids=[row[0] for row in ROWS])
-def test_bad_input_is_one_line_exit_2_and_leaves_nothing(offline, capsys, not_mlflow, study, extra, expected):
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(offline, capsys, monkeypatch, not_mlflow, study, extra,
+                                                         expected):
     workdir: Path = offline
     if isinstance(study, dict):
         (workdir / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
@@ -101,6 +111,11 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(offline, capsys, not_ml
     else:
         target = study
     storage = workdir / "storage"
+
+    def no_ray(address):
+        raise AssertionError("bad input reached Ray")
+
+    monkeypatch.setattr(study_cli, "_init_ray", no_ray)
     extra = [a.format(not_mlflow=not_mlflow) for a in extra]
     try:
         rc = main([target, "--storage", str(storage), *extra])
