@@ -126,13 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(problem)
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    quiet_console()  # from the first store access on (SQLAlchemy's warnings), held until the log file exists
     try:
         tracking.check_store(uri)
     except tracking.TrackingError as e:
         return _fail(str(e))
 
     import ray
-    quiet_console()
     started_ray = _init_ray(address)
     try:
         return run_study(args, resolved, trials, uri, ray.cluster_resources())
