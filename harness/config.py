@@ -23,6 +23,7 @@ MLP_ACTIVATIONS = ("relu", "tanh", "sigmoid", "square400")
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adagrad", "adadelta")
 SCHEDULES = ("constant", "multistep", "triangular", "one_cycle", "one_cycle_cos", "cosine", "range_test")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -70,6 +71,11 @@ class TrialConfig:
     # --- run ---
     seed: int = 0
     device: str = "auto"
+    # --- fast path (how fast, never what is computed: the same curve within bf16's tolerance) ---
+    precision: str = "auto"            # auto: bf16 autocast on CUDA, fp32 elsewhere; fp32; bf16 (autocast anywhere)
+    channels_last: bool = True         # NHWC memory format for the convolutional models (MLPs stay as they are)
+    compile: bool = False              # torch.compile the model (minutes of compilation before the first step)
+    warmup_steps: int = 2              # a process's first steps, left out of its first images_per_s (< eval_every)
 
     # ------------------------------------------------------------------
     @classmethod
@@ -101,6 +107,9 @@ class TrialConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("device", self.device, DEVICES)
+        _choice("precision", self.precision, PRECISIONS)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         _positive("steps", self.steps)
         _positive("batch_size", self.batch_size)
         _positive("eval_every", self.eval_every)

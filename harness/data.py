@@ -326,6 +326,29 @@ def _balanced_subset(y: torch.Tensor, size: int, num_classes: int, seed: int) ->
     return torch.cat(picked).sort().values
 
 
+@dataclass
+class RawData:
+    """A dataset as read from its files: uint8 (or digits' 0..16 float) images [N, C, H, W] and int64 labels on the
+    CPU. Read once per node and shared (a Ray object) so that each trial's processes skip the files and parsers."""
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    max_value: float
+
+
+def load_raw(name: str, *, data_dir: str | os.PathLike | None = None, download: bool = True) -> RawData:
+    """Read dataset `name` (see the module docstring for where from); no subset, no scaling, CPU tensors."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset '{name}'; allowed: {', '.join(DATASETS)}")
+    if name == "digits":
+        return RawData(name, *_load_digits(), 10, 16.0)
+    num_classes = _CIFAR[name][1] if name in _CIFAR else 10
+    return RawData(name, *_load_raw(name, data_dir, download), num_classes, 255.0)
+
+
 def load_dataset(
     name: str,
     *,
@@ -336,6 +359,7 @@ def load_dataset(
     preprocess: str = "paper",
     device: str | torch.device = "cpu",
     download: bool = True,
+    raw: RawData | None = None,
 ) -> Dataset:
     """The dataset as float32 tensors on `device`, preprocessed with statistics of the (sub)training set.
 
@@ -344,18 +368,19 @@ def load_dataset(
     the same for every seed (AlgoPerf's rule: tuning selects on validation, the report scores the test set).
     preprocess: "paper" subtracts the per-pixel mean image (Caffe's mean_file) and mirrors; "standard" standardizes
     each channel and crops (pad 4) + mirrors; "none" only scales to [0, 1]. Pixels are scaled to [0, 1] first.
+    raw: the files' content read earlier by `load_raw` (the same `name`); then no file is read here.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset '{name}'; allowed: {', '.join(DATASETS)}")
     if preprocess not in PREPROCESS:
         raise ValueError(f"unknown preprocess '{preprocess}'; allowed: {', '.join(PREPROCESS)}")
 
-    if name == "digits":
-        train_x, train_y, test_x, test_y = _load_digits()
-        num_classes, max_value = 10, 16.0
-    else:
-        train_x, train_y, test_x, test_y = _load_raw(name, data_dir, download)
-        num_classes, max_value = (_CIFAR[name][1] if name in _CIFAR else 10), 255.0
+    if raw is None:
+        raw = load_raw(name, data_dir=data_dir, download=download)
+    elif raw.name != name:
+        raise ValueError(f"raw data of '{raw.name}' given for dataset '{name}'")
+    train_x, train_y, test_x, test_y = raw.train_x, raw.train_y, raw.test_x, raw.test_y
+    num_classes, max_value = raw.num_classes, raw.max_value
 
     val_x = val_y = None
     if val_size:
@@ -374,8 +399,8 @@ def load_dataset(
             train_x, train_y = train_x[keep], train_y[keep]
 
     # to the device as uint8 (4x less to copy), then scale there
-    train_x = train_x.to(device).float().div_(max_value)
-    test_x = test_x.to(device).float().div_(max_value)
+    train_x = train_x.to(device).float().div(max_value)  # out of place: raw may be shared
+    test_x = test_x.to(device).float().div(max_value)
     train_y, test_y = train_y.to(device), test_y.to(device)
     if val_x is not None:
         val_x, val_y = val_x.to(device).float().div_(max_value), val_y.to(device)

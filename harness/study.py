@@ -260,10 +260,11 @@ def dry_run(resolved: dict, trials: list[specs.Trial]) -> None:
               f"{c['max_lr']:7g} {c['schedule']:>14s} {c['steps']:7d} {c['seed']:5d}")
         steps += c["steps"]
         images += c["steps"] * c["batch_size"]
-    ips = resolved.get("images_per_s")
-    source = "configured in the study file"
-    if not ips:
-        ips, source = measure_images_per_s(trials[0].config), "measured on this machine: 4 steps of the first trial"
+    ips, source = images_per_s(resolved, trials[0].config)
+    if ips is None:
+        print(f"\n{len(trials)} trials, {steps:,} optimizer steps, {images:,} training images; no cost estimate: "
+              f"{source}")
+        return
     devices = res["workers"] * (res["gpus_per_worker"] or res["cpus_per_worker"])
     kind = "GPU" if res["gpus_per_worker"] else "CPU"
     hours = images / ips / 3600
@@ -286,13 +287,32 @@ def print_plan(resolved: dict, trials: list[specs.Trial]) -> None:
         print(f"  {c.line()}")
 
 
-def measure_images_per_s(config: dict) -> float:
+def images_per_s(resolved: dict, config: dict) -> tuple[float | None, str]:
+    """(images/s of one trial process, where the figure comes from): measured here when this machine has the
+    study's kind of device, else the study file's `images_per_s` labelled assumed, else (None, why not)."""
+    import torch
+    wants_gpu = resolved["resources"]["gpus_per_worker"] > 0
+    if wants_gpu == torch.cuda.is_available():
+        steps, warmup = 4, 2
+        ips = measure_images_per_s(config, steps, warmup)
+        device = torch.cuda.get_device_name(0) if wants_gpu else f"CPU, {torch.get_num_threads()} threads"
+        return ips, (f"measured on this machine ({device}): {steps} steps of the first trial after {warmup} "
+                     f"warm-up, one process")
+    assumed = resolved.get("images_per_s")
+    if assumed:
+        return assumed, "ASSUMED: the study file's images_per_s, not measured (this machine has no GPU)"
+    return None, "the study runs on GPUs, this machine has none, and the study file gives no images_per_s"
+
+
+def measure_images_per_s(config: dict, steps: int = 4, warmup: int = 2) -> float:
+    """Training images/s of the first `steps` steps after `warmup` of this trial on the device it would use."""
     from harness.trial import run_trial
-    probe = {**config, "steps": 4, "eval_every": 4, "stepsize": None, "milestones": [],
+    probe = {**config, "steps": warmup + steps, "eval_every": warmup + steps, "warmup_steps": warmup,
+             "stepsize": None, "milestones": [],
              "schedule": "constant" if config["schedule"] == "multistep" else config["schedule"]}
-    times: list[float] = []
-    run_trial(probe, reporter=lambda m, s: times.append(m["images_per_s"]))
-    return times[-1]
+    rates: list[float] = []
+    run_trial(probe, reporter=lambda m, s: rates.append(m["images_per_s"]))
+    return rates[-1]
 
 
 # ----------------------------------------------------------------------------------------------------
