@@ -304,6 +304,45 @@ def _load_raw(name: str, data_dir, download: bool):
     )
 
 
+def locate(name: str, data_dir=None, download: bool = True, timeout_s: float = 3.0) -> Path | None:
+    """A study's pre-flight: the folder load_dataset would read `name` from, or None when no place holds it but
+    its download host answers (load_dataset will download it). Reads and downloads nothing; raises
+    DataNotFoundError (one line: every place tried) when neither. `digits` ships with scikit-learn: None."""
+    if name == "digits":
+        return None
+    if name not in _CIFAR and name not in _IDX:
+        raise DataNotFoundError(f"dataset '{name}' is not known; allowed: {', '.join(DATASETS)}")
+    tried = []
+    for label, root in _places(name, data_dir):
+        tried.append(f"{label} {root}" if root is not None else f"{label} (unset)")
+        if root is not None and root.is_dir():
+            for folder in _candidate_folders(name, root):
+                if (_cifar_files(name, folder) if name in _CIFAR else _find_idx(folder)):
+                    return folder
+    if os.environ.get("HARNESS_NO_DOWNLOAD", "").strip().lower() in ("1", "true", "yes", "on"):
+        download = False
+    if not download:
+        tried.append("download (disabled)")
+    else:
+        import socket
+        import urllib.parse
+
+        import torchvision
+
+        cls = getattr(torchvision.datasets, _CIFAR[name][0] if name in _CIFAR else _IDX[name])
+        url = cls.url if name in _CIFAR else cls.mirrors[0]
+        host = urllib.parse.urlsplit(url).hostname
+        try:  # a TCP handshake with the download host: as far as we can check without downloading
+            socket.create_connection((host, 443), timeout=timeout_s).close()
+            return None
+        except OSError as e:
+            tried.append(f"download from {host} (unreachable: {type(e).__name__})")
+    raise DataNotFoundError(
+        f"dataset '{name}' not found; tried: {'; '.join(tried)}; to provide it, set data_dir or HARNESS_DATA_DIR "
+        f"to a folder containing {_expected_files(name)}"
+    )
+
+
 # -----------------------------------------------------------------------------
 # the dataset: subset, scale, preprocess, to the device
 

@@ -95,9 +95,20 @@ def load_spec(name_or_path: str) -> dict:
         with open(path) as f:
             spec = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise SpecError(f"{path.name}: not valid YAML: {' '.join(str(e).split())}") from None
+        raise SpecError(_yaml_error(path, e)) from None
     validate_spec(spec, path.name)
     return spec
+
+
+def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
+    """One line: where the parser stopped (1-based line and column), what it found, and what it was inside."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path.name} line {mark.line + 1}, column {mark.column + 1}" if mark else path.name
+    problem = getattr(e, "problem", None) or str(e)
+    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+    inside = f" ({context} from line {start.line + 1}, column {start.column + 1})" if context and start else ""
+    return (f"{where}: not valid YAML: {' '.join(problem.split())}{inside}; a study file is a YAML mapping "
+            f"like {study_path('batch_size_effect')}")
 
 
 def validate_spec(spec: Any, where: str) -> None:

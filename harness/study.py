@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import logging.handlers
 import math
 import os
 import shlex
@@ -36,8 +38,36 @@ RAY_ENV = {
 }
 
 
+# Lines that are neither the harness's nor Tune's table go to <storage>/<experiment>/harness.log, not the terminal:
+NOISY_LOGGERS = (
+    "py.warnings",  # third-party warnings (e.g. SQLAlchemy's deprecations under MLflow), via logging.captureWarnings
+    "ray._private.authentication.authentication_token_setup",  # "Token authentication is enabled ..." at ray.init
+)
+_HELD = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)  # until the log exists
+
+
+def quiet_console(log_path: str | None = None, *more_loggers: str) -> None:
+    """Route NOISY_LOGGERS (and more_loggers) to log_path, appended, and nowhere else; without a path, hold their
+    records in memory until a later call names the file (the experiment folder is known only after ray.init)."""
+    logging.captureWarnings(True)
+    handler = _HELD
+    if log_path:
+        handler = logging.FileHandler(log_path)
+        handler.setFormatter(logging.Formatter("%(asctime)s pid %(process)d %(name)s %(levelname)s: %(message)s"))
+    for name in (*NOISY_LOGGERS, *more_loggers):
+        logger = logging.getLogger(name)
+        for old in logger.handlers:
+            if old is not _HELD and old is not handler:
+                old.close()  # an earlier study's file, in the same process (tests)
+        logger.handlers, logger.propagate = [handler], False
+        logger.setLevel(logging.INFO)
+    if log_path and _HELD.buffer:
+        _HELD.setTarget(handler)
+        _HELD.flush()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = _OneLineErrors(
         prog="python -m harness.study",
         description="Run a study (studies/NAME.yaml): a grid of DDP training trials scheduled by Ray Tune, "
                     "each trial logged as an MLflow run.")
@@ -79,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
 
     address = args.address or os.environ.get("RAY_ADDRESS")
+    if address and (problem := _unreachable_address(address)):
+        return _fail(problem)
     scale = args.scale
     if scale is None:
         gpus = _cluster_gpus(address)
@@ -99,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         dry_run(resolved, trials)
         print_plan(resolved, trials)
         return 0
+    if not address and (problem := _missing_data(trials)):  # on a cluster the workers' disks count, not ours
+        return _fail(problem)
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    quiet_console()  # from the first store access on (SQLAlchemy's warnings), held until the log file exists
     try:
         tracking.tracking_grace_s()
         tracking.check_store(uri)
@@ -140,6 +175,9 @@ def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, cluster
     if args.resume and not storage_exists(exp_path):
         return _fail(f"nothing to resume: no earlier run of {resolved['name']} at scale {resolved['scale']} "
                      f"in {storage}; run it without --resume")
+    exp_path.mkdir(parents=True, exist_ok=True)
+    quiet_console(str(exp_path / "harness.log"))
+    print(f"Ray Train's per-report lines, Ray's and libraries' warnings: {exp_path / 'harness.log'}", flush=True)
     command = "python -m harness.study " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     hardware = _hardware(cluster)
     study_spec = {k: v for k, v in resolved.items()}
@@ -156,6 +194,7 @@ def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, cluster
         "resources": res,
         "train_storage": _storage_join(exp_path, "train_runs"),
         "max_failures": args.max_failures,
+        "harness_log": str(exp_path / "harness.log"),
     }
     param_space = {**base, "trial": tune.grid_search(
         [{**t.as_dict(), "study": resolved["name"], "scale": resolved["scale"]} for t in trials])}
@@ -326,11 +365,58 @@ def _init_ray(address: str | None) -> bool:
         return _OUR_RAY_JOB == [ray.get_runtime_context().get_job_id()]
     env = {**RAY_ENV, **_storage_credentials()}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        try:
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise SystemExit(_fail(f"cannot join the Ray cluster at {address}: {' '.join(str(e).split())[:300]}; "
+                                   f"start one (ray start --head, ray up cluster.yaml) or drop --address and "
+                                   f"RAY_ADDRESS to run on a local Ray")) from None
     else:
         ray.init(resources={DRIVER_RESOURCE: 64}, runtime_env={"env_vars": env}, include_dashboard=True)
     _OUR_RAY_JOB[:] = [ray.get_runtime_context().get_job_id()]
     return True
+
+
+def _unreachable_address(address: str) -> str | None:
+    """Pre-flight for --address / RAY_ADDRESS host:port: one line when nothing listens there (ray.init would
+    retry for a minute and end in a traceback). 'auto' and 'local' are left to ray.init (see _init_ray)."""
+    import socket
+    import urllib.parse
+
+    if address in ("auto", "local"):
+        return None
+    split = urllib.parse.urlsplit(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = split.hostname, split.port
+    except ValueError:
+        host = port = None
+    if not host or not port:
+        return f"--address {address!r} is not host:port; allowed: auto, host:port, ray://host:port (also RAY_ADDRESS)"
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+        return (f"no Ray cluster answers at {address} ({type(e).__name__}: {e.strerror or e}); start one (ray start "
+                f"--head, ray up cluster.yaml) or drop --address and RAY_ADDRESS to run on a local Ray")
+    return None
+
+
+def _missing_data(trials: list[specs.Trial]) -> str | None:
+    """Pre-flight: every dataset of the trials is on this machine or can be downloaded (nothing is downloaded
+    here); otherwise the first one missing, in one line, instead of every trial failing inside Ray."""
+    from harness import data
+    for name, data_dir in sorted({(t.config["dataset"], t.config.get("data_dir")) for t in trials}, key=str):
+        try:
+            data.locate(name, data_dir)
+        except data.DataNotFoundError as e:
+            return str(e)
+    return None
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse's errors as one line on stderr and exit 2 (not its usage block), like every other bad input."""
+
+    def error(self, message: str):
+        raise SystemExit(_fail(f"{message} (python -m harness.study --help lists the options)"))
 
 
 def _cluster_gpus(address: str | None) -> float:

@@ -29,6 +29,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from harness import tracking
 from harness.data import RawData, load_raw
+from harness.study import quiet_console
 from harness.trial import run_trial
 
 CHECKPOINT_FILE = "trial_state.pt"
@@ -52,6 +53,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     dynamo = threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True)
     dynamo.start()
     trial, track = loop_config["trial"], loop_config["tracking"]
+    # Ray Train V2 logs "Reporting training result ..." at INFO to a logger named by its file path, which the
+    # RunConfig's LoggingConfig level (it filters "ray.train.*") does not reach: send it to the study's log.
+    from ray.train.v2._internal.execution import context as train_context
+    quiet_console(loop_config.get("harness_log"), train_context.__file__)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
@@ -128,6 +133,7 @@ def trial_driver(config: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     started = time.time()
+    quiet_console(config.get("harness_log"))
     trial, track, res = config["trial"], config["tracking"], config["resources"]
     use_gpu = res["gpus_per_worker"] > 0
     worker_resources = {"CPU": res["cpus_per_worker"]}

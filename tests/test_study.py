@@ -4,7 +4,8 @@ Lost workers, errored trials, interrupts and tracking outages: tests/test_resili
 
 from __future__ import annotations
 
-import textwrap
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_checks import check_study_runs
 
 from harness import spec as specs
-from harness.study import main
+from harness.study import main, parse_args
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {
@@ -162,15 +163,48 @@ def test_resume_without_an_earlier_run_is_refused(ray_session, workdir, capsys):
     assert "nothing to resume" in capsys.readouterr().err
 
 
-def test_readme_main_command_is_the_smoke_study():
+def readme_study_commands() -> list[list[str]]:
+    """The argument lists of every `python -m harness.study ...` command in the README's code blocks."""
     readme = (REPO / "README.md").read_text()
-    assert "python -m harness.study batch_size_effect --scale smoke" in readme
-    assert textwrap.dedent("python -m pytest") in readme
+    blocks = re.findall(r"^```bash\n(.*?)^```", readme, flags=re.MULTILINE | re.DOTALL)
+    commands = []
+    for block in blocks:
+        for line in block.splitlines():
+            for part in line.split("&&"):
+                words = shlex.split(part.split("#")[0])
+                if words[:3] == ["python", "-m", "harness.study"]:
+                    commands.append(words[3:])
+    return commands
 
 
-def test_default_scale_follows_the_hardware_and_dry_run_measures_throughput(workdir, capsys):
+def test_readme_study_commands_name_real_studies_scales_and_options():
+    commands = readme_study_commands()
+    assert ["batch_size_effect", "--scale", "smoke"] in commands  # the quick start's main job
+    assert len(commands) >= 6
+    for argv in commands:
+        args = parse_args(argv)  # an unknown option or scale would exit 2 here
+        if args.list:
+            continue
+        spec = specs.load_spec(args.name)
+        assert specs.trials(spec, args.scale or "smoke"), argv
+
+
+@pytest.mark.parametrize("gpus, line", [
+    (0, "scale: smoke (no GPU found); pick another with --scale smoke|quick|paper"),
+    (8, "scale: paper (8 GPUs found); pick another with --scale smoke|quick|paper"),
+])
+def test_default_scale_follows_the_hardware(workdir, capsys, monkeypatch, gpus, line):
+    import torch
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)  # this host's GPUs do not decide the test
     rc = main(["batch_size_effect", "--dry-run"])
     out = capsys.readouterr().out
+    assert rc == 0 and out.splitlines()[0] == line
+    if gpus:  # the paper scale's throughput is configured: nothing is measured
+        assert "72 trials" in out and "configured in the study file" in out and "GPU-hours" in out
+
+
+def test_dry_run_measures_throughput_when_the_study_has_none(workdir, capsys):
+    rc = main(["batch_size_effect", "--scale", "smoke", "--dry-run"])
+    out = capsys.readouterr().out
     assert rc == 0
-    assert out.splitlines()[0] == "scale: smoke (no GPU found); pick another with --scale smoke|quick|paper"
     assert "4 trials" in out and "measured on this machine" in out and "CPU-hours" in out
