@@ -20,6 +20,7 @@ import os
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ def quiet_console(log_path: str | None = None, *more_loggers: str) -> None:
     logging.captureWarnings(True)
     handler = _HELD
     if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)  # another node's first process there
         handler = logging.FileHandler(log_path)
         handler.setFormatter(logging.Formatter("%(asctime)s pid %(process)d %(name)s %(levelname)s: %(message)s"))
     for name in (*NOISY_LOGGERS, *more_loggers):
@@ -175,9 +177,9 @@ def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, cluster
     if args.resume and not storage_exists(exp_path):
         return _fail(f"nothing to resume: no earlier run of {resolved['name']} at scale {resolved['scale']} "
                      f"in {storage}; run it without --resume")
-    exp_path.mkdir(parents=True, exist_ok=True)
-    quiet_console(str(exp_path / "harness.log"))
-    print(f"Ray Train's per-report lines, Ray's and libraries' warnings: {exp_path / 'harness.log'}", flush=True)
+    log_file = _log_file(exp_path)
+    quiet_console(log_file)
+    print(f"Ray Train's per-report lines, Ray's and libraries' warnings: {log_file}", flush=True)
     command = "python -m harness.study " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     hardware = _hardware(cluster)
     study_spec = {k: v for k, v in resolved.items()}
@@ -194,7 +196,7 @@ def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, cluster
         "resources": res,
         "train_storage": _storage_join(exp_path, "train_runs"),
         "max_failures": args.max_failures,
-        "harness_log": str(exp_path / "harness.log"),
+        "harness_log": log_file,
     }
     param_space = {**base, "trial": tune.grid_search(
         [{**t.as_dict(), "study": resolved["name"], "scale": resolved["scale"]} for t in trials])}
@@ -564,6 +566,15 @@ def _launchable_node_types(address: str | None) -> list[NodeType] | None:
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
                   "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS")
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre", "ceph", "gpfs", "glusterfs", "beegfs", "cifs", "smb3")
+
+
+def _log_file(exp_path: str) -> str:
+    """The study's log file: in its experiment folder, or (cloud storage) in a local folder of the same name.
+    Each node's processes append to that path on their own node."""
+    folder = Path(tempfile.gettempdir()) / "harness-logs" / exp_path.split("?")[0].rstrip("/").rsplit("/", 1)[-1] \
+        if _is_uri(exp_path) else Path(exp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / "harness.log")
 
 
 def _is_uri(storage: str) -> bool:
