@@ -64,8 +64,8 @@ def reference_for_cells(trials: pd.DataFrame) -> dict[str, list[str]]:
     """cell -> names of the authors' logs with the same setup (see caffe_logs.match_reference)."""
     index = caffe_logs.load_index()
     out = {}
-    keys = ("dataset", "model", "schedule", "batch_size", "base_lr", "max_lr", "steps", "optimizer", "momentum",
-            "weight_decay", "train_size")
+    keys = ("dataset", "model", "schedule", "batch_size", "base_lr", "max_lr", "lr_scale", "steps", "optimizer",
+            "momentum", "weight_decay", "train_size")
     for cell, rows in trials.groupby("cell", sort=False):
         first = rows.iloc[0]
         setup = {k: first[k] for k in keys if k in rows.columns}
