@@ -23,6 +23,7 @@ MLP_ACTIVATIONS = ("relu", "tanh", "sigmoid", "square400")
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adagrad", "adadelta")
 SCHEDULES = ("constant", "multistep", "triangular", "one_cycle", "one_cycle_cos", "cosine", "range_test")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -35,6 +36,7 @@ class TrialConfig:
     dataset: str = "digits"
     data_dir: str | None = None        # explicit data location (searched first)
     train_size: int | None = None      # class-balanced, seeded subset of the training set
+    val_size: int | None = None        # held out of the training set (same split for every seed): val_acc, val_loss
     preprocess: str = "paper"          # paper: per-pixel mean, mirror; standard: standardize, pad-4 crop, mirror
     # --- workload: model ---
     model: str = "small_cnn"
@@ -58,6 +60,7 @@ class TrialConfig:
     max_momentum: float = 0.95
     min_momentum: float = 0.85
     final_div: float = 1000.0          # one_cycle annihilation: lr ends at base_lr / final_div
+    lr_scale: float = 1.0              # the study's LR tuning budget: the trainer runs base_lr and max_lr x lr_scale
     # --- batch semantics ---
     batch_size: int = 125              # global batch per optimizer step, over all workers
     bn_batch: int | None = None        # images per BatchNorm statistic (micro-batch); default: per-worker batch
@@ -68,6 +71,11 @@ class TrialConfig:
     # --- run ---
     seed: int = 0
     device: str = "auto"
+    # --- fast path (how fast, never what is computed: the same curve within bf16's tolerance) ---
+    precision: str = "auto"            # auto: bf16 autocast on CUDA, fp32 elsewhere; fp32; bf16 (autocast anywhere)
+    channels_last: bool = True         # NHWC memory format for the convolutional models (MLPs stay as they are)
+    compile: bool = False              # torch.compile the model (minutes of compilation before the first step)
+    warmup_steps: int = 2              # a process's first steps, left out of its first images_per_s (< eval_every)
 
     # ------------------------------------------------------------------
     @classmethod
@@ -99,11 +107,18 @@ class TrialConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("device", self.device, DEVICES)
+        _choice("precision", self.precision, PRECISIONS)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         _positive("steps", self.steps)
         _positive("batch_size", self.batch_size)
         _positive("eval_every", self.eval_every)
         if self.train_size is not None:
             _positive("train_size", self.train_size)
+        if self.val_size is not None:
+            _positive("val_size", self.val_size)
+        if not self.lr_scale > 0:
+            raise ConfigError(f"lr_scale must be > 0, got {self.lr_scale}")
         if self.bn_batch is not None:
             _positive("bn_batch", self.bn_batch)
         if any(h <= 0 for h in self.mlp_hidden):
@@ -135,6 +150,13 @@ class TrialConfig:
             raise ConfigError(f"milestones must be increasing positive steps, got {list(self.milestones)}")
         if world_size is not None:
             self.micro_batches(world_size)  # raises on an impossible batch split
+
+    def scaled(self) -> TrialConfig:
+        """The config the trainer runs: base_lr and max_lr multiplied by lr_scale (which becomes 1)."""
+        if self.lr_scale == 1:
+            return self
+        return dataclasses.replace(self, base_lr=self.base_lr * self.lr_scale, max_lr=self.max_lr * self.lr_scale,
+                                   lr_scale=1.0)
 
     def micro_batches(self, world_size: int) -> tuple[int, int]:
         """(per-worker batch, micro-batches per worker) for this world size, or ConfigError."""

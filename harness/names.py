@@ -54,7 +54,8 @@ TRIAL_STATUSES = ("completed", "diverged", "error")
 WORKERS_PARAM = "workers"
 EVAL_METRICS = ("epoch", "lr", "momentum", "train_loss", "test_loss", "test_acc", "val_loss", "val_acc",
                 "images_per_s", "train_seconds")
-SUMMARY_METRICS = ("final_acc", "best_acc", "reached_target", "steps_to_target", "seconds_to_target", "target_acc",
+SUMMARY_METRICS = ("final_acc", "final_val_acc", "best_acc", "reached_target", "steps_to_target", "seconds_to_target",
+                   "target_acc",
                    "diverged_at_step", "world_size", "bn_batch", "accum_steps", "steps_run", "startup_seconds")
 SPEC_ARTIFACT = "study_spec.yaml"
 CONFIG_ARTIFACT = "trial_config.json"
