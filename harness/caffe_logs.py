@@ -225,16 +225,21 @@ def _same(a, b) -> bool:
 def match_reference(setup: dict, index=None) -> list[str]:
     """Names of the authors' logs whose setup equals a study cell's setup.
 
-    `setup` holds TrialConfig fields (dataset, model, schedule, batch_size, base_lr, max_lr, steps, and
-    optionally optimizer, momentum, weight_decay, train_size). Required equal: dataset, model, schedule, total
-    batch, peak LR (max_lr; base_lr for multistep/constant) and steps; the optional fields must also agree when
-    both sides have them (train_size None means the full training set).
+    `setup` holds TrialConfig fields (dataset, model, schedule, batch_size, max_lr, steps, and optionally
+    lr_scale, optimizer, momentum, weight_decay, train_size). Required equal: dataset, model, schedule, total
+    batch, peak LR and steps; the optional fields must also agree when both sides have them (train_size None
+    means the full training set). The peak LR is the trial's `max_lr` x `lr_scale` for every schedule (the
+    harness's convention: multistep starts at max_lr), against the log's max_lr (Caffe's base_lr for
+    multistep and fixed, whose index rows carry it as max_lr too).
     """
     index = load_index() if index is None else index
     if index.empty:
         return []
     sched = setup.get("schedule")
-    peak = setup.get("base_lr") if sched in ("multistep", "constant") else setup.get("max_lr")
+    scale = setup.get("lr_scale")
+    peak = setup.get("max_lr")
+    if peak is not None and scale is not None and not _isnan(scale):
+        peak = float(peak) * float(scale)
     out = []
     for row in index.to_dict("records"):
         if (row["dataset"], row["model"], row["schedule"]) != (setup.get("dataset"), setup.get("model"), sched):

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from harness import claims as claims_mod
-from harness.results import RUN_CHOICES, StudyError, StudyResults, load_study
+from harness.results import RUN_CHOICES, StudyError, StudyResults, load_study, schedule_curves
 
 DECISION_RULE = (
     f"Decision rule: for each comparison, the difference of medians (arm A - arm B) with a 95% bootstrap interval "
@@ -341,8 +341,9 @@ def write_pdf(path: Path, res: StudyResults, ev: claims_mod.Evaluation, tables: 
             figs.draw_steps_to_target(ax2, t[t["status"].isin(["completed", "diverged"])])
 
         pdf.figure(outcome_panels, height=3.4)
-        pdf.heading("Learning rate and momentum vs iteration (as logged)", size=12)
-        pdf.figure(lambda fig, rect: figs.draw_schedules(fig, rect, t, curves), height=3.0)
+        pdf.heading("Learning rate and momentum vs iteration", size=12)
+        sched = schedule_curves(t)
+        pdf.figure(lambda fig, rect: figs.draw_schedules(fig, rect, t, sched), height=3.0)
         if "schedule" in t and (t["schedule"] == "range_test").any():
             pdf.new_page()
             pdf.heading("LR range tests", size=12)

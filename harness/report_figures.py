@@ -64,8 +64,8 @@ def reference_for_cells(trials: pd.DataFrame) -> dict[str, list[str]]:
     """cell -> names of the authors' logs with the same setup (see caffe_logs.match_reference)."""
     index = caffe_logs.load_index()
     out = {}
-    keys = ("dataset", "model", "schedule", "batch_size", "base_lr", "max_lr", "steps", "optimizer", "momentum",
-            "weight_decay", "train_size")
+    keys = ("dataset", "model", "schedule", "batch_size", "base_lr", "max_lr", "lr_scale", "steps", "optimizer",
+            "momentum", "weight_decay", "train_size")
     for cell, rows in trials.groupby("cell", sort=False):
         first = rows.iloc[0]
         setup = {k: first[k] for k in keys if k in rows.columns}
@@ -131,33 +131,26 @@ def draw_accuracy_by_schedule(fig: Figure, rect, trials: pd.DataFrame, curves: p
         draw_curves(ax, rows, curves, list(dict.fromkeys(rows["cell"])), refs, title=f"schedule: {sched}")
 
 
-def draw_schedules(fig: Figure, rect, trials: pd.DataFrame, curves: pd.DataFrame) -> None:
-    """The logged lr and momentum of one trial per distinct schedule setup."""
-    ax_lr, ax_m = _axes(fig, rect, ncols=2)
-    keys = [k for k in ("schedule", "base_lr", "max_lr", "steps", "stepsize", "milestones", "cycle_momentum",
-                        "momentum", "batch_size") if k in trials.columns]
-    reps = trials.drop_duplicates(subset=keys) if keys else trials.head(1)
-    reps = reps.head(MAX_LINES)
-    colors = _colors(list(reps["run_id"]))
-    any_line = False
-    for _, r in reps.iterrows():
-        c = curves[curves["run_id"] == r["run_id"]].sort_values("step")
-        if c.empty:
-            continue
-        label = cell_label(r["cell"])
-        if str(r.get("schedule", "")) not in label:
-            label = f"{r.get('schedule', '')} {label}".strip()
-        ax_lr.plot(c["step"], c["lr"], color=colors[r["run_id"]], lw=1, marker=".", ms=2, label=label)
-        ax_m.plot(c["step"], c["momentum"], color=colors[r["run_id"]], lw=1, marker=".", ms=2, label=label)
-        any_line = True
-    if not any_line:
-        empty(ax_lr, "no lr logged")
-        empty(ax_m, "no momentum logged")
+def draw_schedules(fig: Figure, rect, trials: pd.DataFrame, sched: pd.DataFrame) -> None:
+    """Learning rate and momentum at every optimizer step of each cell, computed from its typed config by
+    harness.schedules (results.schedule_curves), not sampled at evaluations."""
+    ax_lr, ax_m = _axes(fig, rect, ncols=2, wspace=0.3)
+    cells = list(dict.fromkeys(c for c in trials["cell"] if c in set(sched.get("cell", []))))[:MAX_LINES]
+    if not cells:
+        empty(ax_lr, "no schedule (no trial config)")
+        empty(ax_m, "no schedule (no trial config)")
         return
+    colors = _colors(cells)
+    styles = ("-", "--", ":", "-.")
+    for i, cell in enumerate(cells):
+        c = sched[sched["cell"] == cell]
+        label = trials.loc[trials["cell"] == cell, "cell_title"].iloc[0]
+        for ax, y in ((ax_lr, "lr"), (ax_m, "momentum")):
+            ax.plot(c["step"], c[y], color=colors[cell], lw=1.1, ls=styles[i // len(PALETTE) % 4], label=label)
     for ax, name in ((ax_lr, "learning rate"), (ax_m, "momentum")):
         ax.set_xlabel("iteration (optimizer step)")
         ax.set_ylabel(name)
-        ax.set_title(f"logged {name} (one trial per schedule setup)")
+        ax.set_title(f"{name} at every step (from the trial config)")
         ax.grid(alpha=0.3, lw=0.4)
     ax_lr.legend(loc="best", frameon=False)
 

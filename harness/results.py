@@ -4,12 +4,14 @@
     res = load_study("batch_size_effect", run="all")      # every invocation (parent run) of the study
     res.parent      # dict: run_id, run_name, start_time, status, tags (harness.*), ... of the newest parent
     res.parents     # list of such dicts (one unless run="all")
-    res.trials      # one row per child run: run_id, run_name, cell, status, params (typed), summary metrics
-    res.curves      # long frame: run_id, step, lr, momentum, train_loss, test_loss, test_acc, images_per_s, ...
+    res.trials      # one row per child run: run_id, run_name, cell, status, the trial config's fields, summary
+                    #   metrics, `config` (the typed config dict) and `workers`
+    res.curves      # long frame: run_id, step, lr, momentum, train_loss, test_loss, test_acc, val_acc, ...
 
-Schema read: see harness/tracking.py. Typing of params: "None" -> None, "True"/"False" -> bool, numbers ->
-int/float, everything else stays a string (lists such as milestones keep their JSON text "[50000, 70000]").
-A summary metric whose name is also a param (bn_batch, target_acc) becomes column `<name>_metric`.
+Schema read: the names in harness/names.py. The trial's fields come from its `harness.trial_config` tag, the
+typed config as JSON, so lists stay lists, None stays None and bools stay bools; the MLflow params (strings)
+are read only for runs written before that tag existed (`parse_param` guesses their types).
+A summary metric whose name is also a config field (bn_batch, target_acc) becomes column `<name>_metric`.
 
 Derived columns of `trials`: `outcome_acc` (final_acc; for a diverged run without final_acc its last
 test_acc), `steps_to_target_eff` (steps_to_target, or +inf when the target was missed or the run diverged:
@@ -25,6 +27,7 @@ key for all runs (the store's `get_metric_history_bulk`); with an MLflow server 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import sqlite3
@@ -38,12 +41,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-CURVE_METRICS = ("lr", "momentum", "train_loss", "test_loss", "test_acc", "val_loss", "val_acc", "images_per_s",
-                 "train_seconds", "epoch")
-SUMMARY_METRICS = ("final_acc", "final_val_acc", "best_acc", "reached_target", "steps_to_target", "seconds_to_target",
-                   "target_acc",
-                   "diverged_at_step", "world_size", "bn_batch", "accum_steps", "steps_run")
-STATUSES = ("completed", "diverged", "error", "running")
+from harness import names
+from harness.config import FIELDS
+
+CURVE_METRICS = names.EVAL_METRICS
+SUMMARY_METRICS = names.SUMMARY_METRICS
+STATUSES = (*names.TRIAL_STATUSES, "running")
 SCALES = ("smoke", "quick", "paper")
 RUN_CHOICES = "latest, all, or a parent run id"
 
@@ -72,7 +75,7 @@ class StudyResults:
     def scale(self) -> str:
         """The largest scale among the trials (the scale verdicts are computed at)."""
         scales = [s for s in SCALES if s in set(self.trials.get("scale", pd.Series(dtype=str)))]
-        return scales[-1] if scales else str(self.parent["tags"].get("harness.scale", "unknown"))
+        return scales[-1] if scales else str(self.parent["tags"].get(names.SCALE, "unknown"))
 
 
 # ------------------------------------------------------------------------------------------------ store
@@ -136,12 +139,12 @@ def _search_all(client, exp_ids: list[str], filter_string: str, order_by=None) -
 def list_studies(uri: str) -> list[str]:
     """Names of the experiments in the store that have at least one study (parent) run."""
     client = _client(uri)
-    names = []
+    studies = []
     for exp in client.search_experiments():
-        found = client.search_runs([exp.experiment_id], "tags.`harness.role` = 'study'", max_results=1)
+        found = client.search_runs([exp.experiment_id], f"tags.`{names.ROLE}` = '{names.ROLE_STUDY}'", max_results=1)
         if found:
-            names.append(exp.name)
-    return sorted(names)
+            studies.append(exp.name)
+    return sorted(studies)
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -161,7 +164,7 @@ def load_study(study: str, tracking_uri: str | None = None, run: str = "latest",
     if exp is None:
         known = list_studies(uri)
         raise StudyError(f"no study '{study}' in {uri}; studies there: {', '.join(known) or 'none'}")
-    parents_runs = _search_all(client, [exp.experiment_id], "tags.`harness.role` = 'study'",
+    parents_runs = _search_all(client, [exp.experiment_id], f"tags.`{names.ROLE}` = '{names.ROLE_STUDY}'",
                                order_by=["attributes.start_time DESC"])
     if not parents_runs:
         raise StudyError(f"study '{study}' in {uri} has no study (parent) runs; run the study first")
@@ -176,8 +179,8 @@ def load_study(study: str, tracking_uri: str | None = None, run: str = "latest",
             raise StudyError(f"run '{run}' is not a parent run of study '{study}'; use {RUN_CHOICES} "
                              f"(parent runs: {ids})")
     parent_ids = {p.info.run_id for p in selected}
-    children = [r for r in _search_all(client, [exp.experiment_id], "tags.`harness.role` = 'trial'")
-                if r.data.tags.get("mlflow.parentRunId") in parent_ids]
+    children = [r for r in _search_all(client, [exp.experiment_id], f"tags.`{names.ROLE}` = '{names.ROLE_TRIAL}'")
+                if r.data.tags.get(names.PARENT_RUN_ID) in parent_ids]
     t_search = time.perf_counter()
     if not children:
         which = "its latest parent run" if run == "latest" else f"run {run}" if run != "all" else "any parent run"
@@ -209,7 +212,7 @@ def _ts(ms) -> pd.Timestamp | None:
 
 
 def parse_param(text: str) -> Any:
-    """An MLflow param string back to a Python value (see the module docstring)."""
+    """An MLflow param string back to a Python value: only for runs without the typed-config tag."""
     if text == "None":
         return None
     if text in ("True", "False"):
@@ -224,30 +227,44 @@ def parse_param(text: str) -> Any:
         return text
 
 
+def trial_config(tags: dict, params: dict) -> tuple[dict, bool]:
+    """(the trial's config, typed?): the JSON of the `harness.trial_config` tag, else the params' strings parsed
+    back (runs written before the tag existed)."""
+    text = tags.get(names.TRIAL_CONFIG)
+    if text:
+        with contextlib.suppress(ValueError):
+            config = json.loads(text)
+            if isinstance(config, dict):
+                return config, True
+    return {k: parse_param(v) for k, v in params.items() if k != names.WORKERS_PARAM}, False
+
+
 def _trials_frame(runs) -> tuple[pd.DataFrame, list[str]]:
     rows = []
-    params_seen: set[str] = set()
-    for r in runs:
-        params_seen.update(r.data.params)
+    untyped = 0
     for r in runs:
         tags, m = r.data.tags, r.data.metrics
-        status = tags.get("harness.status")
+        status = tags.get(names.STATUS)
         if status not in STATUSES:
             status = "running" if r.info.status in ("RUNNING", "SCHEDULED") else "error"
         row: dict[str, Any] = {
-            "run_id": r.info.run_id, "run_name": r.info.run_name, "parent_run_id": tags.get("mlflow.parentRunId"),
-            "trial_key": tags.get("harness.trial_key", r.info.run_id), "cell": tags.get("harness.cell", "all"),
-            "status": status, "error": tags.get("harness.error", ""), "scale": tags.get("harness.scale", ""),
+            "run_id": r.info.run_id, "run_name": r.info.run_name, "parent_run_id": tags.get(names.PARENT_RUN_ID),
+            "trial_key": tags.get(names.TRIAL_KEY, r.info.run_id), "cell": tags.get(names.CELL, "all"),
+            "status": status, "error": tags.get(names.ERROR, ""), "scale": tags.get(names.SCALE, ""),
             "mlflow_status": r.info.status, "start_time": _ts(r.info.start_time), "end_time": _ts(r.info.end_time),
         }
-        for k, v in r.data.params.items():
-            row[k] = parse_param(v)
+        config, typed = trial_config(tags, r.data.params)
+        untyped += bool(config) and not typed
+        row.update(config)
+        row["config"] = config or None
+        workers = r.data.params.get(names.WORKERS_PARAM)
+        row["workers"] = int(workers) if workers and workers.isdigit() else None
         for k in SUMMARY_METRICS:
-            row[f"{k}_metric" if k in params_seen else k] = m.get(k, math.nan)
-        for k in ("train_seconds", "epoch", "images_per_s", "test_acc", "lr"):
+            row[f"{k}_metric" if k in FIELDS else k] = m.get(k, math.nan)
+        for k in ("train_seconds", "epoch", "images_per_s", "test_acc", "val_acc", "lr"):
             row[f"last_{k}"] = m.get(k, math.nan)
         for k, v in tags.items():
-            if k.startswith("sys."):
+            if k.startswith(names.SYS_PREFIX):
                 row[k] = v
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -256,7 +273,8 @@ def _trials_frame(runs) -> tuple[pd.DataFrame, list[str]]:
         if col not in df:
             df[col] = math.nan
     # duplicates of one trial (only possible across parent runs): keep a finished outcome, then the newest
-    notes = []
+    notes = [f"{untyped} trial(s) without the typed-config tag: their fields were parsed back from MLflow params"] \
+        if untyped else []
     rank = df["status"].map({"completed": 0, "diverged": 0, "running": 1, "error": 2})
     df = df.assign(_rank=rank).sort_values(["_rank", "start_time"], ascending=[True, False])
     dup = df.duplicated("trial_key", keep="first")
@@ -264,9 +282,45 @@ def _trials_frame(runs) -> tuple[pd.DataFrame, list[str]]:
         notes.append(f"{int(dup.sum())} older run(s) of the same trial (same trial key) were ignored")
     df = df[~dup].drop(columns="_rank")
     df["superseded"] = False
+    df["cell_title"] = [cell_title(c, cfg) for c, cfg in zip(df["cell"], df["config"])]
     seed = df["seed"] if "seed" in df else pd.Series(0, index=df.index)
     order = sorted(df.index, key=lambda i: (cell_sort_key(df.at[i, "cell"]), _num_key(seed[i]), df.at[i, "run_name"]))
     return df.loc[order].reset_index(drop=True), notes
+
+
+def cell_title(cell: str, config: dict | None) -> str:
+    """A cell in words from the trial's typed config: the fields the cell names ('batch 1000, one-cycle, LR x0.5')."""
+    fields = [p.partition("=")[0] for p in split_cell(cell) if "=" in p]
+    if not fields:
+        return "all trials"
+    config = dict(config or {})
+    for part in split_cell(cell):     # a field the config lacks (lr_scale before it was a field): the cell's text
+        k, _, v = part.partition("=")
+        config.setdefault(k, parse_param(v))
+    return names.title(config, fields)
+
+
+def schedule_curves(trials: pd.DataFrame) -> pd.DataFrame:
+    """Columns cell, step, lr, momentum: every optimizer step of each cell's schedule, computed by
+    harness.schedules from the cell's typed config (the seeds of a cell share it), not sampled at evaluations."""
+    from harness import schedules
+    from harness.config import ConfigError, TrialConfig
+
+    parts = []
+    for cell, rows in trials.groupby("cell", sort=False):
+        config = next((c for c in rows.get("config", []) if isinstance(c, dict) and c), None)
+        if config is None:
+            continue
+        try:
+            cfg = TrialConfig.from_dict(config)
+        except (ConfigError, TypeError, ValueError):
+            continue
+        curve = schedules.curve(cfg)
+        curve.insert(0, "cell", cell)
+        parts.append(curve)
+    if not parts:
+        return pd.DataFrame(columns=["cell", "step", "lr", "momentum"])
+    return pd.concat(parts, ignore_index=True)
 
 
 def split_cell(cell: str) -> list[str]:

@@ -3,14 +3,18 @@
 Where:  --tracking-uri > $MLFLOW_TRACKING_URI > sqlite:///<abs cwd>/mlflow.db (artifacts in ./mlruns beside
 it). The URI is made absolute before any trial starts, because Ray workers change directory.
 
-The schema (what `harness.results` reads):
+The schema (what `harness.results` reads) is named in harness/names.py:
+  experiment  tag mlflow.experimentKind=custom_model_development (MLflow 3's UI opens the runs table).
   parent run  tags harness.role=study, harness.study, harness.scale, harness.claims, harness.question,
-              harness.git_commit, harness.git_dirty, harness.version, harness.command, harness.ray_resources,
-              harness.hardware, harness.tune_path; artifact study_spec.yaml; description = how to build the report.
-  child run   tags mlflow.parentRunId, harness.role=trial, harness.study, harness.scale, harness.trial_key,
-              harness.cell, harness.status (completed|diverged|error), harness.error, sys.*;
-              params = the flattened trial config + workers; metrics per evaluation with step = optimizer step;
-              summary metrics; artifacts trial_config.json and history.csv.
+              harness.git_commit, harness.git_dirty, harness.git_dirty_files, harness.version, harness.command,
+              harness.ray_resources, harness.hardware, harness.tune_path; artifact study_spec.yaml;
+              description = how to build the report.
+  child run   named in words (the trial's title); tags mlflow.parentRunId, harness.role=trial, harness.study,
+              harness.scale, harness.trial_key, harness.cell, harness.trial_config (the typed config as JSON),
+              harness.status (completed|diverged|error), harness.error, sys.*;
+              params = the flattened trial config + workers (for the UI's columns; the report reads the JSON tag);
+              metrics per evaluation with step = optimizer step; summary metrics; artifacts trial_config.json
+              and history.csv.
 
 Idempotent under retries: a child run is found by (parent run, trial key) before one is created, and a
 restarted trial skips evaluation records whose step is already logged. So a worker restarted from a
@@ -38,12 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import harness
+from harness import names
 
-EVAL_METRICS = ("epoch", "lr", "momentum", "train_loss", "test_loss", "test_acc", "val_loss", "val_acc", "images_per_s",
-                "train_seconds")
-SUMMARY_METRICS = ("final_acc", "final_val_acc", "best_acc", "reached_target", "steps_to_target", "seconds_to_target",
-                   "target_acc",
-                   "diverged_at_step", "world_size", "bn_batch", "accum_steps", "steps_run", "startup_seconds")
+EVAL_METRICS = names.EVAL_METRICS
+SUMMARY_METRICS = names.SUMMARY_METRICS
 TRACKING_GRACE_ENV = "HARNESS_TRACKING_GRACE_S"  # how long a trial waits at its end for a tracking outage
 DEFAULT_GRACE_S = 300.0
 BACKOFF_START_S, BACKOFF_MAX_S = 1.0, 30.0
@@ -103,11 +105,15 @@ def _artifact_location(uri: str, study: str) -> str | None:
 
 
 def experiment_id(uri: str, study: str) -> str:
+    """The study's experiment, created in MLflow's model-training view (an older one is switched to it)."""
     client = _client(uri)
     exp = client.get_experiment_by_name(study)
     if exp is not None:
+        if exp.tags.get(names.EXPERIMENT_KIND) != names.KIND_TRAINING:
+            client.set_experiment_tag(exp.experiment_id, names.EXPERIMENT_KIND, names.KIND_TRAINING)
         return exp.experiment_id
-    return client.create_experiment(study, artifact_location=_artifact_location(uri, study))
+    return client.create_experiment(study, artifact_location=_artifact_location(uri, study),
+                                    tags={names.EXPERIMENT_KIND: names.KIND_TRAINING})
 
 
 # ---------------------------------------------------------------------------------------------------- parent
@@ -117,29 +123,37 @@ def start_study_run(uri: str, spec: dict, scale: str, tune_path: str, command: s
     client = _client(uri)
     exp_id = experiment_id(uri, spec["name"])
     if resume:
-        found = client.search_runs([exp_id], filter_string=f"tags.`harness.tune_path` = '{tune_path}' "
-                                   "and tags.`harness.role` = 'study'", max_results=1,
+        found = client.search_runs([exp_id], filter_string=f"tags.`{names.TUNE_PATH}` = '{tune_path}' "
+                                   f"and tags.`{names.ROLE}` = '{names.ROLE_STUDY}'", max_results=1,
                                    order_by=["attributes.start_time DESC"])
         if found:
             run_id = found[0].info.run_id
             client.update_run(run_id, status="RUNNING")
             return run_id
-    commit, dirty = _git_state()
+    commit, dirty_files = _git_state()
     tags = {
-        "harness.role": "study", "harness.study": spec["name"], "harness.scale": scale,
-        "harness.claims": ",".join(spec.get("claims", [])), "harness.question": spec.get("question", ""),
-        "harness.git_commit": commit, "harness.git_dirty": str(dirty).lower(),
-        "harness.version": harness.__version__, "harness.command": command,
-        "harness.ray_resources": json.dumps(resources, sort_keys=True), "harness.hardware": hardware,
-        "harness.tune_path": tune_path,
-        "mlflow.note.content": (f"Study `{spec['name']}` at scale `{scale}`. Build its report with:\n\n"
-                                f"    python -m harness.report {spec['name']} --tracking-uri {uri} "
-                                "--run <this run id>"),
+        names.ROLE: names.ROLE_STUDY, names.STUDY: spec["name"], names.SCALE: scale,
+        names.CLAIMS: ",".join(spec.get("claims", [])), names.QUESTION: spec.get("question", ""),
+        names.GIT_COMMIT: commit, names.GIT_DIRTY: str(bool(dirty_files)).lower(),
+        names.GIT_DIRTY_FILES: _json_tag(dirty_files),
+        names.VERSION: harness.__version__, names.COMMAND: command,
+        names.RAY_RESOURCES: json.dumps(resources, sort_keys=True), names.HARDWARE: hardware,
+        names.TUNE_PATH: tune_path,
+        names.NOTE: (f"Study `{spec['name']}` at scale `{scale}`. Build its report with:\n\n"
+                     f"    python -m harness.report {spec['name']} --tracking-uri {uri} --run <this run id>"),
     }
     run = client.create_run(exp_id, run_name=f"{spec['name']}-{scale}", tags=tags)
     import yaml
-    client.log_text(run.info.run_id, yaml.safe_dump(spec, sort_keys=False), "study_spec.yaml")
+    client.log_text(run.info.run_id, yaml.safe_dump(spec, sort_keys=False), names.SPEC_ARTIFACT)
     return run.info.run_id
+
+
+def _json_tag(files: list[str]) -> str:
+    """A JSON list that fits one tag: files beyond the limit are counted, not listed."""
+    shown = list(files)
+    while len(json.dumps(shown)) > names.MAX_TAG_CHARS - 40:
+        shown = shown[: len(shown) // 2]
+    return json.dumps(shown + ([f"... and {len(files) - len(shown)} more"] if len(shown) < len(files) else []))
 
 
 def end_study_run(uri: str, run_id: str, status: str) -> bool:
@@ -157,14 +171,34 @@ def end_study_run(uri: str, run_id: str, status: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- child
 def find_or_create_trial_run(uri: str, exp_id: str, parent_id: str, trial: dict) -> str:
+    """The trial's child run: found by (parent, trial key), else created with its typed config as a JSON tag."""
     client = _client(uri)
-    found = client.search_runs([exp_id], filter_string=(f"tags.`harness.trial_key` = '{trial['key']}' and "
-                                                        f"tags.`mlflow.parentRunId` = '{parent_id}'"), max_results=2)
+    found = client.search_runs([exp_id], filter_string=(f"tags.`{names.TRIAL_KEY}` = '{trial['key']}' and "
+                                                        f"tags.`{names.PARENT_RUN_ID}` = '{parent_id}'"),
+                               max_results=2)
     if found:
         return found[0].info.run_id
-    tags = {"mlflow.parentRunId": parent_id, "harness.role": "trial", "harness.study": trial["study"],
-            "harness.scale": trial["scale"], "harness.trial_key": trial["key"], "harness.cell": trial["cell"]}
-    return client.create_run(exp_id, run_name=trial["name"], tags=tags).info.run_id
+    config = json.dumps(trial["config"], sort_keys=True)
+    if len(config) > names.MAX_TAG_CHARS:   # never for a TrialConfig (~1,500 chars); the artifact has it anyway
+        raise TrackingError(f"trial {trial['name']}: config is {len(config)} characters as JSON, more than an "
+                            f"MLflow tag holds ({names.MAX_TAG_CHARS})")
+    tags = {names.PARENT_RUN_ID: parent_id, names.ROLE: names.ROLE_TRIAL, names.STUDY: trial["study"],
+            names.SCALE: trial["scale"], names.TRIAL_KEY: trial["key"], names.CELL: trial["cell"],
+            names.TRIAL_CONFIG: config}
+    run_id = client.create_run(exp_id, run_name=run_title(trial), tags=tags).info.run_id
+    client.log_text(run_id, json.dumps(trial["config"], indent=2, sort_keys=True), names.CONFIG_ARTIFACT)
+    return run_id
+
+
+def run_title(trial: dict) -> str:
+    """The run's name in the UI: the trial's title in words, else the cell's fields, seed and LR scale in words."""
+    if trial.get("title"):
+        return trial["title"]
+    fields = [part.partition("=")[0].strip() for part in str(trial.get("cell", "")).split(",") if "=" in part]
+    config = dict(trial["config"])
+    if "lr_scale=" in str(trial.get("cell", "")) and "lr_scale" not in config:   # before lr_scale was a field
+        config["lr_scale"] = float(str(trial["cell"]).split("lr_scale=")[1].split(",")[0])
+    return names.title(config, [*fields, "seed"])
 
 
 class TrialLogger:
@@ -303,7 +337,7 @@ class TrialLogger:
             already = run.data.metrics.get("steps_run") == step  # an earlier attempt got through
             metrics = [] if already else [self._Metric(k, float(summary[k]), ts, step) for k in SUMMARY_METRICS
                                           if summary.get(k) is not None]
-            client.log_batch(self.run_id, metrics=metrics, tags=[self._RunTag("harness.status", summary["status"])])
+            client.log_batch(self.run_id, metrics=metrics, tags=[self._RunTag(names.STATUS, summary["status"])])
             client.log_text(self.run_id, history_csv(history), "history.csv")
             client.set_terminated(self.run_id, status="FINISHED")
             self._final = None
@@ -325,7 +359,7 @@ def mark_trial_error(uri: str, exp_id: str, parent_id: str, trial: dict, error: 
         with short_http_retries():
             client = _client(uri)
             run_id = find_or_create_trial_run(uri, exp_id, parent_id, trial)
-            client.log_batch(run_id, tags=[_tag("harness.status", "error"), _tag("harness.error", error[:4000])])
+            client.log_batch(run_id, tags=[_tag(names.STATUS, "error"), _tag(names.ERROR, error[:4000])])
             client.set_terminated(run_id, status="FAILED")
     except Exception as e:
         _warn(f"could not record the error of trial {trial_label(trial)} in MLflow "
@@ -335,7 +369,7 @@ def mark_trial_error(uri: str, exp_id: str, parent_id: str, trial: dict, error: 
 def mark_unfinished_trials_killed(uri: str, exp_id: str, parent_id: str) -> int:
     """Interrupted study: the parent's child runs still RUNNING become KILLED. Returns how many."""
     client = _client(uri)
-    runs = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{names.PARENT_RUN_ID}` = '{parent_id}' and "
                                                       "attributes.status = 'RUNNING'")
     for run in runs:
         client.set_terminated(run.info.run_id, status="KILLED")
@@ -420,13 +454,14 @@ def system_tags(hostnames: list[str]) -> dict[str, str]:
     }
 
 
-def _git_state() -> tuple[str, bool]:
+def _git_state() -> tuple[str, list[str]]:
+    """(HEAD commit, the tracked files that differ from it: an empty list means a clean tree)."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or "unknown"
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
-        return "unknown", False
-    return commit, dirty
+        return "unknown", []
+    return commit, [line[3:] for line in status.splitlines() if line.strip()]

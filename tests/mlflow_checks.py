@@ -11,12 +11,14 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
+from harness import names
 from harness.config import FIELDS
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL = ("lr", "momentum", "train_loss", "test_loss", "test_acc", "images_per_s", "train_seconds", "epoch")
 SUMMARY = ("final_acc", "best_acc", "reached_target", "target_acc", "world_size", "bn_batch", "accum_steps",
            "steps_run")
+assert set(EVAL) <= set(names.EVAL_METRICS) and set(SUMMARY) <= set(names.SUMMARY_METRICS)
 
 
 def check_study_runs(uri: str, study: str, n_trials: int, scale: str = "smoke") -> tuple:
@@ -24,6 +26,7 @@ def check_study_runs(uri: str, study: str, n_trials: int, scale: str = "smoke") 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(study)
     assert exp is not None, f"no experiment {study} in {uri}"
+    assert exp.tags.get(names.EXPERIMENT_KIND) == names.KIND_TRAINING     # the UI opens the runs table
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`harness.role` = 'study'")
     assert len(parents) == 1
     parent = parents[0]
@@ -32,6 +35,7 @@ def check_study_runs(uri: str, study: str, n_trials: int, scale: str = "smoke") 
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     assert tags["harness.git_commit"] == (head or "unknown")  # the checkout's commit; "unknown" outside git
     assert tags["harness.git_dirty"] in ("true", "false")
+    assert (json.loads(tags[names.GIT_DIRTY_FILES]) != []) == (tags["harness.git_dirty"] == "true")
     assert tags["harness.version"] and "harness.study" in tags["harness.command"]
     assert json.loads(tags["harness.ray_resources"])["CPU"] >= 1
     assert "python -m harness.report" in tags["mlflow.note.content"]
@@ -48,6 +52,9 @@ def check_study_runs(uri: str, study: str, n_trials: int, scale: str = "smoke") 
         assert t["harness.status"] in ("completed", "diverged")
         assert {"sys.torch", "sys.cuda", "sys.gpu_model", "sys.gpu_count", "sys.hostnames"} <= set(t)
         assert set(FIELDS) <= set(p) and p["workers"]
+        config = json.loads(t[names.TRIAL_CONFIG])                  # the typed config the report reads
+        assert set(config) == set(FIELDS) and config["steps"] == int(p["steps"])
+        assert child.info.run_name != t[names.CELL] and "seed" in child.info.run_name   # named in words
         assert set(SUMMARY) <= set(m)
         if t["harness.status"] == "diverged":
             assert "diverged_at_step" in m

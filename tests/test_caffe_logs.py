@@ -85,8 +85,24 @@ def test_match_reference_by_setup():
     assert caffe_logs.match_reference({**clr, "train_size": 10000}) == ["clr3SS5kTr10kTab1"]
     assert caffe_logs.match_reference({**clr, "steps": 2000}) == []
     assert caffe_logs.match_reference({**clr, "schedule": "one_cycle"}) == []
-    pc = {**clr, "schedule": "multistep", "base_lr": 0.35, "max_lr": 1.0, "steps": 80000}   # max_lr unused
+    pc = {**clr, "schedule": "multistep", "base_lr": 0.1, "max_lr": 0.35, "steps": 80000}   # base_lr unused
     assert caffe_logs.match_reference(pc) == ["lr35Fig1a"]
+    assert caffe_logs.match_reference({**pc, "max_lr": 0.7, "lr_scale": 0.5}) == ["lr35Fig1a"]   # peak 0.35
+    assert caffe_logs.match_reference({**pc, "lr_scale": 2.0}) == []
+    assert caffe_logs.match_reference({**pc, "base_lr": 0.35, "max_lr": 1.0}) == []   # the old base_lr convention
+
+
+def test_super_convergence_paper_cells_match_their_authors_logs():
+    """The study file's paper-scale trials, as the harness expands them, find clr3SS5kFig1a and lr35Fig1a."""
+    import pandas as pd
+
+    from harness import spec
+    from harness.report_figures import reference_for_cells
+    trials = spec.trials(spec.load_spec("super_convergence"), "paper")
+    found = {t.config["schedule"]: caffe_logs.match_reference(t.config) for t in trials}
+    assert found == {"triangular": ["clr3SS5kFig1a"], "multistep": ["lr35Fig1a"]}
+    frame = pd.DataFrame([{**t.config, "cell": t.cell} for t in trials])
+    assert reference_for_cells(frame) == {"schedule=triangular": ["clr3SS5kFig1a"], "schedule=multistep": ["lr35Fig1a"]}
 
 
 def test_parser_on_a_small_log_with_a_resume(tmp_path):

@@ -20,6 +20,8 @@ except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.
     from synthetic_store import synthetic_uri
 
 ROOT = Path(__file__).resolve().parent.parent
+HEAD = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() \
+    or "unknown"
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def test_report_supported_study(uri, tmp_path, capsys):
     first = " ".join(pages[0].split())
     for text in ("Does one cycle of a large cyclical learning rate", "SC1", "supported", "CLR 92.4 vs PC 91.2",
                  "92.44 vs 90.32", "triangular 92.12% vs multistep 85.12%", "Welch t", "quick scale", "2x CPU",
-                 "0123456789abcdef", "Setup", "Decision rule"):
+                 HEAD[:16], "Setup", "Decision rule"):
         assert text in first, text
     assert "authors' log clr3SS5kFig1a" not in first
     trials = pd.read_csv(tmp_path / "super_convergence.trials.csv")

@@ -1,0 +1,98 @@
+"""Every MLflow name the harness writes (harness.tracking) and reads (harness.results, claims, report).
+
+One place, so a writer and a reader cannot drift apart: a tag renamed here is renamed for both.
+
+    parent run (one per `python -m harness.study` invocation)     child run (one per trial)
+      tags   ROLE=study, STUDY, SCALE, CLAIMS, QUESTION,            tags   PARENT_RUN_ID, ROLE=trial, STUDY, SCALE,
+             GIT_COMMIT, GIT_DIRTY, GIT_DIRTY_FILES, VERSION,              TRIAL_KEY, CELL, TRIAL_CONFIG (the typed
+             COMMAND, RAY_RESOURCES, HARDWARE, TUNE_PATH, NOTE              config as JSON), STATUS, ERROR,
+      artifact SPEC_ARTIFACT                                               RESUMED_FROM_STEP, sys.* (SYSTEM_TAGS)
+    experiment tag EXPERIMENT_KIND = KIND_TRAINING                  params the flattened config + WORKERS_PARAM
+                                                                    metrics EVAL_METRICS (step = optimizer step),
+                                                                            SUMMARY_METRICS (at the last step)
+                                                                    artifacts CONFIG_ARTIFACT, HISTORY_ARTIFACT
+"""
+
+from __future__ import annotations
+
+# ---- MLflow's own tags
+PARENT_RUN_ID = "mlflow.parentRunId"      # nests a trial under its study run in the UI
+NOTE = "mlflow.note.content"              # the run's description (Markdown) in the UI
+EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3 UI: which view an experiment opens in
+KIND_TRAINING = "custom_model_development"  # the model-training view (runs table), not the GenAI overview
+
+# ---- tags on both kinds of run
+ROLE = "harness.role"
+ROLE_STUDY, ROLE_TRIAL = "study", "trial"
+STUDY = "harness.study"
+SCALE = "harness.scale"
+
+# ---- tags of the study (parent) run
+CLAIMS = "harness.claims"                 # comma-separated claim IDs
+QUESTION = "harness.question"
+GIT_COMMIT = "harness.git_commit"
+GIT_DIRTY = "harness.git_dirty"           # "true" / "false"
+GIT_DIRTY_FILES = "harness.git_dirty_files"  # JSON list of the modified tracked files (empty when clean)
+VERSION = "harness.version"
+COMMAND = "harness.command"
+RAY_RESOURCES = "harness.ray_resources"   # JSON
+HARDWARE = "harness.hardware"
+TUNE_PATH = "harness.tune_path"           # Ray's experiment folder: finds the parent again on --resume
+
+# ---- tags of a trial (child) run
+TRIAL_KEY = "harness.trial_key"           # finds the run again after a restart
+CELL = "harness.cell"
+TRIAL_CONFIG = "harness.trial_config"     # json.dumps(TrialConfig.to_dict()): the typed config the report reads
+STATUS = "harness.status"                 # one of TRIAL_STATUSES
+ERROR = "harness.error"
+RESUMED_FROM_STEP = "harness.resumed_from_step"
+SYS_PREFIX = "sys."
+SYSTEM_TAGS = ("sys.torch", "sys.cuda", "sys.gpu_model", "sys.gpu_count", "sys.hostnames", "sys.python")
+TRIAL_STATUSES = ("completed", "diverged", "error")
+
+# ---- params, metrics, artifacts
+WORKERS_PARAM = "workers"
+EVAL_METRICS = ("epoch", "lr", "momentum", "train_loss", "test_loss", "test_acc", "val_loss", "val_acc",
+                "images_per_s", "train_seconds")
+SUMMARY_METRICS = ("final_acc", "final_val_acc", "best_acc", "reached_target", "steps_to_target", "seconds_to_target",
+                   "target_acc",
+                   "diverged_at_step", "world_size", "bn_batch", "accum_steps", "steps_run", "startup_seconds")
+SPEC_ARTIFACT = "study_spec.yaml"
+CONFIG_ARTIFACT = "trial_config.json"
+HISTORY_ARTIFACT = "history.csv"
+
+MAX_TAG_CHARS = 8000   # mlflow.utils.validation.MAX_TAG_VAL_LENGTH in MLflow 3.17
+
+# ---- words for people (run names in the MLflow UI, cell labels in the report)
+SCHEDULE_WORDS = {"one_cycle": "one-cycle", "one_cycle_cos": "one-cycle (cosine)", "multistep": "multistep",
+                  "triangular": "CLR triangular", "constant": "constant LR", "cosine": "cosine",
+                  "range_test": "LR range test"}
+FIELD_WORDS = {"batch_size": "batch {}", "bn_batch": "BN batch {}", "max_lr": "max LR {}", "base_lr": "base LR {}",
+               "lr_scale": "LR x{}", "seed": "seed {}", "weight_decay": "WD {}", "momentum": "momentum {}",
+               "train_size": "{} train images", "steps": "{} steps", "stepsize": "stepsize {}",
+               "cycle_momentum": "cyclic momentum {}", "val_size": "{} held out", "bn_momentum": "BN momentum {}",
+               "milestones": "drops at {}", "workers": "{} workers"}
+TITLE_ORDER = ("dataset", "model", "optimizer", "batch_size", "bn_batch", "schedule", "train_size", "weight_decay",
+               "momentum", "cycle_momentum", "stepsize", "steps", "max_lr", "base_lr", "seed", "lr_scale")
+
+
+def value_words(field: str, value) -> str:
+    """One field's value in words: ('schedule', 'one_cycle') -> 'one-cycle', ('batch_size', 1000) -> 'batch 1000'."""
+    if field == "schedule":
+        return SCHEDULE_WORDS.get(str(value), str(value))
+    if isinstance(value, float):
+        text = f"{value:g}"
+    elif isinstance(value, (list, tuple)):
+        text = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    elif value is None:
+        text = "all" if field == "train_size" else "none"
+    else:
+        text = str(value)
+    return FIELD_WORDS.get(field, f"{field.replace('_', ' ')} {{}}").format(text)
+
+
+def title(config: dict, fields) -> str:
+    """The named fields of a config in words, in a fixed order: 'batch 1000, one-cycle, seed 0, LR x0.5'."""
+    fields = list(dict.fromkeys(fields))
+    order = [f for f in TITLE_ORDER if f in fields] + [f for f in fields if f not in TITLE_ORDER]
+    return ", ".join(value_words(f, config.get(f)) for f in order if f in config) or "all trials"
