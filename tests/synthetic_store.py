@@ -93,10 +93,12 @@ class Builder:
         self.uri = f"sqlite:///{self.folder}/mlflow.db"
 
     def study(self, name: str, scale: str, claims: list[str], question: str, base: dict,
-              paired: dict | None = None, grid: dict | None = None) -> tuple[str, str, list[dict]]:
+              paired: dict | None = None, grid: dict | None = None, analysis: list[dict] | None = None
+              ) -> tuple[str, str, list[dict]]:
         """A parent run as `python -m harness.study` starts it; returns (experiment id, parent id, trials)."""
         body = {"name": name, "question": question, "claims": claims, "base": base, "paired": paired or {},
-                "grid": grid or {}, "scales": {scale: {}} if scale != "smoke" else {}}
+                "grid": grid or {}, "scales": {scale: {}} if scale != "smoke" else {},
+                "analysis": {"comparisons": analysis or []}}
         resolved = spec.resolve(body, scale)
         trials = [{**t.as_dict(), "study": name, "scale": scale} for t in spec.trials(body, scale)]
         parent = tracking.start_study_run(
@@ -125,6 +127,7 @@ class Builder:
         return run_id
 
 
+SC1 = [{"claim": "SC1", "kind": "two_arm", "field": "schedule", "a": "triangular", "b": "multistep"}]
 CIFAR = {"dataset": "cifar10", "model": "resnet56", "batch_size": 1000, "weight_decay": 1e-4, "momentum": 0.9,
          "eval_every": 100}
 TRI = {"schedule": "triangular", "base_lr": 0.1, "max_lr": 3.0, "steps": 10000, "stepsize": 5000,
@@ -142,14 +145,14 @@ def build(folder: Path) -> str:
     exp, old, trials = b.study("super_convergence", "smoke", ["SC1"], "Does one CLR cycle beat PC-LR? (smoke)",
                                {**CIFAR, "target_acc": 0.9},
                                paired={"schedule": [{**TRI, "steps": 200, "stepsize": 100},
-                                                    {**PC, "steps": 200, "milestones": [100, 150]}]})
+                                                    {**PC, "steps": 200, "milestones": [100, 150]}]}, analysis=SC1)
     for t in trials:
         b.trial(exp, old, t, final=0.3)
     exp, pid, trials = b.study(
         "super_convergence", "quick", ["SC1"],
         "Does one cycle of a large cyclical learning rate (0.1-3, 10k iterations) reach a higher test accuracy "
         "than the piecewise-constant schedule in 1/8 of its iterations?", {**CIFAR, "target_acc": 0.9},
-        paired={"schedule": [TRI, PC]}, grid={"seed": [0, 1, 2, 3]})
+        paired={"schedule": [TRI, PC]}, grid={"seed": [0, 1, 2, 3]}, analysis=SC1)
     for t in trials:
         mean = 0.92 if t["config"]["schedule"] == "triangular" else 0.85
         b.trial(exp, pid, t, final=mean + JITTER[t["config"]["seed"]])
@@ -162,7 +165,10 @@ def build(folder: Path) -> str:
         paired={"cell": [{"batch_size": 256, "max_lr": 0.4, "base_lr": 0.04, "steps": 400},
                          {"batch_size": 512, "max_lr": 0.6, "base_lr": 0.06, "steps": 300},
                          {"batch_size": 1024, "max_lr": 1.0, "base_lr": 0.1, "steps": 200}]},
-        grid={"seed": [0, 1, 2]})
+        grid={"seed": [0, 1, 2]},
+        analysis=[{"claim": "SC4", "kind": "trend", "field": "batch_size", "a": "max", "b": "min"},
+                  {"claim": "DA2", "kind": "two_arm", "field": "batch_size", "a": "max", "b": "min",
+                   "metric": "acc_at_time_budget"}])
     for t in trials:
         acc = {256: 0.90, 512: 0.88, 1024: 0.86}[t["config"]["batch_size"]]
         b.trial(exp, pid, t, final=acc + JITTER[t["config"]["seed"]] / 2)
@@ -170,7 +176,8 @@ def build(folder: Path) -> str:
     # momentum_effect: overlapping -> inconclusive
     exp, pid, trials = b.study("momentum_effect", "quick", ["SC9"], "Is constant momentum 0.85-0.9 best with CLR?",
                                {**CIFAR, **TRI, "steps": 1000, "stepsize": 500, "target_acc": 0.9},
-                               grid={"momentum": [0.8, 0.9, 0.95], "seed": [0, 1, 2]})
+                               grid={"momentum": [0.8, 0.9, 0.95], "seed": [0, 1, 2]},
+                               analysis=[{"claim": "SC9", "kind": "best_level", "field": "momentum", "a": 0.9}])
     accs = {0.8: (0.901, 0.909, 0.893), 0.9: (0.905, 0.895, 0.912), 0.95: (0.898, 0.907, 0.902)}
     for t in trials:
         b.trial(exp, pid, t, final=accs[t["config"]["momentum"]][t["config"]["seed"]])
@@ -178,7 +185,8 @@ def build(folder: Path) -> str:
     # weight_decay: 1e-3 diverges; WD 1e-6 errored on its first seed (its other seeds never ran)
     exp, pid, trials = b.study("weight_decay", "quick", ["SC6"], "Is WD 1e-4 best under CLR 0.1-3?",
                                {**CIFAR, **TRI, "steps": 1000, "stepsize": 500, "target_acc": 0.9},
-                               grid={"weight_decay": [1e-3, 1e-4, 1e-5, 1e-6], "seed": [0, 1, 2]})
+                               grid={"weight_decay": [1e-3, 1e-4, 1e-5, 1e-6], "seed": [0, 1, 2]},
+                               analysis=[{"claim": "SC6", "kind": "best_level", "field": "weight_decay", "a": 1e-4}])
     for t in trials:
         wd, seed = t["config"]["weight_decay"], t["config"]["seed"]
         if wd == 1e-6:
@@ -194,7 +202,11 @@ def build(folder: Path) -> str:
     exp, pid, trials = b.study("smoke_check", "smoke", ["SC1", "SC3"], "Does the pipeline run end to end?", small,
                                paired={"schedule": [{"schedule": "one_cycle", "max_lr": 1.0},
                                                     {"schedule": "multistep", "max_lr": 0.1, "milestones": [30]},
-                                                    {"schedule": "range_test", "base_lr": 0.0, "max_lr": 3.0}]})
+                                                    {"schedule": "range_test", "base_lr": 0.0, "max_lr": 3.0}]},
+                               analysis=[{"claim": "SC1", "kind": "two_arm", "field": "schedule", "a": "one_cycle",
+                                          "b": "multistep"},
+                                         {"claim": "SC3", "kind": "range_test", "field": "schedule",
+                                          "where": {"schedule": "range_test"}}])
     for t in trials:
         b.trial(exp, pid, t, final={"one_cycle": 0.6, "multistep": 0.4, "range_test": 0.55}[t["config"]["schedule"]])
 

@@ -50,8 +50,8 @@ def test_report_supported_study(uri, tmp_path, capsys):
     assert len(pages) == 6
     first = " ".join(pages[0].split())
     for text in ("Does one cycle of a large cyclical learning rate", "SC1", "supported", "CLR 92.4 vs PC 91.2",
-                 "92.44 vs 90.32", "triangular 92.12% vs multistep 85.12%", "Welch t", "quick scale", "2x CPU",
-                 HEAD[:16], "Setup", "Decision rule"):
+                 "92.44 vs 90.32", "schedule=triangular 92.12% vs schedule=multistep 85.12%", "Welch t",
+                 "quick scale", "2x CPU", HEAD[:16], "Setup", "Decision rule"):
         assert text in first, text
     assert "authors' log clr3SS5kFig1a" not in first
     trials = pd.read_csv(tmp_path / "super_convergence.trials.csv")
