@@ -20,7 +20,7 @@ MODELS = (
     "mlp", "small_cnn",
 )
 MLP_ACTIVATIONS = ("relu", "tanh", "sigmoid", "square400")
-OPTIMIZERS = ("sgd", "nesterov", "adam", "adagrad", "adadelta")
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adagrad", "adadelta", "caffe_sgd")  # caffe_sgd: harness.optim
 SCHEDULES = ("constant", "multistep", "triangular", "one_cycle", "one_cycle_cos", "cosine", "range_test")
 DEVICES = ("auto", "cpu", "cuda")
 

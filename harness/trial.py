@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from harness.config import TrialConfig
 from harness.data import TrainBatches, load_dataset, test_batches
 from harness.models import build_model, caffe_param_multipliers
+from harness.optim import CaffeSGD
 from harness.schedules import build_scheduler, lr_momentum
 
 Reporter = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
@@ -178,17 +179,25 @@ def summarize(cfg: TrialConfig, p: dict, status: str, diverged_at: int | None, w
 
 # ----------------------------------------------------------------------------------------------------
 def build_optimizer(model: torch.nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer:
-    """SGD/Nesterov/Adam/AdaGrad/AdaDelta with the paper's weight-decay exemptions.
+    """SGD/Nesterov/Adam/AdaGrad/AdaDelta/Caffe SGD with the paper's weight-decay exemptions.
 
     The authors' Caffe ResNets decay what their prototxt decays (decay_mult): conv biases are exempt, BN scale
     and shift and the FC bias are not. Other models exempt every bias and BN parameter (the common convention).
-    Caffe's lr_mult 2 on biases is not reproduced: every parameter follows the schedule's lr.
+    Caffe's lr_mult 2 on biases is reproduced by `caffe_sgd` only (harness.optim.CaffeSGD, groups by
+    (lr_mult, decay_mult); other models: lr_mult 1); every other optimizer follows the schedule's lr.
     """
     if cfg.model in ("resnet20", "resnet56", "resnet110"):
         mults = caffe_param_multipliers(model)
         decayed = {n for n, (_, decay_mult) in mults.items() if decay_mult > 0}
     else:
         decayed = {n for n, p in model.named_parameters() if p.ndim > 1}
+        mults = {n: (1.0, 1.0 if n in decayed else 0.0) for n, _ in model.named_parameters()}
+    if cfg.optimizer == "caffe_sgd":
+        by_mult: dict[tuple[float, float], list] = {}
+        for n, p in model.named_parameters():
+            by_mult.setdefault(mults[n], []).append(p)
+        return CaffeSGD([{"params": ps, "lr_mult": lm, "decay_mult": dm} for (lm, dm), ps in by_mult.items()],
+                        lr=cfg.max_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     decay = [p for n, p in model.named_parameters() if n in decayed]
     no_decay = [p for n, p in model.named_parameters() if n not in decayed]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
