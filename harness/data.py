@@ -294,12 +294,14 @@ def load_dataset(
     preprocess: str = "paper",
     device: str | torch.device = "cpu",
     download: bool = True,
+    invert: bool = False,
 ) -> Dataset:
     """The dataset as float32 tensors on `device`, preprocessed with statistics of the (sub)training set.
 
     train_size: a class-balanced subset of the training set, chosen by `seed` (the test set is always whole).
     preprocess: "paper" subtracts the per-pixel mean image (Caffe's mean_file) and mirrors; "standard" standardizes
     each channel and crops (pad 4) + mirrors; "none" only scales to [0, 1]. Pixels are scaled to [0, 1] first.
+    invert: every pixel x becomes 1 - x after that scaling, before preprocessing ("negative" images).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset '{name}'; allowed: {', '.join(DATASETS)}")
@@ -325,6 +327,8 @@ def load_dataset(
     train_x = train_x.to(device).float().div_(max_value)
     test_x = test_x.to(device).float().div_(max_value)
     train_y, test_y = train_y.to(device), test_y.to(device)
+    if invert:
+        train_x, test_x = 1.0 - train_x, 1.0 - test_x
 
     if preprocess == "paper":
         mean = train_x.mean(dim=0, keepdim=True)  # the mean image [1, C, H, W]

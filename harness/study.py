@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from harness import lr_from_finder, tracking
 from harness import spec as specs
-from harness import tracking
 from harness.config import ConfigError
 
 DRIVER_RESOURCE = "trial_driver"  # a custom resource for the Tune trial's own actor: it must not hold a CPU
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     try:
         tracking.check_store(uri)
+        trials = lr_from_finder.resolve(trials, uri, resolved["scale"])  # max LRs taken from finder runs
     except tracking.TrackingError as e:
         return _fail(str(e))
 

@@ -35,6 +35,10 @@ import harness
 EVAL_METRICS = ("epoch", "lr", "momentum", "train_loss", "test_loss", "test_acc", "images_per_s", "train_seconds")
 SUMMARY_METRICS = ("final_acc", "best_acc", "reached_target", "steps_to_target", "seconds_to_target", "target_acc",
                    "diverged_at_step", "world_size", "bn_batch", "accum_steps", "steps_run", "startup_seconds")
+# logged when a record has them: MLPs' dead output units; an LR finder's sweep (kind lr_finder) and suggestions
+EXTRA_EVAL_METRICS = ("dead_output_frac", "smoothed_loss", "batch_val_loss", "batch_val_acc")
+FINDER_SUMMARY_METRICS = ("lr_steepest", "lr_valley", "lr_smith", "lr_smith_base", "lr_smith_base_min",
+                          "finder_stopped_early")
 
 
 class TrackingError(RuntimeError):
@@ -168,14 +172,15 @@ class TrialLogger:
         if record["step"] <= self.last_logged_step:
             return  # already logged before a restart
         ts = int(time.time() * 1000)
-        metrics = [self._Metric(k, float(record[k]), ts, int(record["step"])) for k in EVAL_METRICS if k in record]
+        metrics = [self._Metric(k, float(record[k]), ts, int(record["step"])) for k in EVAL_METRICS + EXTRA_EVAL_METRICS
+                   if k in record]
         self.client.log_batch(self.run_id, metrics=metrics)
         self.last_logged_step = record["step"]
 
     def finish(self, summary: dict, history: list[dict]) -> None:
         ts = int(time.time() * 1000)
         step = int(summary.get("steps_run") or 0)
-        metrics = [self._Metric(k, float(summary[k]), ts, step) for k in SUMMARY_METRICS
+        metrics = [self._Metric(k, float(summary[k]), ts, step) for k in SUMMARY_METRICS + FINDER_SUMMARY_METRICS
                    if summary.get(k) is not None]
         self.client.log_batch(self.run_id, metrics=metrics,
                               tags=[self._RunTag("harness.status", summary["status"])])
@@ -193,7 +198,8 @@ def mark_trial_error(uri: str, exp_id: str, parent_id: str, trial: dict, error: 
 
 def history_csv(history: list[dict]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["step", *EVAL_METRICS], extrasaction="ignore")
+    extra = [k for k in EXTRA_EVAL_METRICS if history and k in history[0]]
+    writer = csv.DictWriter(buf, fieldnames=["step", *EVAL_METRICS, *extra], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
     return buf.getvalue()

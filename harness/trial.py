@@ -50,6 +50,9 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
     passing it back as `resume` continues the trial exactly where it was.
     """
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
+    if cfg.kind == "lr_finder":  # another trial kind: an LR sweep that restores the model (never resumed)
+        from harness.lr_finder import run_finder
+        return run_finder(cfg, reporter, device)
     rank, world = _rank_and_world()
     cfg.validate(world_size=world)
     local_batch, accum = cfg.micro_batches(world)
@@ -59,7 +62,8 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
     # --- workload: data and model ---
     torch.manual_seed(cfg.seed)
     ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, train_size=cfg.train_size, seed=cfg.seed,
-                      preprocess=cfg.preprocess, device=device)
+                      preprocess=cfg.preprocess, device=device,
+                      invert=cfg.invert_images)
     model = build_model(cfg, ds.in_channels, ds.num_classes, ds.image_size).to(device)
     net = model
     if world > 1:
@@ -136,6 +140,8 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
             "images_per_s": window_images / window_seconds if window_seconds > 0 else 0.0,
             "train_seconds": p["train_seconds"],
         }
+        if cfg.model == "mlp":  # negative_mnist: output units that never fire (dead behind a final ReLU)
+            record["dead_output_frac"] = dead_output_fraction(model, ds, device, rank, world)
         p["history"].append(record)
         p["best_acc"] = max(p["best_acc"], test_acc if math.isfinite(test_acc) else 0.0)
         if p["steps_to_target"] is None and test_acc >= cfg.target_acc:
@@ -228,6 +234,19 @@ def evaluate(model: torch.nn.Module, ds, device: torch.device, rank: int, world:
         dist.all_reduce(totals)
     loss, correct, count = totals.tolist()
     return loss / count, correct / count
+
+
+@torch.no_grad()
+def dead_output_fraction(model: torch.nn.Module, ds, device: torch.device, rank: int, world: int) -> float:
+    """The fraction of output units that are <= 0 on every test image: behind a final ReLU, dead units
+    (zero output and zero gradient for every input); without one, units that never give a positive logit."""
+    model.eval()
+    peak = torch.full((ds.num_classes,), -math.inf, device=device)
+    for x, _ in test_batches(ds, EVAL_BATCH, rank=rank, world_size=world):
+        peak = torch.maximum(peak, model(x).amax(0))
+    if world > 1:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return float((peak <= 0).float().mean())
 
 
 def _track_bn_stats(model: torch.nn.Module, on: bool) -> None:
