@@ -38,6 +38,7 @@ class TrialConfig:
     dataset: str = "digits"
     data_dir: str | None = None        # explicit data location (searched first)
     train_size: int | None = None      # class-balanced, seeded subset of the training set
+    val_size: int | None = None        # held out of the training set (same split for every seed): val_acc, val_loss
     preprocess: str = "paper"          # paper: per-pixel mean, mirror; standard: standardize, pad-4 crop, mirror
     # --- workload: model ---
     model: str = "small_cnn"
@@ -61,6 +62,7 @@ class TrialConfig:
     max_momentum: float = 0.95
     min_momentum: float = 0.85
     final_div: float = 1000.0          # one_cycle annihilation: lr ends at base_lr / final_div
+    lr_scale: float = 1.0              # the study's LR tuning budget: the trainer runs base_lr and max_lr x lr_scale
     # --- batch semantics ---
     batch_size: int = 125              # global batch per optimizer step, over all workers
     bn_batch: int | None = None        # images per BatchNorm statistic (micro-batch); default: per-worker batch
@@ -78,7 +80,7 @@ class TrialConfig:
     finder_mode: str = "exp"           # exp (fastai / pytorch-lr-finder) | linear (Smith's range test)
     finder_smoothing: float = 0.98     # beta of the bias-corrected exponential moving average of the loss
     finder_stop_factor: float = 4.0    # stop once the smoothed loss exceeds this x its best
-    finder_val: bool = False           # score the next test batch after each training batch
+    finder_val: bool = False           # score the next validation (val_size, else test) batch after each step
     # --- a max LR taken from a finder study's runs in MLflow (harness.lr_from_finder, resolved by the runner) ---
     lr_from_finder: str | None = None  # the finder study; its runs of this trial's cell give max_lr
     lr_suggestion: str = "valley"      # steepest | valley | smith
@@ -131,6 +133,10 @@ class TrialConfig:
         _positive("eval_every", self.eval_every)
         if self.train_size is not None:
             _positive("train_size", self.train_size)
+        if self.val_size is not None:
+            _positive("val_size", self.val_size)
+        if not self.lr_scale > 0:
+            raise ConfigError(f"lr_scale must be > 0, got {self.lr_scale}")
         if self.bn_batch is not None:
             _positive("bn_batch", self.bn_batch)
         if any(h <= 0 for h in self.mlp_hidden):
@@ -162,6 +168,13 @@ class TrialConfig:
             raise ConfigError(f"milestones must be increasing positive steps, got {list(self.milestones)}")
         if world_size is not None:
             self.micro_batches(world_size)  # raises on an impossible batch split
+
+    def scaled(self) -> TrialConfig:
+        """The config the trainer runs: base_lr and max_lr multiplied by lr_scale (which becomes 1)."""
+        if self.lr_scale == 1:
+            return self
+        return dataclasses.replace(self, base_lr=self.base_lr * self.lr_scale, max_lr=self.max_lr * self.lr_scale,
+                                   lr_scale=1.0)
 
     def micro_batches(self, world_size: int) -> tuple[int, int]:
         """(per-worker batch, micro-batches per worker) for this world size, or ConfigError."""

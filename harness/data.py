@@ -59,6 +59,8 @@ class Dataset:
     test_y: torch.Tensor
     num_classes: int
     augment: str  # "paper": random horizontal mirror; "standard": pad-4 random crop + mirror; "none"
+    val_x: torch.Tensor | None = None  # held out of the training set (val_size), preprocessed like the test set
+    val_y: torch.Tensor | None = None
 
     @property
     def in_channels(self) -> int:
@@ -290,6 +292,7 @@ def load_dataset(
     *,
     data_dir: str | os.PathLike | None = None,
     train_size: int | None = None,
+    val_size: int | None = None,
     seed: int = 0,
     preprocess: str = "paper",
     device: str | torch.device = "cpu",
@@ -299,6 +302,8 @@ def load_dataset(
     """The dataset as float32 tensors on `device`, preprocessed with statistics of the (sub)training set.
 
     train_size: a class-balanced subset of the training set, chosen by `seed` (the test set is always whole).
+    val_size: a class-balanced validation split held out of the training set before `train_size` is drawn; it is
+    the same for every seed (AlgoPerf's rule: tuning selects on validation, the report scores the test set).
     preprocess: "paper" subtracts the per-pixel mean image (Caffe's mean_file) and mirrors; "standard" standardizes
     each channel and crops (pad 4) + mirrors; "none" only scales to [0, 1]. Pixels are scaled to [0, 1] first.
     invert: every pixel x becomes 1 - x after that scaling, before preprocessing ("negative" images).
@@ -315,6 +320,14 @@ def load_dataset(
         train_x, train_y, test_x, test_y = _load_raw(name, data_dir, download)
         num_classes, max_value = (_CIFAR[name][1] if name in _CIFAR else 10), 255.0
 
+    val_x = val_y = None
+    if val_size:
+        if not 0 < val_size < len(train_y):
+            raise ValueError(f"val_size={val_size} for '{name}' must be between 1 and {len(train_y) - 1}")
+        held = torch.zeros(len(train_y), dtype=torch.bool)
+        held[_balanced_subset(train_y, val_size, num_classes, seed=-1)] = True  # one split for every seed
+        val_x, val_y = train_x[held], train_y[held]
+        train_x, train_y = train_x[~held], train_y[~held]
     if train_size is not None:
         if not 0 < train_size <= len(train_y):
             raise ValueError(f"train_size={train_size} for '{name}' must be between 1 and {len(train_y)} "
@@ -327,21 +340,27 @@ def load_dataset(
     train_x = train_x.to(device).float().div_(max_value)
     test_x = test_x.to(device).float().div_(max_value)
     train_y, test_y = train_y.to(device), test_y.to(device)
+    if val_x is not None:
+        val_x, val_y = val_x.to(device).float().div_(max_value), val_y.to(device)
     if invert:
         train_x, test_x = 1.0 - train_x, 1.0 - test_x
+        val_x = None if val_x is None else 1.0 - val_x
 
     if preprocess == "paper":
         mean = train_x.mean(dim=0, keepdim=True)  # the mean image [1, C, H, W]
         train_x, test_x = train_x - mean, test_x - mean
+        val_x = None if val_x is None else val_x - mean
         augment = "paper"
     elif preprocess == "standard":
         mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
         std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-8)
         train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+        val_x = None if val_x is None else (val_x - mean) / std
         augment = "standard"
     else:
         augment = "none"
-    return Dataset(name, train_x.contiguous(), train_y, test_x.contiguous(), test_y, num_classes, augment)
+    return Dataset(name, train_x.contiguous(), train_y, test_x.contiguous(), test_y, num_classes, augment,
+                   None if val_x is None else val_x.contiguous(), val_y)
 
 
 # -----------------------------------------------------------------------------
@@ -414,17 +433,19 @@ class TrainBatches:
         return x, self.ds.train_y[idx]
 
 
-def test_batches(ds: Dataset, batch_size: int, *, rank: int = 0, world_size: int = 1):
-    """Yield (x, y) over this rank's disjoint contiguous shard of the full test set (shards of all ranks cover it
-    exactly once), no augmentation. `batch_size` is the number of images per yielded batch on this rank; shards
+def test_batches(ds: Dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, split: str = "test"):
+    """Yield (x, y) over this rank's disjoint contiguous shard of the full test set (`split="val"`: the validation
+    split) (shards of all ranks cover it exactly once), no augmentation. `batch_size` is the number of images per
+    yielded batch on this rank; shards
     differ by at most one image, and the last batch of a shard may be smaller."""
     if batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
-    n = len(ds.test_y)
+    xs, ys = (ds.val_x, ds.val_y) if split == "val" else (ds.test_x, ds.test_y)
+    n = len(ys)
     lo, hi = rank * n // world_size, (rank + 1) * n // world_size
     for s in range(lo, hi, batch_size):
         e = min(s + batch_size, hi)
-        yield ds.test_x[s:e], ds.test_y[s:e]
+        yield xs[s:e], ys[s:e]
 
 
 test_batches.__test__ = False  # not a pytest test, despite the name

@@ -7,8 +7,9 @@ pytorch-lr-finder: lr_k = base * (max/base)^(k/(steps-1))) or linear (`finder_mo
 lr_k = base + (max-base) k/(steps-1)); both hit both endpoints. After each step the training loss (the
 mean over all ranks) enters a bias-corrected exponential moving average (fastai: avg = b avg + (1-b) loss,
 smoothed = avg / (1 - b^(k+1))); the sweep stops once the smoothed loss exceeds `finder_stop_factor` x its
-best so far (or is not finite). With `finder_val` the next test batch is scored after each training batch
-(pytorch-lr-finder's val_loader: one batch per step, in eval mode). Afterwards the model and the optimizer
+best so far (or is not finite). With `finder_val` the next validation batch (of the `val_size` split, else of
+the test set) is scored after each training batch (pytorch-lr-finder's val_loader: one batch per step, in eval
+mode). Afterwards the model and the optimizer
 are restored bit for bit (their state_dicts), as both libraries do: a finder leaves no trace.
 
 All ranks stay in lockstep: each step's loss (and batch score) is all-reduced, and so is the stop flag,
@@ -160,20 +161,21 @@ def run_finder(cfg: TrialConfig, reporter=None, device: torch.device | str | Non
     """The finder as a trial: same data, model, optimizer, batch and BN semantics as `run_trial`."""
     rank, world = _rank_and_world()
     cfg.validate(world_size=world)
+    cfg = cfg.scaled()  # the study's lr_scale applied to the sweep's ends
     local_batch, accum = cfg.micro_batches(world)
     micro = local_batch // accum
     device = torch.device(device) if device is not None else _pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, train_size=cfg.train_size, seed=cfg.seed,
-                      preprocess=cfg.preprocess, device=device,
-                      invert=cfg.invert_images)
+    ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, train_size=cfg.train_size, val_size=cfg.val_size,
+                      seed=cfg.seed, preprocess=cfg.preprocess, device=device, invert=cfg.invert_images)
     model = build_model(cfg, ds.in_channels, ds.num_classes, ds.image_size).to(device)
     net = model
     if world > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     batches = TrainBatches(ds, cfg.batch_size, rank=rank, world_size=world, seed=cfg.seed)
     optimizer = build_optimizer(model, cfg)  # momentum constant at cfg.momentum; no scheduler: the sweep sets lr
-    val_shard = list(test_batches(ds, local_batch, rank=rank, world_size=world))
+    split = "val" if ds.val_y is not None else "test"  # the validation split where the trial holds one out
+    val_shard = list(test_batches(ds, local_batch, rank=rank, world_size=world, split=split))
 
     def train_step(k: int) -> torch.Tensor:
         net.train()

@@ -311,11 +311,10 @@ def write_pdf(path: Path, res: StudyResults, ev: claims_mod.Evaluation, tables: 
         for v in ev.verdicts:
             by_claim.setdefault(v.claim_id, []).append(v)
         for cid, vs in by_claim.items():
-            claim = claims_mod.CLAIMS[cid]
+            claim = claims_mod.CLAIMS.get(cid, claims_mod.QUESTION)
             pdf.new_page()
             pdf.heading(f"{cid}: {claim.statement}", size=12)
-            pdf.paragraph(f"Paper setup: {claim.setup}. Paper: {claim.paper}. Authors' log: {claim.log}."
-                          + (f" Note: {claim.note}." if claim.note else ""), size=8)
+            pdf.paragraph(f"Paper setup: {claim.setup}. Paper: {claim.paper}. Authors' log: {claim.log}.", size=8)
             pdf.table(["comparison", "we measured", "verdict", "why"],
                       [[v.comparison, v.measured, v.verdict_text, v.reason] for v in vs],
                       widths=[2.2, 5.0, 1.3, 2.2], size=6.8,
@@ -399,10 +398,10 @@ def markdown(res: StudyResults, ev: claims_mod.Evaluation, tables: Tables, pdf_n
     for v in ev.verdicts:
         by_claim.setdefault(v.claim_id, []).append(v)
     for cid, vs in by_claim.items():
-        claim = claims_mod.CLAIMS[cid]
+        claim = claims_mod.CLAIMS.get(cid, claims_mod.QUESTION)
         out += [f"## {cid}: {claim.statement}", "",
                 f"Paper setup: {claim.setup}. Paper: {claim.paper}. Authors' log: {claim.log}."
-                + (f" Note: {claim.note}." if claim.note else ""), "",
+                , "",
                 _md_table(["comparison", "we measured", "verdict", "why"],
                           [[v.comparison, v.measured, v.verdict_text, v.reason] for v in vs]), ""]
         cells = _claim_cells(tables.cells, vs)

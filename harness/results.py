@@ -38,8 +38,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-CURVE_METRICS = ("lr", "momentum", "train_loss", "test_loss", "test_acc", "images_per_s", "train_seconds", "epoch")
-SUMMARY_METRICS = ("final_acc", "best_acc", "reached_target", "steps_to_target", "seconds_to_target", "target_acc",
+CURVE_METRICS = ("lr", "momentum", "train_loss", "test_loss", "test_acc", "val_loss", "val_acc", "images_per_s",
+                 "train_seconds", "epoch")
+SUMMARY_METRICS = ("final_acc", "final_val_acc", "best_acc", "reached_target", "steps_to_target", "seconds_to_target",
+                   "target_acc",
                    "diverged_at_step", "world_size", "bn_batch", "accum_steps", "steps_run")
 STATUSES = ("completed", "diverged", "error", "running")
 SCALES = ("smoke", "quick", "paper")

@@ -116,6 +116,7 @@ def curve(cfg: TrialConfig, steps: int | None = None) -> pd.DataFrame:
     (one_cycle_cos cannot go past cfg.steps).
     """
     n = cfg.steps if steps is None else steps
+    cfg = cfg.scaled()  # the LRs the trainer runs (the study's lr_scale applied)
     optimizer = _dummy_optimizer(cfg)
     scheduler = build_scheduler(optimizer, cfg)
     optimizer.step()  # no gradients, so a no-op; keeps torch from warning about the step order

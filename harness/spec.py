@@ -6,7 +6,9 @@ list of values; the cross product), `paired` (axis name -> list of field dicts t
 batch size with its own max LR and step budget) and `scales` (smoke / quick / paper: overrides of `base`,
 `grid`, `paired`, `lr_scales`, `resources`, `target_acc`, plus `images_per_s` for the dry-run cost estimate).
 `lr_scales` gives every cell the same max-LR tuning budget: each cell runs its own LR curve (base_lr and
-max_lr) multiplied by each factor; the factor is part of the trial's name and cell (`lr_scale=...`).
+max_lr) multiplied by each factor; the factor is the typed trial field `lr_scale` (the trainer applies it;
+`max_lr` stays the cell's nominal value). `analysis` is the study's analysis plan (see harness/plan.py), and
+`scales.<scale>.deviations` lists, in words, how that scale deviates from the authors' setup.
 
 Everything is checked before anything starts; any problem is a `SpecError` with one line.
 """
@@ -26,17 +28,24 @@ from typing import Any
 
 import yaml
 
+from harness import plan
 from harness.config import FIELDS, ConfigError, TrialConfig, coerce
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 SCALES = ("smoke", "quick", "paper")
-TOP_KEYS = ("name", "question", "claims", "target_acc", "resources", "base", "grid", "paired", "lr_scales", "scales")
-SCALE_KEYS = ("base", "grid", "paired", "lr_scales", "resources", "target_acc", "images_per_s")
+TOP_KEYS = ("name", "question", "claims", "target_acc", "resources", "base", "grid", "paired", "lr_scales", "analysis",
+            "scales")
+SCALE_KEYS = ("base", "grid", "paired", "lr_scales", "resources", "target_acc", "images_per_s", "deviations")
 RESOURCE_KEYS = ("workers", "gpus_per_worker", "cpus_per_worker")
 SHORT = {"batch_size": "bs", "max_lr": "lr", "seed": "s", "weight_decay": "wd", "momentum": "mom",
-         "train_size": "n", "bn_batch": "bn", "steps": "it", "stepsize": "ss", "base_lr": "blr"}
+         "train_size": "n", "bn_batch": "bn", "steps": "it", "stepsize": "ss", "base_lr": "blr", "lr_scale": "x"}
 IDENTITY = ("dataset", "model", "optimizer", "batch_size", "schedule", "train_size", "weight_decay", "momentum",
-            "cycle_momentum", "stepsize", "steps", "max_lr", "seed")
+            "cycle_momentum", "stepsize", "steps", "max_lr", "lr_scale", "seed")
+WORDS = {"batch_size": "batch", "max_lr": "max LR", "lr_scale": "LR x", "train_size": "train size",
+         "weight_decay": "weight decay", "cycle_momentum": "cyclical momentum", "mlp_activation": "activation"}
+SCHEDULE_WORDS = {"one_cycle": "one-cycle", "one_cycle_cos": "one-cycle (cos)", "multistep": "multistep",
+                  "triangular": "triangular CLR", "constant": "constant LR", "cosine": "cosine",
+                  "range_test": "LR range test"}
 KNOWN_CLAIMS = ("SC1", "SC2", "SC3", "SC4", "SC5", "SC6", "SC7", "SC8", "SC9", "SC10",
                 "DA1", "DA2", "DA3", "DA4", "CLR1")
 
@@ -47,13 +56,14 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class Trial:
-    name: str          # stable, readable, unique in the study: the Tune trial name and the MLflow run name
+    name: str          # stable, filesystem-safe, unique in the study: the Tune trial name
     key: str           # deterministic hash of study, scale and config: finds the MLflow run again
-    cell: str          # the varying fields except seed: trials of one cell differ only by seed
-    config: dict       # a validated TrialConfig as a dict
+    cell: str          # the varying fields except seed: trials of one cell differ only by seed (display only)
+    config: dict       # a validated TrialConfig as a dict: the typed design the analysis reads
+    title: str = ""    # the varying fields in words: the MLflow run name ("batch 1000, one-cycle, seed 0")
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "key": self.key, "cell": self.cell, "config": self.config}
+        return {"name": self.name, "key": self.key, "cell": self.cell, "config": self.config, "title": self.title}
 
 
 def study_path(name: str) -> Path:
@@ -114,12 +124,28 @@ def validate_spec(spec: Any, where: str) -> None:
         _section(body, f"{where}: scales.{scale}")
         if "images_per_s" in body and not _is_number(body["images_per_s"], positive=True):
             raise SpecError(f"{where}: scales.{scale}.images_per_s must be a positive number")
+        devs = body.get("deviations", [])
+        if not isinstance(devs, list) or not all(isinstance(d, str) for d in devs):
+            raise SpecError(f"{where}: scales.{scale}.deviations must be a list of sentences")
+    if "analysis" in spec:
+        try:
+            plan.validate(spec["analysis"], where, FIELDS, KNOWN_CLAIMS)
+        except plan.PlanError as e:
+            raise SpecError(str(e)) from None
     for scale in SCALES:
         if scale in scales or scale == "smoke":
-            trials(spec, scale, where=where)  # expands and validates every trial config
+            built = trials(spec, scale, where=where)  # expands and validates every trial config
+            if "analysis" in spec:
+                try:
+                    plan.expand(spec["analysis"], [t.config for t in built], where=f"{where}: scale {scale}")
+                except plan.PlanError as e:
+                    raise SpecError(str(e)) from None
 
 
 def _section(body: dict, where: str) -> None:
+    for part in ("base", "grid"):
+        if "lr_scale" in (body.get(part) or {}):
+            raise SpecError(f"{where}: {part}.lr_scale: set the LR tuning budget with lr_scales: [factors]")
     for key in ("base",):
         if key in body:
             if not isinstance(body[key], dict):
@@ -183,6 +209,7 @@ def resolve(spec: dict, scale: str) -> dict:
     out["target_acc"] = over.get("target_acc", spec.get("target_acc", out["base"].get("target_acc", 0.9)))
     out["lr_scales"] = over.get("lr_scales", spec.get("lr_scales", [1.0]))
     out["images_per_s"] = over.get("images_per_s")
+    out["deviations"] = list(over.get("deviations", []))
     return out
 
 
@@ -192,28 +219,24 @@ def trials(spec: dict, scale: str, where: str = "study", workers: int | None = N
     world = workers or r["resources"]["workers"]
     axes: list[list[dict]] = [opts for opts in r["paired"].values()]
     axes += [[{field: v} for v in values] for field, values in r["grid"].items()]
+    axes.append([{"lr_scale": float(x)} for x in r["lr_scales"]])  # the max-LR tuning budget: a typed field
     varying = _varying_fields(axes)
-    scales = r["lr_scales"]
     built = []
-    for combo, lr_scale in itertools.product(itertools.product(*axes) if axes else [()], scales):
+    for combo in itertools.product(*axes):
         fields = {**r["base"], "target_acc": r["target_acc"]}
         for part in combo:
             fields.update(part)
-        if lr_scale != 1:
-            defaults = TrialConfig()
-            fields["max_lr"] = fields.get("max_lr", defaults.max_lr) * lr_scale
-            fields["base_lr"] = fields.get("base_lr", defaults.base_lr) * lr_scale
         try:
             cfg = TrialConfig.from_dict(fields)
             cfg.validate(world_size=world)
         except ConfigError as e:
             label = ",".join(f"{k}={fields.get(k)}" for k in varying) or "base"
             raise SpecError(f"{where}: scale {scale}, trial {label}: {e}") from None
-        built.append((cfg.to_dict(), lr_scale))
+        built.append(cfg.to_dict())
     # Name and cell by the fewest varying fields that tell trials apart, in IDENTITY order, then the rest.
     ident = [k for k in IDENTITY if k in varying] + [k for k in varying if k not in IDENTITY]
     def distinct(fields: list[str]) -> int:
-        return len({_name(c, fields, x, len(scales)) for c, x in built})
+        return len({_name(c, fields) for c in built})
     used: list[str] = []
     for k in ident:
         if distinct(used) == len(built):
@@ -223,11 +246,10 @@ def trials(spec: dict, scale: str, where: str = "study", workers: int | None = N
     if distinct(used) < len(built):
         raise SpecError(f"{where}: scale {scale}: two trials have the same config (duplicate grid values)")
     out = []
-    for config, lr_scale in built:
-        cell = ",".join([f"{k}={config[k]}" for k in used if k != "seed"]
-                        + ([f"lr_scale={lr_scale:g}"] if len(scales) > 1 else [])) or "all"
+    for config in built:
+        cell = ",".join(f"{k}={config[k]}" for k in used if k != "seed") or "all"
         key = hashlib.sha1(json.dumps([spec["name"], scale, world, config], sort_keys=True).encode()).hexdigest()[:16]
-        out.append(Trial(name=_name(config, used, lr_scale, len(scales)), key=key, cell=cell, config=config))
+        out.append(Trial(name=_name(config, used), key=key, cell=cell, config=config, title=_title(config, used)))
     return out
 
 
@@ -241,15 +263,34 @@ def _varying_fields(axes: list[list[dict]]) -> list[str]:
     return fields
 
 
-def _name(config: dict, varying: list[str], lr_scale: float = 1.0, n_scales: int = 1) -> str:
+def _text(v) -> str:
+    return "x".join(map(str, v)) if isinstance(v, list) else (f"{v:g}" if isinstance(v, float) else str(v))
+
+
+def _name(config: dict, varying: list[str]) -> str:
     parts = []
     for k in varying:
-        v = config[k]
-        text = "x".join(map(str, v)) if isinstance(v, list) else (f"{v:g}" if isinstance(v, float) else str(v))
+        text = _text(config[k])
         parts.append(text if k in ("schedule", "model", "dataset", "optimizer") else f"{SHORT.get(k, k)}{text}")
-    if n_scales > 1:
-        parts.append(f"x{lr_scale:g}")
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", "-".join(parts)) or "trial"
+
+
+def _title(config: dict, varying: list[str]) -> str:
+    """The trial in words, for people: "batch 1000, one-cycle, LR x0.5, seed 0"."""
+    parts = []
+    for k in [k for k in varying if k != "seed"] + (["seed"] if "seed" in varying else []):
+        v = config[k]
+        if k == "schedule":
+            parts.append(SCHEDULE_WORDS.get(v, str(v)))
+        elif k in ("model", "dataset", "optimizer"):
+            parts.append(str(v))
+        elif k == "lr_scale":
+            parts.append(f"LR x{v:g}")
+        elif isinstance(v, bool):
+            parts.append(f"{'with' if v else 'no'} {WORDS.get(k, k.replace('_', ' '))}")
+        else:
+            parts.append(f"{WORDS.get(k, k.replace('_', ' '))} {_text(v)}")
+    return ", ".join(parts) or "the only trial"
 
 
 def _keys(d: dict, allowed, where: str) -> None:

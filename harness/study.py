@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.dry_run:
         dry_run(resolved, trials)
+        print_plan(resolved, trials)
         return 0
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
@@ -232,6 +233,19 @@ def dry_run(resolved: dict, trials: list[specs.Trial]) -> None:
     print(f"at {ips:,.0f} images/s per trial ({source}): {hours:.2f} trial-hours = "
           f"{hours * devices:.2f} {kind}-hours ({res['workers']} workers x "
           f"{res['gpus_per_worker'] or res['cpus_per_worker']:g} {kind} each); evaluation not included")
+
+
+def print_plan(resolved: dict, trials: list[specs.Trial]) -> None:
+    """The pre-registered analysis: one line per comparison the report will make, from the same code."""
+    from harness import plan
+    analysis = resolved.get("analysis")
+    if not analysis:
+        print("\nanalysis plan: none declared (add `analysis:` to the study file); the report will give no verdicts")
+        return
+    comparisons = plan.expand(analysis, [t.config for t in trials], where=resolved["name"])
+    print(f"\nanalysis plan ({len(comparisons)} comparisons; the report evaluates exactly these):")
+    for c in comparisons:
+        print(f"  {c.line()}")
 
 
 def measure_images_per_s(config: dict) -> float:

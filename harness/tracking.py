@@ -32,8 +32,10 @@ from typing import Any
 
 import harness
 
-EVAL_METRICS = ("epoch", "lr", "momentum", "train_loss", "test_loss", "test_acc", "images_per_s", "train_seconds")
-SUMMARY_METRICS = ("final_acc", "best_acc", "reached_target", "steps_to_target", "seconds_to_target", "target_acc",
+EVAL_METRICS = ("epoch", "lr", "momentum", "train_loss", "test_loss", "test_acc", "val_loss", "val_acc", "images_per_s",
+                "train_seconds")
+SUMMARY_METRICS = ("final_acc", "final_val_acc", "best_acc", "reached_target", "steps_to_target", "seconds_to_target",
+                   "target_acc",
                    "diverged_at_step", "world_size", "bn_batch", "accum_steps", "steps_run", "startup_seconds")
 # logged when a record has them: MLPs' dead output units; an LR finder's sweep (kind lr_finder) and suggestions
 EXTRA_EVAL_METRICS = ("dead_output_frac", "smoothed_loss", "batch_val_loss", "batch_val_acc")

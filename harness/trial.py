@@ -61,9 +61,8 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
 
     # --- workload: data and model ---
     torch.manual_seed(cfg.seed)
-    ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, train_size=cfg.train_size, seed=cfg.seed,
-                      preprocess=cfg.preprocess, device=device,
-                      invert=cfg.invert_images)
+    ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, train_size=cfg.train_size, val_size=cfg.val_size,
+                      seed=cfg.seed, preprocess=cfg.preprocess, device=device, invert=cfg.invert_images)
     model = build_model(cfg, ds.in_channels, ds.num_classes, ds.image_size).to(device)
     net = model
     if world > 1:
@@ -71,8 +70,8 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
     batches = TrainBatches(ds, cfg.batch_size, rank=rank, world_size=world, seed=cfg.seed)
 
     # --- training algorithm: optimizer and schedule ---
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg)
+    optimizer = build_optimizer(model, cfg.scaled())  # the study's lr_scale applied to base_lr and max_lr
+    scheduler = build_scheduler(optimizer, cfg.scaled())
 
     p = {"step": 0, "train_seconds": 0.0, "first_loss": None, "history": [], "best_acc": 0.0,
          "steps_to_target": None, "seconds_to_target": None}
@@ -129,6 +128,9 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
         p["train_seconds"] += elapsed
         window_seconds += elapsed
         test_loss, test_acc = evaluate(model, ds, device, rank, world)
+        val = {}
+        if ds.val_y is not None:
+            val["val_loss"], val["val_acc"] = evaluate(model, ds, device, rank, world, split="val")
         record = {
             "step": step,
             "epoch": step * cfg.batch_size / len(ds.train_y),
@@ -137,6 +139,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
             "train_loss": _global_mean(loss_sum / max(loss_steps, 1), world),
             "test_loss": test_loss,
             "test_acc": test_acc,
+            **val,
             "images_per_s": window_images / window_seconds if window_seconds > 0 else 0.0,
             "train_seconds": p["train_seconds"],
         }
@@ -168,6 +171,7 @@ def summarize(cfg: TrialConfig, p: dict, status: str, diverged_at: int | None, w
     summary = {
         "status": status,
         "final_acc": last.get("test_acc", float("nan")),
+        "final_val_acc": last.get("val_acc"),
         "best_acc": p["best_acc"],
         "reached_target": int(p["steps_to_target"] is not None),
         "steps_to_target": p["steps_to_target"],
@@ -218,14 +222,16 @@ def build_optimizer(model: torch.nn.Module, cfg: TrialConfig) -> torch.optim.Opt
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, ds, device: torch.device, rank: int, world: int) -> tuple[float, float]:
-    """Loss and accuracy on the full test set; each rank scores its shard, with rank 0's BN statistics."""
-    if world > 1:
+def evaluate(model: torch.nn.Module, ds, device: torch.device, rank: int, world: int,
+             split: str = "test") -> tuple[float, float]:
+    """Loss and accuracy on the full test (or validation) set; each rank scores its shard, with rank 0's BN
+    statistics."""
+    if world > 1 and split == "test":  # the validation pass follows the test pass: buffers are already rank 0's
         for buf in model.buffers():
             dist.broadcast(buf, src=0)
     model.eval()
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
-    for x, y in test_batches(ds, EVAL_BATCH, rank=rank, world_size=world):
+    for x, y in test_batches(ds, EVAL_BATCH, rank=rank, world_size=world, split=split):
         out = model(x)
         totals[0] += F.cross_entropy(out, y, reduction="sum").double()
         totals[1] += (out.argmax(1) == y).sum()

@@ -94,10 +94,15 @@ def test_grid_expansion_pairs_lr_scales_and_names():
     assert len(trials) == 2 * 3 * 2
     assert len({t.name for t in trials}) == len({t.key for t in trials}) == 12
     one_cycle = [t for t in trials if t.config["schedule"] == "one_cycle"]
-    assert sorted({t.config["max_lr"] for t in one_cycle}) == [0.4, 0.8]
-    assert sorted({t.config["base_lr"] for t in one_cycle}) == [0.04, 0.08]
-    assert {t.cell for t in one_cycle} == {"schedule=one_cycle,lr_scale=0.5", "schedule=one_cycle,lr_scale=1"}
-    assert "one_cycle-s2-x0.5" in {t.name for t in trials}
+    # the tuning budget is the typed field lr_scale; max_lr stays the cell's nominal value, the trainer scales it
+    assert sorted({t.config["lr_scale"] for t in one_cycle}) == [0.5, 1.0]
+    assert {t.config["max_lr"] for t in one_cycle} == {0.8} and {t.config["base_lr"] for t in one_cycle} == {0.08}
+    from harness.config import TrialConfig
+    scaled = TrialConfig.from_dict(next(t.config for t in one_cycle if t.config["lr_scale"] == 0.5)).scaled()
+    assert (scaled.max_lr, scaled.base_lr, scaled.lr_scale) == (0.4, 0.04, 1.0)
+    assert {t.cell for t in one_cycle} == {"schedule=one_cycle,lr_scale=0.5", "schedule=one_cycle,lr_scale=1.0"}
+    assert "one_cycle-x0.5-s2" in {t.name for t in trials}
+    assert "one-cycle, LR x0.5, seed 2" in {t.title for t in trials}
     assert specs.trials(study, "smoke")[0].key == trials[0].key  # deterministic
 
 
@@ -115,7 +120,7 @@ def test_dry_run_prints_trials_and_cost_and_runs_nothing(workdir, capsys):
     rc = main(["batch_size_effect", "--scale", "paper", "--dry-run"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "72 trials" in out and "GPU-hours" in out and "bs1000-multistep-s2-x2" in out
+    assert "72 trials" in out and "GPU-hours" in out and "bs1000-multistep-x2-s2" in out
     assert not (workdir / "mlflow.db").exists() and not (workdir / "ray_results").exists()
 
 

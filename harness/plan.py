@@ -1,0 +1,339 @@
+"""A study's analysis plan: the comparisons its report makes, declared in the study file beside the grid.
+
+    analysis:
+      tuning: best_on_validation        # or each_scale: how the study's `lr_scales` (max-LR tuning budget) is used
+      comparisons:
+        - {claim: SC4, kind: two_arm, field: batch_size, a: max, b: min, where: {schedule: one_cycle}}
+        - {claim: question, kind: interaction, field: batch_size, a: max, b: min,
+           by: schedule, by_a: one_cycle, by_b: multistep}
+
+`expand(analysis, configs)` turns the plan into concrete `Comparison`s for the trial configs of one scale:
+`max`/`min` become the largest/smallest value present, `strata` split a comparison per value, and each arm
+knows the trials it takes and how many units (seeds) it has after tuning. `python -m harness.study NAME
+--dry-run` prints `Comparison.line()` for each (the pre-registration) and `harness.claims` evaluates exactly
+these comparisons on the runs. Nothing is inferred from names: arms are typed field values.
+
+Tuning (AlgoPerf's rule): with `best_on_validation`, the trials of an arm that differ only in `lr_scale`
+form one unit (one seed of one configuration); the unit's outcome is the trial with the best final
+validation accuracy (`val_size` images held out of training), scored on the test set. With `each_scale`,
+every LR scale gets its own comparison. A study with a single LR scale needs neither.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+
+KINDS = ("two_arm", "trend", "interaction", "best_level", "best_shift", "range_test")
+METRICS = {  # metric -> (label, direction that is "better")
+    "final_acc": ("final test accuracy", +1),
+    "steps_to_target": ("steps to target", -1),
+    "acc_at_time_budget": ("test accuracy at a fixed training-time budget", +1),
+    "range_drop": ("accuracy lost between the peak and the largest LR", -1),
+}
+TUNING = ("best_on_validation", "each_scale")
+KEYS = ("claim", "kind", "field", "a", "b", "where", "strata", "metric", "by", "by_a", "by_b", "note")
+NOT_DESIGN = ("seed", "lr_scale", "device", "data_dir", "eval_every", "target_acc")  # never confounds
+
+
+class PlanError(ValueError):
+    """An analysis plan that cannot be evaluated. One line: where, what was wrong, what is allowed."""
+
+
+def key(v) -> str:
+    """A value's identity for matching: 1000 == 1000.0, lists by their JSON."""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return json.dumps(v, sort_keys=True)
+
+
+def level_value(v) -> float:
+    if v is None:
+        return math.inf
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def sorted_levels(values) -> list:
+    uniq = {key(v): v for v in values}
+    return sorted(uniq.values(), key=lambda v: (math.isnan(level_value(v)), level_value(v), str(v)))
+
+
+def fmt(f: str, v) -> str:
+    if v is None:
+        return f"{f}=full" if f == "train_size" else f"{f}=none"
+    if isinstance(v, float):
+        return f"{f}={v:g}"
+    if isinstance(v, (list, tuple)):
+        return f"{f}=[{', '.join(map(str, v))}]"
+    return f"{f}={v}"
+
+
+def _as_tuple(v) -> tuple:
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def validate(analysis, where: str, fields: tuple[str, ...], claims: tuple[str, ...]) -> None:
+    """Check the `analysis` section's shape; values are checked against the trials by `expand`."""
+    if not isinstance(analysis, dict):
+        raise PlanError(f"{where}: analysis must be a mapping with keys tuning, comparisons")
+    for k in analysis:
+        if k not in ("tuning", "comparisons"):
+            raise PlanError(f"{where}: analysis: unknown key '{k}'{_did(k, ('tuning', 'comparisons'))}; "
+                            f"allowed: tuning, comparisons")
+    if analysis.get("tuning", "best_on_validation") not in TUNING:
+        raise PlanError(f"{where}: analysis.tuning '{analysis['tuning']}' is not known; allowed: {', '.join(TUNING)}")
+    comps = analysis.get("comparisons")
+    if not isinstance(comps, list) or not comps:
+        raise PlanError(f"{where}: analysis.comparisons must be a non-empty list of comparisons")
+    for i, c in enumerate(comps):
+        at = f"{where}: analysis.comparisons[{i}]"
+        if not isinstance(c, dict):
+            raise PlanError(f"{at} must be a mapping of {', '.join(KEYS)}")
+        for k in c:
+            if k not in KEYS:
+                raise PlanError(f"{at}: unknown key '{k}'{_did(k, KEYS)}; allowed: {', '.join(KEYS)}")
+        for k in ("claim", "kind", "field"):
+            if k not in c:
+                raise PlanError(f"{at}: missing '{k}'")
+        if c["claim"] != "question" and c["claim"] not in claims:
+            raise PlanError(f"{at}: claim '{c['claim']}' is not known; allowed: question, {', '.join(claims)}")
+        if c["kind"] not in KINDS:
+            raise PlanError(f"{at}: kind '{c['kind']}'{_did(c['kind'], KINDS)} is not known; "
+                            f"allowed: {', '.join(KINDS)}")
+        metric = c.get("metric", "range_drop" if c["kind"] == "range_test" else "final_acc")
+        if metric not in METRICS:
+            raise PlanError(f"{at}: metric '{metric}' is not known; allowed: {', '.join(METRICS)}")
+        named = [c["field"], *(c.get("where") or {}), *(c.get("strata") or [])] + ([c["by"]] if c.get("by") else [])
+        for f in named:
+            if f not in fields:
+                raise PlanError(f"{at}: '{f}' is not a trial field{_did(f, fields)}")
+        if c["kind"] in ("interaction", "best_shift") and not all(c.get(k) is not None for k in ("by", "by_a", "by_b")):
+            raise PlanError(f"{at}: kind {c['kind']} needs by, by_a and by_b")
+        if c["kind"] in ("two_arm", "interaction") and ("a" not in c or "b" not in c):
+            raise PlanError(f"{at}: kind {c['kind']} needs arms a and b")
+        if c["kind"] == "best_level" and "a" not in c:
+            raise PlanError(f"{at}: kind best_level needs a (the claimed best level or levels)")
+        if "where" in c and not isinstance(c["where"], dict):
+            raise PlanError(f"{at}: where must map trial fields to a value or a list of values")
+        if "strata" in c and not isinstance(c["strata"], list):
+            raise PlanError(f"{at}: strata must be a list of trial fields")
+
+
+def _did(k, allowed) -> str:
+    hint = difflib.get_close_matches(str(k), list(allowed), n=1)
+    return f" (did you mean '{hint[0]}'?)" if hint else ""
+
+
+# ------------------------------------------------------------------------------------------------ expansion
+@dataclass(frozen=True)
+class Arm:
+    label: str                      # "batch_size=1000"
+    match: dict                     # field -> tuple of allowed values (typed)
+
+    def takes(self, config: dict) -> bool:
+        return all(key(config.get(f)) in {key(v) for v in vals} for f, vals in self.match.items())
+
+
+@dataclass(frozen=True)
+class Comparison:
+    claim: str
+    kind: str
+    field: str
+    metric: str
+    a: Arm                          # the side the claim says is better (trend: largest level)
+    b: Arm
+    tuning: str                     # best_on_validation | each_scale | single
+    n_lr_scales: int
+    stratum: dict = field(default_factory=dict)
+    levels: tuple = ()              # trend / best_level: every level of `field` in the comparison
+    by: str | None = None
+    by_a: tuple = ()
+    by_b: tuple = ()
+    n_a: int = 0                    # planned units (after tuning) per arm; interaction: per cell (min)
+    n_b: int = 0
+    confounds: tuple = ()           # "steps 19200 vs 5800": what else differs between the arms
+    note: str = ""
+
+    @property
+    def metric_label(self) -> str:
+        return METRICS[self.metric][0]
+
+    @property
+    def direction(self) -> int:
+        return METRICS[self.metric][1]
+
+    @property
+    def stratum_text(self) -> str:
+        return ", ".join(fmt(f, v) for f, v in self.stratum.items())
+
+    @property
+    def title(self) -> str:
+        """`arm A vs arm B [stratum]`, the comparison in one phrase."""
+        if self.kind == "interaction":
+            text = (f"({self.a.label} - {self.b.label}) under {self.by}={'/'.join(map(str, self.by_a))} minus "
+                    f"under {self.by}={'/'.join(map(str, self.by_b))}")
+        elif self.kind == "best_shift":
+            text = f"best {self.field} under {self.by}={'/'.join(map(str, self.by_a))} vs " \
+                   f"{self.by}={'/'.join(map(str, self.by_b))}"
+        elif self.kind == "range_test":
+            text = "LR range test: accuracy at the largest LR vs the run's peak"
+        elif self.kind == "best_level":
+            text = f"claimed best {self.a.label} vs the best other {self.field}"
+        else:
+            text = f"{self.a.label} vs {self.b.label}"
+        return text + (f" [{self.stratum_text}]" if self.stratum else "")
+
+    @property
+    def tuning_text(self) -> str:
+        if self.tuning == "best_on_validation":
+            return f"best of {self.n_lr_scales} LR scales per seed, selected on validation accuracy"
+        if self.tuning == "each_scale":
+            return "each LR scale compared separately"
+        return "one LR scale"
+
+    def line(self) -> str:
+        """The pre-registration line: `CLAIM: arm A vs arm B [stratum], n per arm, metric (tuning)`."""
+        n = f"n={self.n_a} vs {self.n_b} per arm" if self.n_a != self.n_b else f"n={self.n_a} per arm"
+        extra = f"; arms also differ: {', '.join(self.confounds)}" if self.confounds else ""
+        return f"{self.claim}: {self.title}, {n}, {self.metric_label} ({self.tuning_text}){extra}"
+
+    def cells(self) -> list[tuple[str, dict]]:
+        """(label, field -> allowed values) of each group whose trials the comparison reads."""
+        base = {**self.stratum_match()}
+        if self.kind in ("interaction", "best_shift"):
+            return [(f"{arm.label}, {self.by}={'/'.join(map(str, by))}", {**base, **arm.match, self.by: by})
+                    for by in (self.by_a, self.by_b) for arm in ((self.a, self.b) if self.kind == "interaction"
+                                                                  else (self.a,))]
+        return [(self.a.label, {**base, **self.a.match}), (self.b.label, {**base, **self.b.match})]
+
+    def stratum_match(self) -> dict:
+        return {f: (v,) for f, v in self.stratum.items()}
+
+    def where_match(self) -> dict:
+        return dict(self._where)
+
+    _where: tuple = ()
+
+
+def _values_of(configs: list[dict], f: str) -> list:
+    return sorted_levels(c.get(f) for c in configs)
+
+
+def _resolve_arm(spec, present: list, f: str, at: str) -> tuple:
+    if spec in ("max", "min"):
+        numeric = [v for v in present if not math.isnan(level_value(v))]
+        if not numeric:
+            raise PlanError(f"{at}: '{spec}' needs numeric values of {f}; the trials have {present}")
+        return (numeric[-1] if spec == "max" else numeric[0],)
+    values = tuple(spec) if isinstance(spec, list) else (spec,)
+    known = {key(v) for v in present}
+    missing = [v for v in values if key(v) not in known]
+    if len(missing) == len(values):
+        raise PlanError(f"{at}: no trial has {f} in {list(values)}; the trials have {present}")
+    return tuple(v for v in values if key(v) in known)
+
+
+def _filter(configs: list[dict], match: dict) -> list[dict]:
+    return [c for c in configs if all(key(c.get(f)) in {key(v) for v in vals} for f, vals in match.items())]
+
+
+def _units(configs: list[dict], tuning: str) -> int:
+    """Trials after tuning: with selection, the trials that differ only in lr_scale are one unit."""
+    if tuning != "best_on_validation":
+        return len(configs)
+    return len({json.dumps({k: v for k, v in c.items() if k != "lr_scale"}, sort_keys=True) for c in configs})
+
+
+def _confounds(a: list[dict], b: list[dict], skip: set) -> tuple:
+    out = []
+    for f in sorted({*a[0], *b[0]} if a and b else ()):
+        if f in skip or f in NOT_DESIGN:
+            continue
+        va, vb = {key(c.get(f)) for c in a}, {key(c.get(f)) for c in b}
+        if va != vb:
+            show = lambda vs: "/".join(sorted(vs, key=lambda s: (level_value(json.loads(s)), s)))  # noqa: E731
+            out.append(f"{f} {show(va)} vs {show(vb)}")
+    return tuple(out)
+
+
+def tuning_mode(analysis: dict, configs: list[dict]) -> tuple[str, int]:
+    scales = {key(c.get("lr_scale", 1.0)) for c in configs}
+    if len(scales) <= 1:
+        return "single", 1
+    return analysis.get("tuning", "best_on_validation"), len(scales)
+
+
+def expand(analysis: dict, configs: list[dict], where: str = "study") -> list[Comparison]:
+    """The plan's comparisons for these trial configs (one scale of a study). Raises PlanError (one line)."""
+    tuning, n_scales = tuning_mode(analysis, configs)
+    if tuning == "best_on_validation" and any(not c.get("val_size") for c in configs):
+        raise PlanError(f"{where}: analysis.tuning best_on_validation with {n_scales} LR scales needs val_size "
+                        f"(a validation split held out of training) in every trial; set it in base")
+    out: list[Comparison] = []
+    for i, c in enumerate(analysis["comparisons"]):
+        at = f"{where}: analysis.comparisons[{i}] ({c['claim']})"
+        f, kind = c["field"], c["kind"]
+        metric = c.get("metric", "range_drop" if kind == "range_test" else "final_acc")
+        restrict = {g: _as_tuple(v) for g, v in (c.get("where") or {}).items()}
+        pool = _filter(configs, restrict)
+        if not pool:
+            raise PlanError(f"{at}: no trial matches where {c.get('where')}")
+        strata = list(c.get("strata") or [])
+        if tuning == "each_scale":
+            strata.append("lr_scale")
+        combos = [{}]
+        for s in strata:
+            combos = [{**combo, s: v} for combo in combos for v in _values_of(pool, s)]
+        for combo in combos:
+            rows = _filter(pool, {s: (v,) for s, v in combo.items()})
+            if not rows:
+                continue
+            present = _values_of(rows, f)
+            note = c.get("note", "")
+            common = dict(claim=c["claim"], kind=kind, field=f, metric=metric, tuning=tuning, n_lr_scales=n_scales,
+                          stratum=combo, note=note, _where=tuple(restrict.items()))
+            if kind == "range_test":
+                arm = Arm("range test", {})
+                out.append(Comparison(**common, a=arm, b=arm, n_a=_units(rows, tuning), n_b=_units(rows, tuning)))
+                continue
+            if kind in ("interaction", "best_shift"):
+                by_a = _resolve_arm(c["by_a"], _values_of(rows, c["by"]), c["by"], at)
+                by_b = _resolve_arm(c["by_b"], _values_of(rows, c["by"]), c["by"], at)
+                common.update(by=c["by"], by_a=by_a, by_b=by_b)
+            if kind == "best_shift":
+                arm = Arm(f"best {f}", {})
+                groups = [_filter(rows, {c["by"]: by}) for by in (by_a, by_b)]
+                n = [min(_units(_filter(g, {f: (v,)}), tuning) for v in _values_of(g, f)) for g in groups]
+                out.append(Comparison(**common, a=arm, b=arm, levels=tuple(present), n_a=n[0], n_b=n[1]))
+                continue
+            if kind == "best_level":
+                a_vals = _resolve_arm(c["a"], present, f, at)
+                b_vals = _resolve_arm(c["b"], present, f, at) if "b" in c else tuple(
+                    v for v in present if key(v) not in {key(x) for x in a_vals})
+            else:
+                a_vals = _resolve_arm(c.get("a", "max"), present, f, at)
+                b_vals = _resolve_arm(c.get("b", "min"), present, f, at)
+            if not b_vals or {key(v) for v in a_vals} & {key(v) for v in b_vals}:
+                raise PlanError(f"{at}: arms a {list(a_vals)} and b {list(b_vals)} of {f} must be distinct and "
+                                f"non-empty (values present: {present})")
+            arm_a = Arm(" / ".join(fmt(f, v) for v in a_vals), {f: a_vals})
+            arm_b = Arm(" / ".join(fmt(f, v) for v in b_vals), {f: b_vals})
+            ra, rb = _filter(rows, arm_a.match), _filter(rows, arm_b.match)
+            if kind == "interaction":
+                cells = [_filter(r, {c["by"]: by}) for by in (common["by_a"], common["by_b"]) for r in (ra, rb)]
+                if any(not x for x in cells):
+                    raise PlanError(f"{at}: an interaction cell has no trials (each arm needs both {c['by']} values)")
+                n_a, n_b = min(_units(x, tuning) for x in cells[:2]), min(_units(x, tuning) for x in cells[2:])
+                conf = _confounds(cells[0], cells[1], {f, c["by"]})
+            else:
+                n_a, n_b = _units(ra, tuning), _units(rb, tuning)
+                conf = _confounds(ra, rb, {f})
+            levels = tuple(present) if kind in ("trend", "best_level") else ()
+            out.append(Comparison(**common, a=arm_a, b=arm_b, levels=levels, n_a=n_a, n_b=n_b, confounds=conf))
+    return out
