@@ -211,7 +211,8 @@ def run_finder(cfg: TrialConfig, reporter=None, device: torch.device | str | Non
     accs = smoothed([r["batch_val_acc"] for r in records], cfg.finder_smoothing) if cfg.finder_val else None
     suggested = suggestions([r["lr"] for r in records], [r["smoothed_loss"] for r in records], accs)
     for r in records:
-        r.update(epoch=r["step"] * cfg.batch_size / len(ds.train_y), train_seconds=seconds * r["step"] / len(records))
+        r.update(epoch=r["step"] * cfg.batch_size / len(ds.train_y), train_seconds=seconds * r["step"] / len(records),
+                 images_per_s=cfg.batch_size * len(records) / max(seconds, 1e-9))
         if reporter is not None:
             reporter(dict(r), None)  # no checkpoint: a finder restarts from scratch (it leaves no state)
     stopped = len(records) < len(lrs)
