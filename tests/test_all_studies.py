@@ -36,7 +36,7 @@ def test_study_runs_at_smoke_scale(ray_session, store, name, monkeypatch, capsys
         return
     _, children = check_study_runs(uri, name, n_trials=len(trials))
     if name == "activation_mystery":  # the finder's suggestion became the second arm's max LR, per activation
-        finder = {r.data.params["mlp_activation"]: r.data.metrics["lr_valley"]
+        finder = {r.data.params["mlp_activation"]: r.data.metrics["lr_smith"]
                   for r in _children(uri, "activation_mystery_finder")}
         for child in children:
             p = child.data.params
