@@ -73,6 +73,9 @@ def draw_finder(fig: Figure, rect, runs: pd.DataFrame, sweeps: pd.DataFrame) -> 
     for key, (marker, name) in MARKERS.items():
         ax.plot([], [], marker=marker, color="grey", mec="black", ls="none", label=name)
     ax.set_xscale("log")
+    if len(sweeps) and sweeps["smoothed_loss"].notna().any():  # fastai's view: up to the start, not the blow-up
+        first = sweeps.sort_values("step").groupby("run_id")["smoothed_loss"].first().max()
+        ax.set_ylim(0.9 * sweeps["smoothed_loss"].min(), 1.3 * first)
     ax.set_xlabel("learning rate (log)")
     ax.set_ylabel("smoothed training loss")
     ax.set_title("LR finder: loss vs LR", fontsize=9)

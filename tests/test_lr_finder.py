@@ -145,3 +145,21 @@ def test_ddp_ranks_stay_in_lockstep_and_agree_with_one_process(tmp_path):
     for a, b in zip(single, r0["real"], strict=True):
         assert a["lr"] == b["lr"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+
+
+def test_finder_figure_draws_loss_against_log_lr_with_the_suggestions():
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from harness.report_finder import draw_finder
+    lrs = sweep_lrs(1e-4, 1.0, 30)
+    loss = smoothed(2.0 - np.tanh(np.log10(lrs) + 2) + np.linspace(0, 0.1, 30), 0.9)
+    sweeps = pd.DataFrame({"run_id": "r", "step": np.arange(1, 31), "lr": lrs, "smoothed_loss": loss})
+    runs = pd.DataFrame([{"run_id": "r", "cell": "mlp_activation=relu", **suggestions(lrs, loss)}])
+    fig = Figure()
+    draw_finder(fig, (0, 0, 1, 1), runs, sweeps)
+    (ax,) = fig.axes
+    assert ax.get_xscale() == "log"
+    marked = [line for line in ax.lines if line.get_marker() in ("v", "o", "*") and len(line.get_xdata()) == 1]
+    assert sorted(line.get_xdata()[0] for line in marked) == sorted(runs[["lr_steepest", "lr_valley", "lr_smith"]]
+                                                                    .iloc[0])
