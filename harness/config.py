@@ -26,6 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 KINDS = ("train", "lr_finder")              # lr_finder: harness.lr_finder
 FINDER_MODES = ("exp", "linear")
 LR_SUGGESTIONS = ("steepest", "valley", "smith")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -85,6 +86,11 @@ class TrialConfig:
     lr_from_finder: str | None = None  # the finder study; its runs of this trial's cell give max_lr
     lr_suggestion: str = "valley"      # steepest | valley | smith
     lr_base_div: float = 10.0          # then base_lr = max_lr / lr_base_div (Smith: 10..20 for one cycle)
+    # --- fast path (how fast, never what is computed: the same curve within bf16's tolerance) ---
+    precision: str = "auto"            # auto: bf16 autocast on CUDA, fp32 elsewhere; fp32; bf16 (autocast anywhere)
+    channels_last: bool = True         # NHWC memory format for the convolutional models (MLPs stay as they are)
+    compile: bool = False              # torch.compile the model (minutes of compilation before the first step)
+    warmup_steps: int = 2              # a process's first steps, left out of its first images_per_s (< eval_every)
 
     # ------------------------------------------------------------------
     @classmethod
@@ -128,6 +134,9 @@ class TrialConfig:
                                   f"{self.finder_smoothing} and {self.finder_stop_factor}")
         if self.lr_base_div < 1:
             raise ConfigError(f"lr_base_div must be >= 1, got {self.lr_base_div}")
+        _choice("precision", self.precision, PRECISIONS)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         _positive("steps", self.steps)
         _positive("batch_size", self.batch_size)
         _positive("eval_every", self.eval_every)

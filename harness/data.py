@@ -12,6 +12,8 @@ Where the files come from (cifar10, cifar100, mnist, fashion_mnist), first hit w
 Each place may hold torchvision's layout (<root>/cifar-10-batches-py/, <root>/MNIST/raw/), the original files
 flat in <root>, or either of those in <root>/<name>/. IDX files may be gzipped or not. The download is skipped
 with download=False or HARNESS_NO_DOWNLOAD=1; when nothing is found, DataNotFoundError says where it looked.
+The download is atomic (temporary folder, verified, renamed) and happens once per node: concurrent trials wait
+on a file lock in the cache dir and then load what the first one left.
 `digits` is scikit-learn's bundled 8x8 digits set and never needs files.
 
 Randomness is keyed, never stateful: the training subset by (seed), an epoch's order by (seed, epoch), a global
@@ -26,7 +28,9 @@ import hashlib
 import math
 import os
 import pickle
+import shutil
 import struct
+import tempfile
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,6 +230,44 @@ def _download(name: str, root: Path) -> None:
         cls(root=str(root), train=train, download=True)
 
 
+def _prepare_in_cache(name: str, cache: Path):
+    """Download `name` into the cache once per node, whatever the number of trials asking at the same time.
+
+    A file lock per dataset serialises the processes of one node (eight one-GPU trials start together on a p4d);
+    the first downloads into a temporary folder, checks the files load, and renames them into place, so a
+    process that finds the files finds them whole; the others wait on the lock and then load what it left.
+    Returns the raw tensors, or None when the download finished without the expected files."""
+    from filelock import FileLock
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / f".{name}.lock")):
+        if (raw := _load_from(name, cache)) is not None:  # another process finished it while we waited
+            return raw
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-download-", dir=cache))
+        try:
+            _download(name, staging)
+            raw = _load_from(name, staging)  # verify before anything becomes visible in the cache
+            if raw is None:
+                return None
+            top = _download_folder(name)
+            target = cache / top
+            if target.exists():  # a partial folder from an interrupted download of an older version
+                shutil.rmtree(target)
+            os.replace(staging / top, target)  # atomic on one filesystem
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return raw
+
+
+def _download_folder(name: str) -> str:
+    """The top-level folder torchvision's download creates in its root (the archive next to it is dropped)."""
+    import torchvision
+
+    if name in _CIFAR:
+        return getattr(torchvision.datasets, _CIFAR[name][0]).base_folder  # cifar-10-batches-py
+    return _IDX[name]  # MNIST/, FashionMNIST/ (raw/ inside)
+
+
 def _expected_files(name: str) -> str:
     if name in _CIFAR:
         import torchvision
@@ -248,14 +290,53 @@ def _load_raw(name: str, data_dir, download: bool):
         tried.append("download (disabled)")
     else:
         try:
-            _download(name, cache_dir())
+            raw = _prepare_in_cache(name, cache_dir())
         except Exception as e:
             reason = " ".join(f"{type(e).__name__}: {e}".split())[:240]
             tried.append(f"download into {cache_dir()} (failed: {reason})")
         else:
-            if (raw := _load_from(name, cache_dir())) is not None:
+            if raw is not None:
                 return raw
             tried.append(f"download into {cache_dir()} (finished, but the files were not found there)")
+    raise DataNotFoundError(
+        f"dataset '{name}' not found; tried: {'; '.join(tried)}; to provide it, set data_dir or HARNESS_DATA_DIR "
+        f"to a folder containing {_expected_files(name)}"
+    )
+
+
+def locate(name: str, data_dir=None, download: bool = True, timeout_s: float = 3.0) -> Path | None:
+    """A study's pre-flight: the folder load_dataset would read `name` from, or None when no place holds it but
+    its download host answers (load_dataset will download it). Reads and downloads nothing; raises
+    DataNotFoundError (one line: every place tried) when neither. `digits` ships with scikit-learn: None."""
+    if name == "digits":
+        return None
+    if name not in _CIFAR and name not in _IDX:
+        raise DataNotFoundError(f"dataset '{name}' is not known; allowed: {', '.join(DATASETS)}")
+    tried = []
+    for label, root in _places(name, data_dir):
+        tried.append(f"{label} {root}" if root is not None else f"{label} (unset)")
+        if root is not None and root.is_dir():
+            for folder in _candidate_folders(name, root):
+                if (_cifar_files(name, folder) if name in _CIFAR else _find_idx(folder)):
+                    return folder
+    if os.environ.get("HARNESS_NO_DOWNLOAD", "").strip().lower() in ("1", "true", "yes", "on"):
+        download = False
+    if not download:
+        tried.append("download (disabled)")
+    else:
+        import socket
+        import urllib.parse
+
+        import torchvision
+
+        cls = getattr(torchvision.datasets, _CIFAR[name][0] if name in _CIFAR else _IDX[name])
+        url = cls.url if name in _CIFAR else cls.mirrors[0]
+        host = urllib.parse.urlsplit(url).hostname
+        try:  # a TCP handshake with the download host: as far as we can check without downloading
+            socket.create_connection((host, 443), timeout=timeout_s).close()
+            return None
+        except OSError as e:
+            tried.append(f"download from {host} (unreachable: {type(e).__name__})")
     raise DataNotFoundError(
         f"dataset '{name}' not found; tried: {'; '.join(tried)}; to provide it, set data_dir or HARNESS_DATA_DIR "
         f"to a folder containing {_expected_files(name)}"
@@ -287,6 +368,29 @@ def _balanced_subset(y: torch.Tensor, size: int, num_classes: int, seed: int) ->
     return torch.cat(picked).sort().values
 
 
+@dataclass
+class RawData:
+    """A dataset as read from its files: uint8 (or digits' 0..16 float) images [N, C, H, W] and int64 labels on the
+    CPU. Read once per node and shared (a Ray object) so that each trial's processes skip the files and parsers."""
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    max_value: float
+
+
+def load_raw(name: str, *, data_dir: str | os.PathLike | None = None, download: bool = True) -> RawData:
+    """Read dataset `name` (see the module docstring for where from); no subset, no scaling, CPU tensors."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset '{name}'; allowed: {', '.join(DATASETS)}")
+    if name == "digits":
+        return RawData(name, *_load_digits(), 10, 16.0)
+    num_classes = _CIFAR[name][1] if name in _CIFAR else 10
+    return RawData(name, *_load_raw(name, data_dir, download), num_classes, 255.0)
+
+
 def load_dataset(
     name: str,
     *,
@@ -298,6 +402,7 @@ def load_dataset(
     device: str | torch.device = "cpu",
     download: bool = True,
     invert: bool = False,
+    raw: RawData | None = None,
 ) -> Dataset:
     """The dataset as float32 tensors on `device`, preprocessed with statistics of the (sub)training set.
 
@@ -307,18 +412,19 @@ def load_dataset(
     preprocess: "paper" subtracts the per-pixel mean image (Caffe's mean_file) and mirrors; "standard" standardizes
     each channel and crops (pad 4) + mirrors; "none" only scales to [0, 1]. Pixels are scaled to [0, 1] first.
     invert: every pixel x becomes 1 - x after that scaling, before preprocessing ("negative" images).
+    raw: the files' content read earlier by `load_raw` (the same `name`); then no file is read here.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset '{name}'; allowed: {', '.join(DATASETS)}")
     if preprocess not in PREPROCESS:
         raise ValueError(f"unknown preprocess '{preprocess}'; allowed: {', '.join(PREPROCESS)}")
 
-    if name == "digits":
-        train_x, train_y, test_x, test_y = _load_digits()
-        num_classes, max_value = 10, 16.0
-    else:
-        train_x, train_y, test_x, test_y = _load_raw(name, data_dir, download)
-        num_classes, max_value = (_CIFAR[name][1] if name in _CIFAR else 10), 255.0
+    if raw is None:
+        raw = load_raw(name, data_dir=data_dir, download=download)
+    elif raw.name != name:
+        raise ValueError(f"raw data of '{raw.name}' given for dataset '{name}'")
+    train_x, train_y, test_x, test_y = raw.train_x, raw.train_y, raw.test_x, raw.test_y
+    num_classes, max_value = raw.num_classes, raw.max_value
 
     val_x = val_y = None
     if val_size:
@@ -337,8 +443,8 @@ def load_dataset(
             train_x, train_y = train_x[keep], train_y[keep]
 
     # to the device as uint8 (4x less to copy), then scale there
-    train_x = train_x.to(device).float().div_(max_value)
-    test_x = test_x.to(device).float().div_(max_value)
+    train_x = train_x.to(device).float().div(max_value)  # out of place: raw may be shared
+    test_x = test_x.to(device).float().div(max_value)
     train_y, test_y = train_y.to(device), test_y.to(device)
     if val_x is not None:
         val_x, val_y = val_x.to(device).float().div_(max_value), val_y.to(device)

@@ -157,7 +157,7 @@ def sweep(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_step: 
     return records
 
 
-def run_finder(cfg: TrialConfig, reporter=None, device: torch.device | str | None = None) -> dict:
+def run_finder(cfg: TrialConfig, reporter=None, device: torch.device | str | None = None, raw=None) -> dict:
     """The finder as a trial: same data, model, optimizer, batch and BN semantics as `run_trial`."""
     rank, world = _rank_and_world()
     cfg.validate(world_size=world)
@@ -167,7 +167,8 @@ def run_finder(cfg: TrialConfig, reporter=None, device: torch.device | str | Non
     device = torch.device(device) if device is not None else _pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, train_size=cfg.train_size, val_size=cfg.val_size,
-                      seed=cfg.seed, preprocess=cfg.preprocess, device=device, invert=cfg.invert_images)
+                      seed=cfg.seed, preprocess=cfg.preprocess, device=device, raw=raw,
+                      invert=cfg.invert_images)
     model = build_model(cfg, ds.in_channels, ds.num_classes, ds.image_size).to(device)
     net = model
     if world > 1:

@@ -36,7 +36,8 @@ SCALES = ("smoke", "quick", "paper")
 TOP_KEYS = ("name", "question", "claims", "target_acc", "resources", "base", "grid", "paired", "lr_scales", "analysis",
             "scales")
 SCALE_KEYS = ("base", "grid", "paired", "lr_scales", "resources", "target_acc", "images_per_s", "deviations")
-RESOURCE_KEYS = ("workers", "gpus_per_worker", "cpus_per_worker")
+RESOURCE_KEYS = ("workers", "gpus_per_worker", "cpus_per_worker", "placement")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement strategies for a trial's ranks
 SHORT = {"batch_size": "bs", "max_lr": "lr", "seed": "s", "weight_decay": "wd", "momentum": "mom",
          "train_size": "n", "bn_batch": "bn", "steps": "it", "stepsize": "ss", "base_lr": "blr", "lr_scale": "x"}
 IDENTITY = ("dataset", "model", "optimizer", "batch_size", "schedule", "train_size", "weight_decay", "momentum",
@@ -94,9 +95,20 @@ def load_spec(name_or_path: str) -> dict:
         with open(path) as f:
             spec = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise SpecError(f"{path.name}: not valid YAML: {' '.join(str(e).split())}") from None
+        raise SpecError(_yaml_error(path, e)) from None
     validate_spec(spec, path.name)
     return spec
+
+
+def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
+    """One line: where the parser stopped (1-based line and column), what it found, and what it was inside."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path.name} line {mark.line + 1}, column {mark.column + 1}" if mark else path.name
+    problem = getattr(e, "problem", None) or str(e)
+    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+    inside = f" ({context} from line {start.line + 1}, column {start.column + 1})" if context and start else ""
+    return (f"{where}: not valid YAML: {' '.join(problem.split())}{inside}; a study file is a YAML mapping "
+            f"like {study_path('batch_size_effect')}")
 
 
 def validate_spec(spec: Any, where: str) -> None:
@@ -180,6 +192,9 @@ def _section(body: dict, where: str) -> None:
         if "workers" in res and (not isinstance(res["workers"], int) or isinstance(res["workers"], bool)
                                  or res["workers"] < 1):
             raise SpecError(f"{where}: resources.workers must be an integer >= 1, got {res['workers']!r}")
+        if "placement" in res and res["placement"] not in PLACEMENTS:
+            raise SpecError(f"{where}: resources.placement '{res['placement']}' is not known; "
+                            f"allowed: {', '.join(PLACEMENTS)}")
         for k in ("gpus_per_worker", "cpus_per_worker"):
             if k in res and not _is_number(res[k], positive=(k == "cpus_per_worker")):
                 raise SpecError(f"{where}: resources.{k} must be a number >= 0, got {res[k]!r}")

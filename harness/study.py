@@ -3,24 +3,34 @@
     studies/NAME.yaml --(harness.spec)--> trials --(Ray Tune, one TorchTrainer per trial)--> MLflow runs
 
 Exit codes: 0 when every trial completed or diverged (a divergence is a result), 1 when a trial errored
-(listed at the end with its error), 2 for bad input (nothing started, nothing logged).
+(listed at the end with its error), 2 for bad input (nothing started, nothing logged), 3 when every trial
+ended but MLflow stayed unreachable past HARNESS_TRACKING_GRACE_S (the results are in Ray's storage; the
+printed `python -m harness.backfill` command fills MLflow in), 130 when interrupted (Ctrl-C: the trials stop
+at their last checkpoint, the study run and unfinished trial runs are marked KILLED, `--resume` continues).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
+import logging.handlers
 import math
 import os
 import shlex
 import statistics
 import sys
+import tempfile
 import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import lr_from_finder, tracking
 from harness import spec as specs
 from harness.config import ConfigError
 
+EXIT_UNTRACKED = 3  # every trial ended, but MLflow misses some of it: run harness.backfill
 DRIVER_RESOURCE = "trial_driver"  # a custom resource for the Tune trial's own actor: it must not hold a CPU
 RAY_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",  # the Train controller polls reports every 2 s by default
@@ -29,8 +39,37 @@ RAY_ENV = {
 }
 
 
+# Lines that are neither the harness's nor Tune's table go to <storage>/<experiment>/harness.log, not the terminal:
+NOISY_LOGGERS = (
+    "py.warnings",  # third-party warnings (e.g. SQLAlchemy's deprecations under MLflow), via logging.captureWarnings
+    "ray._private.authentication.authentication_token_setup",  # "Token authentication is enabled ..." at ray.init
+)
+_HELD = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)  # until the log exists
+
+
+def quiet_console(log_path: str | None = None, *more_loggers: str) -> None:
+    """Route NOISY_LOGGERS (and more_loggers) to log_path, appended, and nowhere else; without a path, hold their
+    records in memory until a later call names the file (the experiment folder is known only after ray.init)."""
+    logging.captureWarnings(True)
+    handler = _HELD
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)  # another node's first process there
+        handler = logging.FileHandler(log_path)
+        handler.setFormatter(logging.Formatter("%(asctime)s pid %(process)d %(name)s %(levelname)s: %(message)s"))
+    for name in (*NOISY_LOGGERS, *more_loggers):
+        logger = logging.getLogger(name)
+        for old in logger.handlers:
+            if old is not _HELD and old is not handler:
+                old.close()  # an earlier study's file, in the same process (tests)
+        logger.handlers, logger.propagate = [handler], False
+        logger.setLevel(logging.INFO)
+    if log_path and _HELD.buffer:
+        _HELD.setTarget(handler)
+        _HELD.flush()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = _OneLineErrors(
         prog="python -m harness.study",
         description="Run a study (studies/NAME.yaml): a grid of DDP training trials scheduled by Ray Tune, "
                     "each trial logged as an MLflow run.")
@@ -40,7 +79,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="smoke (CPU, offline, ~minutes), quick (CPU, tens of minutes), paper (the authors' "
                         "setup on GPUs); default: paper when the cluster has GPUs, else smoke")
     p.add_argument("--address", help="join an existing Ray cluster ('auto' or host:port; also RAY_ADDRESS)")
-    p.add_argument("--storage", default="ray_results", help="folder for Tune/Train state and checkpoints")
+    p.add_argument("--storage", default=os.environ.get("HARNESS_STORAGE") or "ray_results",
+                   help="Tune/Train state and checkpoints: a folder every node sees, or s3://BUCKET/PATH, "
+                        "gs://BUCKET/PATH (pyarrow options as a query, e.g. ?endpoint_override=HOST:PORT&scheme=http); "
+                        "default $HARNESS_STORAGE, else ./ray_results")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
                                           "sqlite:///<cwd>/mlflow.db)")
     p.add_argument("--resume", action="store_true", help="continue the last interrupted run of this study/scale")
@@ -48,7 +90,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-concurrent", type=int, help="at most this many trials at once (default: what fits)")
     p.add_argument("--workers-per-trial", type=int, help="DDP workers per trial (default: the study's)")
     p.add_argument("--max-failures", type=int, default=1, help="worker failures a trial recovers from (default 1)")
-    p.add_argument("--inject-crash", type=int, metavar="STEP", help=argparse.SUPPRESS)  # tests: lose a worker once
     return p.parse_args(argv)
 
 
@@ -70,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
 
     address = args.address or os.environ.get("RAY_ADDRESS")
+    if address and (problem := _unreachable_address(address)):
+        return _fail(problem)
     scale = args.scale
     if scale is None:
         gpus = _cluster_gpus(address)
@@ -90,9 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         dry_run(resolved, trials)
         print_plan(resolved, trials)
         return 0
+    if not address and (problem := _missing_data(trials)):  # on a cluster the workers' disks count, not ours
+        return _fail(problem)
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    quiet_console()  # from the first store access on (SQLAlchemy's warnings), held until the log file exists
     try:
+        tracking.tracking_grace_s()
         tracking.check_store(uri)
         trials = lr_from_finder.resolve(trials, uri, resolved["scale"])  # max LRs taken from finder runs
     except tracking.TrackingError as e:
@@ -111,26 +158,29 @@ def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, cluster
     from ray import tune
 
     res = resolved["resources"]
-    need_cpu = res["workers"] * res["cpus_per_worker"]
-    need_gpu = res["workers"] * res["gpus_per_worker"]
-    fits = [cluster.get("CPU", 0) // need_cpu]
-    if need_gpu:
-        fits.append(cluster.get("GPU", 0) // need_gpu)
     if cluster.get(DRIVER_RESOURCE, 0) < 1:
         return _fail(f"the Ray cluster has no '{DRIVER_RESOURCE}' resource for the trial drivers; start Ray "
                      f"with --resources '{{\"{DRIVER_RESOURCE}\": 100}}' (cluster.yaml does)")
-    concurrent = int(min(fits))
-    if concurrent < 1:
-        return _fail(f"one trial needs {need_cpu:g} CPUs and {need_gpu:g} GPUs ({res['workers']} workers); the "
-                     f"cluster has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs: lower "
-                     f"--workers-per-trial or resources in the study file")
-    concurrent = min(concurrent, int(cluster[DRIVER_RESOURCE]), args.max_concurrent or concurrent, len(trials))
+    node_types = _launchable_node_types(args.address or os.environ.get("RAY_ADDRESS"))
+    limit = min(int(cluster[DRIVER_RESOURCE]), args.max_concurrent or len(trials), len(trials))
+    plan = admit(node_types, cluster, _per_worker(res), res["workers"], limit)
+    if plan.error:
+        return _fail(plan.error)
+    concurrent = plan.concurrent
+    if plan.waiting:
+        print(f"waiting for {_describe(plan.waiting)} from the autoscaler ({_describe_types(node_types)}); "
+              f"trials stay pending until their nodes are up", flush=True)
 
-    storage = Path(args.storage).resolve()
+    storage = _resolve_storage(args.storage)
+    if (problem := preflight_storage(storage, node_types)) is not None:
+        return _fail(problem)
     exp_path = _experiment_path(storage, f"{resolved['name']}-{resolved['scale']}", args.resume)
-    if args.resume and not exp_path.exists():
+    if args.resume and not storage_exists(exp_path):
         return _fail(f"nothing to resume: no earlier run of {resolved['name']} at scale {resolved['scale']} "
                      f"in {storage}; run it without --resume")
+    log_file = _log_file(exp_path)
+    quiet_console(log_file)
+    print(f"Ray Train's per-report lines, Ray's and libraries' warnings: {log_file}", flush=True)
     command = "python -m harness.study " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     hardware = _hardware(cluster)
     study_spec = {k: v for k, v in resolved.items()}
@@ -142,14 +192,13 @@ def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, cluster
           f"{concurrent} at a time; MLflow {uri} run {parent}; Ray state {exp_path}", flush=True)
 
     base = {
-        "tracking": {"uri": uri, "experiment_id": exp_id, "parent_run_id": parent},
+        "tracking": {"uri": uri, "experiment_id": exp_id, "parent_run_id": parent,
+                     "grace_s": tracking.tracking_grace_s()},
         "resources": res,
-        "train_storage": str(exp_path / "train_runs"),
+        "train_storage": _storage_join(exp_path, "train_runs"),
         "max_failures": args.max_failures,
+        "harness_log": log_file,
     }
-    if args.inject_crash:
-        base["inject_crash_at_step"] = args.inject_crash
-        base["inject_crash_marker"] = str(exp_path / "injected_crash.marker")
     param_space = {**base, "trial": tune.grid_search(
         [{**t.as_dict(), "study": resolved["name"], "scale": resolved["scale"]} for t in trials])}
     from harness.worker import trial_driver
@@ -164,42 +213,70 @@ def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, cluster
     status = "FAILED"
     try:
         if args.resume:
-            tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, param_space=param_space,
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, param_space=param_space,
                                        resume_errored=True)
         else:
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True,
                                             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-                run_config=tune.RunConfig(name=exp_path.name, storage_path=str(storage),
+                run_config=tune.RunConfig(name=_storage_name(exp_path), storage_path=storage,
                                           progress_reporter=reporter, verbose=1,
                                           failure_config=tune.FailureConfig(max_failures=0)))
         results = tuner.fit()
-        errors = summarize(results, resolved, time.time() - t0)
-        status = "FAILED" if errors else "FINISHED"
+        outcome = summarize(results, resolved, time.time() - t0)
+        if outcome.unfinished:  # Tune's first Ctrl-C handler stopped the trials at a checkpoint and returned
+            raise KeyboardInterrupt
+        status = "FAILED" if outcome.errors else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
-        print(f"interrupted; continue with: {command} --resume", file=sys.stderr)
+        try:
+            killed = tracking.mark_unfinished_trials_killed(uri, exp_id, parent)
+        except Exception as e:  # the store may be what failed; the interrupt is what the user must see
+            killed = f"? (MLflow: {type(e).__name__})"
+        resume = command if args.resume else f"{command} --resume"
+        print(f"interrupted: the study run and {killed} unfinished trial runs are marked KILLED; every trial "
+              f"keeps its last checkpoint. Continue with: {resume}", file=sys.stderr, flush=True)
         return 130
     finally:
-        tracking.end_study_run(uri, parent, status)
+        tracking.end_study_run(uri, parent, status)  # never raises: a warning line if the store is down
     print(f"MLflow: {uri} (experiment '{resolved['name']}', parent run {parent}); browse with "
           f"`mlflow ui --backend-store-uri {uri}`")
     print(f"report: python -m harness.report {resolved['name']} --tracking-uri {uri} --run {parent}")
-    return 1 if errors else 0
+    if outcome.untracked:
+        print(f"warning: MLflow was unreachable past the grace period ({tracking.TRACKING_GRACE_ENV}); trials "
+              f"{', '.join(outcome.untracked)} are complete in {exp_path} but not fully logged. Fill MLflow in "
+              f"with: python -m harness.backfill {resolved['name']} --scale {resolved['scale']} --storage "
+              f"{shlex.quote(str(storage))} --tracking-uri {uri}", file=sys.stderr)
+    if outcome.errors:
+        return 1
+    return EXIT_UNTRACKED if outcome.untracked else 0
 
 
-def summarize(results, resolved: dict, wall_s: float) -> list[tuple[str, str]]:
-    """Print one row per cell and the errored trials; return the errors."""
+@dataclasses.dataclass
+class Outcome:
+    errors: list[tuple[str, str]]  # (trial, last line of its error)
+    unfinished: list[str]          # trials Tune stopped before their end (an interrupt)
+    untracked: list[str]           # completed trials whose MLflow run misses items (a tracking outage)
+
+
+def summarize(results, resolved: dict, wall_s: float) -> Outcome:
+    """Print one row per cell of finished trials and the errored ones; return what did not end well."""
     cells: dict[str, list[dict]] = {}
-    errors = []
+    out = Outcome([], [], [])
     for r in results:
-        trial = r.config["trial"]
+        trial, metrics = r.config["trial"], r.metrics or {}
         if r.error is not None:
-            errors.append((trial["name"], str(r.error).strip().splitlines()[-1][:300]))
+            out.errors.append((trial["name"], str(r.error).strip().splitlines()[-1][:300]))
             continue
-        cells.setdefault(trial["cell"], []).append(r.metrics or {})
-    print(f"\nstudy {resolved['name']} ({resolved['scale']}) finished in {wall_s:.0f} s")
+        if not metrics.get("finished"):
+            out.unfinished.append(trial["name"])
+            continue
+        if metrics.get("untracked"):
+            out.untracked.append(trial["name"])
+        cells.setdefault(trial["cell"], []).append(metrics)
+    ended = f"interrupted after {wall_s:.0f} s" if out.unfinished else f"finished in {wall_s:.0f} s"
+    print(f"\nstudy {resolved['name']} ({resolved['scale']}) {ended}")
     print(f"{'cell':60s} {'n':>3s} {'final acc':>10s} {'steps to target':>16s} {'diverged':>9s}")
     for cell, rows in cells.items():
         acc = statistics.median(float(m.get("final_acc", float("nan"))) for m in rows)
@@ -207,9 +284,9 @@ def summarize(results, resolved: dict, wall_s: float) -> list[tuple[str, str]]:
         steps = [s if s is not None and s >= 0 else math.inf for s in steps]
         diverged = sum(m.get("trial_status") == "diverged" for m in rows)
         print(f"{cell[:60]:60s} {len(rows):3d} {acc:10.4f} {statistics.median(steps):16g} {diverged:9d}")
-    for name, err in errors:
+    for name, err in out.errors:
         print(f"ERROR {name}: {err}", file=sys.stderr)
-    return errors
+    return out
 
 
 def dry_run(resolved: dict, trials: list[specs.Trial]) -> None:
@@ -222,10 +299,11 @@ def dry_run(resolved: dict, trials: list[specs.Trial]) -> None:
               f"{c['max_lr']:7g} {c['schedule']:>14s} {c['steps']:7d} {c['seed']:5d}")
         steps += c["steps"]
         images += c["steps"] * c["batch_size"]
-    ips = resolved.get("images_per_s")
-    source = "configured in the study file"
-    if not ips:
-        ips, source = measure_images_per_s(trials[0].config), "measured on this machine: 4 steps of the first trial"
+    ips, source = images_per_s(resolved, trials[0].config)
+    if ips is None:
+        print(f"\n{len(trials)} trials, {steps:,} optimizer steps, {images:,} training images; no cost estimate: "
+              f"{source}")
+        return
     devices = res["workers"] * (res["gpus_per_worker"] or res["cpus_per_worker"])
     kind = "GPU" if res["gpus_per_worker"] else "CPU"
     hours = images / ips / 3600
@@ -248,49 +326,134 @@ def print_plan(resolved: dict, trials: list[specs.Trial]) -> None:
         print(f"  {c.line()}")
 
 
-def measure_images_per_s(config: dict) -> float:
+def images_per_s(resolved: dict, config: dict) -> tuple[float | None, str]:
+    """(images/s of one trial process, where the figure comes from): measured here when this machine has the
+    study's kind of device, else the study file's `images_per_s` labelled assumed, else (None, why not)."""
+    import torch
+    wants_gpu = resolved["resources"]["gpus_per_worker"] > 0
+    if wants_gpu == torch.cuda.is_available():
+        steps, warmup = 4, 2
+        ips = measure_images_per_s(config, steps, warmup)
+        device = torch.cuda.get_device_name(0) if wants_gpu else f"CPU, {torch.get_num_threads()} threads"
+        return ips, (f"measured on this machine ({device}): {steps} steps of the first trial after {warmup} "
+                     f"warm-up, one process")
+    assumed = resolved.get("images_per_s")
+    if assumed:
+        return assumed, "ASSUMED: the study file's images_per_s, not measured (this machine has no GPU)"
+    return None, "the study runs on GPUs, this machine has none, and the study file gives no images_per_s"
+
+
+def measure_images_per_s(config: dict, steps: int = 4, warmup: int = 2) -> float:
+    """Training images/s of the first `steps` steps after `warmup` of this trial on the device it would use."""
     from harness.trial import run_trial
-    probe = {**config, "steps": 4, "eval_every": 4, "stepsize": None, "milestones": [],
+    probe = {**config, "steps": warmup + steps, "eval_every": warmup + steps, "warmup_steps": warmup,
+             "stepsize": None, "milestones": [],
              "schedule": "constant" if config["schedule"] == "multistep" else config["schedule"]}
-    times: list[float] = []
-    run_trial(probe, reporter=lambda m, s: times.append(m["images_per_s"]))
-    return times[-1]
+    rates: list[float] = []
+    run_trial(probe, reporter=lambda m, s: rates.append(m["images_per_s"]))
+    return rates[-1]
 
 
 # ----------------------------------------------------------------------------------------------------
+_OUR_RAY_JOB: list = []  # the job ID of the connection this module made (so main ends it, and only it)
+
+
 def _init_ray(address: str | None) -> bool:
+    """Connect (or start a local Ray); True when the connection is ours to shut down, even if an earlier call
+    (_cluster_gpus, picking the default scale) made it."""
     import ray
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
     if ray.is_initialized():
-        return False
+        return _OUR_RAY_JOB == [ray.get_runtime_context().get_job_id()]
+    env = {**RAY_ENV, **_storage_credentials()}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": RAY_ENV}, log_to_driver=True)
+        try:
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise SystemExit(_fail(f"cannot join the Ray cluster at {address}: {' '.join(str(e).split())[:300]}; "
+                                   f"start one (ray start --head, ray up cluster.yaml) or drop --address and "
+                                   f"RAY_ADDRESS to run on a local Ray")) from None
     else:
-        ray.init(resources={DRIVER_RESOURCE: 64}, runtime_env={"env_vars": RAY_ENV}, include_dashboard=True)
+        ray.init(resources={DRIVER_RESOURCE: 64}, runtime_env={"env_vars": env}, include_dashboard=True)
+    _OUR_RAY_JOB[:] = [ray.get_runtime_context().get_job_id()]
     return True
 
 
+def _unreachable_address(address: str) -> str | None:
+    """Pre-flight for --address / RAY_ADDRESS host:port: one line when nothing listens there (ray.init would
+    retry for a minute and end in a traceback). 'auto' and 'local' are left to ray.init (see _init_ray)."""
+    import socket
+    import urllib.parse
+
+    if address in ("auto", "local"):
+        return None
+    split = urllib.parse.urlsplit(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = split.hostname, split.port
+    except ValueError:
+        host = port = None
+    if not host or not port:
+        return f"--address {address!r} is not host:port; allowed: auto, host:port, ray://host:port (also RAY_ADDRESS)"
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+        return (f"no Ray cluster answers at {address} ({type(e).__name__}: {e.strerror or e}); start one (ray start "
+                f"--head, ray up cluster.yaml) or drop --address and RAY_ADDRESS to run on a local Ray")
+    return None
+
+
+def _missing_data(trials: list[specs.Trial]) -> str | None:
+    """Pre-flight: every dataset of the trials is on this machine or can be downloaded (nothing is downloaded
+    here); otherwise the first one missing, in one line, instead of every trial failing inside Ray."""
+    from harness import data
+    for name, data_dir in sorted({(t.config["dataset"], t.config.get("data_dir")) for t in trials}, key=str):
+        try:
+            data.locate(name, data_dir)
+        except data.DataNotFoundError as e:
+            return str(e)
+    return None
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse's errors as one line on stderr and exit 2 (not its usage block), like every other bad input."""
+
+    def error(self, message: str):
+        raise SystemExit(_fail(f"{message} (python -m harness.study --help lists the options)"))
+
+
 def _cluster_gpus(address: str | None) -> float:
+    """GPUs up now, or else those the autoscaler can launch (a fresh `ray up` cluster has none up)."""
     if address:
         import ray
         _init_ray(address)
-        return ray.cluster_resources().get("GPU", 0)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        types = _launchable_node_types(address)
+        launchable = _capacity(types).get("GPU", 0) if types else 0
+        if not gpus and launchable:
+            print(f"no GPU up yet; the autoscaler can launch {launchable:g} ({_describe_types(types)})", flush=True)
+            return launchable
+        return gpus
     import torch
     return torch.cuda.device_count()
 
 
-def _experiment_path(storage: Path, name: str, resume: bool) -> Path:
-    """storage/NAME for the first run; NAME-2, NAME-3... for later ones; --resume picks the latest."""
-    candidates = [storage / name] + sorted(storage.glob(f"{name}-[0-9]*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
-    existing = [p for p in candidates if p.exists()]
+def _experiment_path(storage: str, name: str, resume: bool) -> str:
+    """storage/NAME for the first run; NAME-2, NAME-3... for later ones; --resume picks the latest.
+    `storage` is a local folder or a pyarrow URI (s3://bucket/path?endpoint_override=...); so is the result."""
+    existing = sorted((n for n in _storage_list(storage) if n == name or _run_number(n, name)),
+                      key=lambda n: _run_number(n, name))
     if resume:
-        return existing[-1] if existing else storage / name
+        return _storage_join(storage, existing[-1] if existing else name)
     if not existing:
-        return storage / name
-    last = existing[-1]
-    n = int(last.name.rsplit("-", 1)[1]) + 1 if last != storage / name else 2
-    return storage / f"{name}-{n}"
+        return _storage_join(storage, name)
+    return _storage_join(storage, f"{name}-{_run_number(existing[-1], name) + 1 if existing[-1] != name else 2}")
+
+
+def _run_number(entry: str, name: str) -> int:
+    """N for an entry NAME-N, 0 for NAME itself or anything else."""
+    suffix = entry[len(name) + 1:] if entry.startswith(name + "-") else ""
+    return int(suffix) if suffix.isdigit() else 0
 
 
 def _trial_name(trial) -> str:
@@ -303,6 +466,227 @@ def _hardware(cluster: dict) -> str:
         model = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "GPU"
         return f"{cluster['GPU']:g}x {model}"
     return f"{cluster.get('CPU', 0):g}x CPU ({os.cpu_count()} cores on the driver host)"
+
+
+# ---------------------------------------------------------------------------------------------------- admission
+# What the cluster can launch, not only what is up: a fresh `ray up` cluster is a head and node *types*; Tune's
+# pending placement groups make the autoscaler launch the GPU nodes, so a study that fits a node type waits for
+# them instead of being refused. The arithmetic is a pure function of (node types, resources now, trial needs).
+@dataclass(frozen=True)
+class NodeType:
+    name: str
+    resources: dict[str, float]  # one node's resources, e.g. {"CPU": 96, "GPU": 8}
+    max_count: int               # how many the autoscaler may run at once; -1 = no limit
+
+
+@dataclass(frozen=True)
+class Admission:
+    concurrent: int = 0                                     # trials at once, once their nodes are up
+    waiting: dict[str, float] = field(default_factory=dict)  # beyond what is up now, for `concurrent` trials
+    error: str | None = None                                 # the study can never fit: the one-line refusal
+
+
+def admit(node_types: list[NodeType] | None, now: dict, per_worker: dict[str, float], workers: int,
+          limit: int) -> Admission:
+    """How many trials of `workers` x `per_worker` run at once (at most `limit`) on a cluster with `now`
+    resources up and `node_types` launchable (None: a fixed cluster, only `now` counts)."""
+    fits_now = _slots(now, per_worker) // workers
+    fits_later = 0
+    if node_types:
+        slots = [(t.max_count, _slots(t.resources, per_worker)) for t in node_types]
+        fits_later = math.inf if any(n < 0 and k for n, k in slots) else sum(n * k for n, k in slots) // workers
+    concurrent = min(max(fits_now, fits_later), limit)
+    if concurrent < 1:
+        need = _describe({k: v * workers for k, v in per_worker.items()})
+        where = (f"no node type can hold one worker ({_describe_types(node_types)})"
+                 if node_types and not any(k for _, k in slots) else
+                 f"the cluster can launch at most {_describe(_capacity(node_types))} ({_describe_types(node_types)})"
+                 if node_types else f"the cluster has {_describe({k: now.get(k, 0) for k in per_worker})}")
+        return Admission(error=f"one trial needs {need} ({workers} workers); {where}: lower --workers-per-trial "
+                               f"or resources in the study file, or add a larger node type")
+    waiting = {k: v * workers * concurrent - now.get(k, 0) for k, v in per_worker.items()}
+    return Admission(int(concurrent), {k: v for k, v in waiting.items() if v > 0})
+
+
+def _slots(resources: dict, per_worker: dict[str, float]) -> int:
+    """How many workers of shape `per_worker` `resources` hold."""
+    return int(min(resources.get(k, 0) // v for k, v in per_worker.items() if v > 0))
+
+
+def _per_worker(res: dict) -> dict[str, float]:
+    return {"GPU": res["gpus_per_worker"], "CPU": res["cpus_per_worker"]} if res["gpus_per_worker"] else \
+        {"CPU": res["cpus_per_worker"]}
+
+
+def _capacity(node_types: list[NodeType]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for t in node_types:
+        for k, v in t.resources.items():
+            total[k] = math.inf if t.max_count < 0 else total.get(k, 0) + v * t.max_count
+    return total
+
+
+def _describe(resources: dict[str, float]) -> str:
+    order = sorted(resources, key=lambda k: (k != "GPU", k != "CPU", k))
+    return ", ".join(f"{resources[k]:g} {k}{'s' if k in ('CPU', 'GPU') else ''}" for k in order)
+
+
+def _describe_types(node_types: list[NodeType] | None) -> str:
+    if not node_types:
+        return "no node types"
+    return "; ".join(f"{t.name}: up to {'any number' if t.max_count < 0 else t.max_count} x "
+                     f"{_describe({k: v for k, v in t.resources.items() if k in ('CPU', 'GPU')}) or 'nothing'}"
+                     for t in node_types)
+
+
+def node_types_from_autoscaler_config(config: dict) -> list[NodeType]:
+    """Node types of an autoscaler (`ray up`) config: its available_node_types, the head counted once."""
+    cap = config.get("max_workers", 0)
+    return [NodeType(name, {k: float(v) for k, v in (t.get("resources") or {}).items()},
+                     1 if name == config.get("head_node_type") else min(t.get("max_workers", cap), cap))
+            for name, t in config.get("available_node_types", {}).items()]
+
+
+def _launchable_node_types(address: str | None) -> list[NodeType] | None:
+    """The connected cluster's node types: Ray's own cluster config in the GCS (set by KubeRay and autoscaler v2),
+    else, on the head of a `ray up` cluster, the autoscaling config `ray up` wrote there; None for a fixed cluster."""
+    import ray._private.state
+    config = ray._private.state.state.get_cluster_config()
+    if config is not None and config.node_group_configs:
+        return [NodeType(g.name, dict(g.resources), g.max_count) for g in config.node_group_configs]
+    bootstrap = Path.home() / "ray_bootstrap_config.yaml"  # `ray up` --autoscaling-config, on the head only
+    if address and bootstrap.is_file():
+        import yaml
+        return node_types_from_autoscaler_config(yaml.safe_load(bootstrap.read_text()))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- storage
+# --storage is a local/shared folder or a pyarrow URI (s3://bucket/path?endpoint_override=host:port&scheme=http,
+# gs://bucket/path). Ray Train needs every node to see it; a preflight checks that before anything starts.
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                  "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS")
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre", "ceph", "gpfs", "glusterfs", "beegfs", "cifs", "smb3")
+
+
+def _log_file(exp_path: str) -> str:
+    """The study's log file: in its experiment folder, or (cloud storage) in a local folder of the same name.
+    Each node's processes append to that path on their own node."""
+    folder = Path(tempfile.gettempdir()) / "harness-logs" / exp_path.split("?")[0].rstrip("/").rsplit("/", 1)[-1] \
+        if _is_uri(exp_path) else Path(exp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / "harness.log")
+
+
+def _is_uri(storage: str) -> bool:
+    return "://" in storage
+
+
+def _resolve_storage(storage: str) -> str:
+    return storage if _is_uri(storage) else str(Path(storage).expanduser().resolve())
+
+
+def _storage_join(storage: str, *parts: str) -> str:
+    """storage/part/...; for a URI the query (endpoint options) stays at the end."""
+    if not _is_uri(storage):
+        return str(Path(storage, *parts))
+    base, _, query = storage.partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + (f"?{query}" if query else "")
+
+
+def _storage_name(storage: str) -> str:
+    return storage.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def _storage_fs(storage: str):
+    import pyarrow.fs
+    if _is_uri(storage):
+        return pyarrow.fs.FileSystem.from_uri(storage)
+    return pyarrow.fs.LocalFileSystem(), storage
+
+
+def _storage_list(storage: str) -> list[str]:
+    import pyarrow.fs
+    fs, path = _storage_fs(storage)
+    return [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))]
+
+
+def storage_exists(storage: str) -> bool:
+    import pyarrow.fs
+    fs, path = _storage_fs(storage)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+
+def storage_touch(storage: str) -> None:
+    fs, path = _storage_fs(storage)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(b"")
+
+
+def _storage_credentials() -> dict[str, str]:
+    """Cloud credentials set in the driver's environment, for the trials' processes on every node (a cluster's
+    nodes normally have their own, from an IAM instance profile; then none are set and none are passed)."""
+    return {k: os.environ[k] for k in CREDENTIAL_ENV if os.environ.get(k)}
+
+
+def _network_mount(path: str) -> bool:
+    """Whether `path` lies on a network filesystem per this machine's mount table (the deepest mount wins)."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return False
+    best = max((m for m in mounts if path == m[0] or path.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return best is not None and (best[1] in NETWORK_FILESYSTEMS or best[1].startswith("fuse."))
+
+
+def preflight_storage(storage: str, node_types: list[NodeType] | None) -> str | None:
+    """None when every node sees `storage`, else the one-line refusal (with the fix).
+
+    The driver writes a marker file; a zero-CPU task pinned to each alive node looks for it. Nodes the autoscaler
+    has not launched yet cannot be asked: a local path then passes only on a network filesystem."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    fix = ("pass --storage s3://BUCKET/PATH (or gs://BUCKET/PATH) or a folder on a filesystem mounted on every "
+           "node (NFS/EFS; see cluster.yaml)")
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    can_grow = bool(node_types) and sum(math.inf if t.max_count < 0 else t.max_count for t in node_types) > len(nodes)
+    if not _is_uri(storage) and len(nodes) < 2:
+        if can_grow and not _network_mount(storage):
+            return f"--storage {storage} is a folder on the head only, and trials run on nodes the autoscaler " \
+                   f"launches: {fix}"
+        return None
+    marker = _storage_join(storage, f".harness-preflight-{uuid.uuid4().hex}")
+    try:
+        storage_touch(marker)
+    except Exception as e:
+        return f"--storage {storage} cannot be written from the driver ({type(e).__name__}: " \
+               f"{' '.join(str(e).split())[:200]}): {fix}"
+    try:
+        sees = ray.remote(num_cpus=0, max_retries=0)(storage_exists)
+        refs = {n["NodeManagerAddress"] + " " + n["NodeID"][:8]: sees.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(marker)
+            for n in nodes}
+        blind = []
+        for node, ref in refs.items():
+            try:
+                if not ray.get(ref, timeout=180):
+                    blind.append(node)
+            except Exception as e:
+                blind.append(f"{node} ({type(e).__name__})")
+    finally:
+        try:
+            fs, path = _storage_fs(marker)
+            fs.delete_file(path)
+        except Exception:
+            pass
+    if blind:
+        return f"--storage {storage} is not shared: {len(blind)} of {len(nodes)} nodes do not see it " \
+               f"({', '.join(blind)}); Ray Train needs storage every node sees: {fix}"
+    return None
 
 
 def _fail(message: str) -> int:

@@ -15,16 +15,23 @@ The schema (what `harness.results` reads):
 Idempotent under retries: a child run is found by (parent run, trial key) before one is created, and a
 restarted trial skips evaluation records whose step is already logged. So a worker restarted from a
 checkpoint, or a study resumed with --resume, writes into the same runs and never duplicates one.
+
+Outages: a trial's logging goes through a local buffer (TrialLogger) retried with backoff, so training never
+waits on the store; past HARNESS_TRACKING_GRACE_S the trial completes without it and `harness.backfill`
+fills MLflow in from Ray's storage later. Calls that end runs (end_study_run, mark_trial_error) never raise:
+a store failure there is a warning line, so the error the user sees is the first one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import platform
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -41,6 +48,11 @@ SUMMARY_METRICS = ("final_acc", "final_val_acc", "best_acc", "reached_target", "
 EXTRA_EVAL_METRICS = ("dead_output_frac", "smoothed_loss", "batch_val_loss", "batch_val_acc")
 FINDER_SUMMARY_METRICS = ("lr_steepest", "lr_valley", "lr_smith", "lr_smith_base", "lr_smith_base_min",
                           "finder_stopped_early")
+TRACKING_GRACE_ENV = "HARNESS_TRACKING_GRACE_S"  # how long a trial waits at its end for a tracking outage
+DEFAULT_GRACE_S = 300.0
+BACKOFF_START_S, BACKOFF_MAX_S = 1.0, 30.0
+SHORT_HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
 
 class TrackingError(RuntimeError):
@@ -134,8 +146,17 @@ def start_study_run(uri: str, spec: dict, scale: str, tune_path: str, command: s
     return run.info.run_id
 
 
-def end_study_run(uri: str, run_id: str, status: str) -> None:
-    _client(uri).set_terminated(run_id, status=status)
+def end_study_run(uri: str, run_id: str, status: str) -> bool:
+    """Set the parent run's final status. Never raises (the study's own outcome must stay what the user
+    sees): a failure is one warning line and False."""
+    try:
+        with short_http_retries():
+            _client(uri).set_terminated(run_id, status=status)
+        return True
+    except Exception as e:
+        _warn(f"could not mark the study run {run_id} {status} ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200]})")
+        return False
 
 
 # ---------------------------------------------------------------------------------------------------- child
@@ -151,51 +172,221 @@ def find_or_create_trial_run(uri: str, exp_id: str, parent_id: str, trial: dict)
 
 
 class TrialLogger:
-    """Rank 0's MLflow writer for one trial: one batched call per evaluation, summary and artifacts at the end."""
+    """Rank 0's MLflow writer for one trial, built to outlive a tracking outage.
 
-    def __init__(self, uri: str, run_id: str):
+    Everything goes into a local buffer first (the run's params and tags, one record per evaluation, the
+    summary) and is delivered in that order by `flush()`: one batched call per evaluation while the server
+    answers; while it does not, training goes on and the buffer is retried with exponential backoff
+    (`flush` never raises). `finish` waits for the buffer up to HARNESS_TRACKING_GRACE_S seconds after the
+    outage began, then gives up: the trial still completes, its records stay in Ray's storage (Tune's
+    result.json) and `python -m harness.backfill` delivers them later.
+
+    Exactly once: records carry an explicit step; before the first delivery, and again after any failed call
+    (its answer may have been lost after the server applied it), the logger asks the server for the last
+    logged step and drops what the server already has. A restarted worker passes the checkpoint's history:
+    the buffer is rebuilt from it. MLflow's own HTTP retries are cut short (SHORT_HTTP_RETRIES) so that the
+    buffer, not the client, does the waiting.
+    """
+
+    def __init__(self, uri: str, run_id: str | None = None, *, experiment_id: str | None = None,
+                 parent_run_id: str | None = None, trial: dict | None = None, history: list[dict] = (),
+                 grace_s: float | None = None, mark_running: bool = True):
         from mlflow.entities import Metric, Param, RunTag
         self._Metric, self._Param, self._RunTag = Metric, Param, RunTag
-        self.client = _client(uri)
-        self.run_id = run_id
-        self.client.update_run(run_id, status="RUNNING")
-        logged = self.client.get_metric_history(run_id, "test_acc")
-        self.last_logged_step = max((m.step for m in logged), default=-1)
+        self.uri, self.client = uri, _client(uri)
+        self.run_id = run_id  # None: found or created (by trial key) at the first delivery
+        self._where = (experiment_id, parent_run_id, trial)
+        self.grace_s = tracking_grace_s() if grace_s is None else grace_s
+        self._ops: list[tuple] = []          # ("params", [...]) / ("tags", {...}) / ("text", text, path)
+        self._records: list[dict] = []       # evaluation records not yet known to be on the server
+        self._final: tuple | None = None     # ("finish", summary, history)
+        self._logged_step: int | None = None  # highest step on the server; None: ask before logging
+        self._backoff, self._next_try, self.down_since = BACKOFF_START_S, 0.0, None
+        for record in history:
+            self._buffer_record(record)
+        if mark_running:
+            self._ops.append(("running",))
+        self.flush()
 
+    # ------------------------------------------------------------------ what callers buffer
     def start(self, config: dict, workers: int, system_tags: dict[str, str]) -> None:
-        params = [self._Param(k, _param_str(v)) for k, v in flatten(config).items()]
-        params.append(self._Param("workers", str(workers)))
-        tags = [self._RunTag(k, str(v)) for k, v in system_tags.items()]
-        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=params[i:i + 100], tags=tags if i == 0 else [])
-        self.client.log_text(self.run_id, json.dumps(config, indent=2, sort_keys=True), "trial_config.json")
+        """Params (the flattened config and `workers`), system tags and trial_config.json; idempotent, so a
+        restarted worker sends them again."""
+        params = {k: _param_str(v) for k, v in flatten(config).items()}
+        params["workers"] = str(workers)
+        self._ops += [("params", params), ("tags", dict(system_tags)),
+                      ("text", json.dumps(config, indent=2, sort_keys=True), "trial_config.json")]
+        self.flush()
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._ops.append(("tags", {key: str(value)}))
+        self.flush()
 
     def log_eval(self, record: dict) -> None:
-        if record["step"] <= self.last_logged_step:
-            return  # already logged before a restart
-        ts = int(time.time() * 1000)
-        metrics = [self._Metric(k, float(record[k]), ts, int(record["step"])) for k in EVAL_METRICS + EXTRA_EVAL_METRICS
-                   if k in record]
-        self.client.log_batch(self.run_id, metrics=metrics)
-        self.last_logged_step = record["step"]
+        self._buffer_record(record)
+        if time.monotonic() >= self._next_try:
+            self.flush()
 
-    def finish(self, summary: dict, history: list[dict]) -> None:
-        ts = int(time.time() * 1000)
-        step = int(summary.get("steps_run") or 0)
-        metrics = [self._Metric(k, float(summary[k]), ts, step) for k in SUMMARY_METRICS + FINDER_SUMMARY_METRICS
-                   if summary.get(k) is not None]
-        self.client.log_batch(self.run_id, metrics=metrics,
-                              tags=[self._RunTag("harness.status", summary["status"])])
-        self.client.log_text(self.run_id, history_csv(history), "history.csv")
-        self.client.set_terminated(self.run_id, status="FINISHED")
+    def finish(self, summary: dict, history: list[dict]) -> bool:
+        """Buffer the summary, history.csv and the FINISHED status, then wait (with backoff, up to the grace
+        bound) until everything is delivered. False when the server stayed down: nothing raises."""
+        self._final = ("finish", dict(summary), [dict(r) for r in history])
+        return self.drain()
+
+    @property
+    def pending(self) -> int:
+        """Buffered items not yet delivered: records, run updates and the summary."""
+        return len(self._records) + len(self._ops) + (self._final is not None)
+
+    # ------------------------------------------------------------------ delivery
+    def flush(self) -> bool:
+        """One delivery attempt of the whole buffer; True when it is empty. Never raises."""
+        if not self.pending:
+            return True
+        try:
+            with short_http_retries():
+                self._deliver()
+        except Exception as e:  # any failure of the store: keep the buffer, back off, try again later
+            self._failed(e)
+            return False
+        if self.down_since is not None:
+            _warn(f"MLflow answers again after {time.monotonic() - self.down_since:.0f} s; buffer delivered")
+        self._backoff, self._next_try, self.down_since = BACKOFF_START_S, 0.0, None
+        return True
+
+    def drain(self) -> bool:
+        """Flush until the buffer is empty or the outage has lasted `grace_s`."""
+        while not self.flush():
+            now = time.monotonic()
+            deadline = self.down_since + self.grace_s
+            if now >= deadline:
+                _warn(f"MLflow still unreachable after {self.grace_s:g} s ({TRACKING_GRACE_ENV}); "
+                      f"{self.pending} items of run {self.run_id or trial_label(self._where[2])} not logged; "
+                      "they are kept in Ray's storage: python -m harness.backfill fills them in")
+                return False
+            time.sleep(max(0.0, min(self._next_try, deadline) - now))
+        return True
+
+    def _buffer_record(self, record: dict) -> None:
+        self._records.append({**record, "_ts": int(time.time() * 1000)})
+
+    def _deliver(self) -> None:
+        client = self.client
+        if self.run_id is None:
+            experiment, parent, trial = self._where
+            self.run_id = find_or_create_trial_run(self.uri, experiment, parent, trial)
+        while self._ops:
+            op = self._ops[0]
+            if op[0] == "running":
+                client.update_run(self.run_id, status="RUNNING")
+            elif op[0] == "params":
+                items = [self._Param(k, v) for k, v in op[1].items()]
+                for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+                    client.log_batch(self.run_id, params=items[i:i + 100])
+            elif op[0] == "tags":
+                client.log_batch(self.run_id, tags=[self._RunTag(k, v) for k, v in op[1].items()])
+            elif op[0] == "text":
+                client.log_text(self.run_id, op[1], op[2])
+            self._ops.pop(0)
+        if self._records:
+            if self._logged_step is None:
+                logged = client.get_metric_history(self.run_id, "test_acc")
+                self._logged_step = max((m.step for m in logged), default=-1)
+            self._records = [r for r in self._records if r["step"] > self._logged_step]
+            while self._records:
+                chunk = self._records[:60]  # at most 14 x 60 metrics: under MLflow's 1000 per batch
+                metrics = [self._Metric(k, float(r[k]), r["_ts"], int(r["step"]))
+                           for r in chunk for k in EVAL_METRICS + EXTRA_EVAL_METRICS if k in r]
+                client.log_batch(self.run_id, metrics=metrics)
+                self._logged_step = chunk[-1]["step"]
+                del self._records[:len(chunk)]
+        if self._final is not None:
+            _, summary, history = self._final
+            ts, step = int(time.time() * 1000), int(summary.get("steps_run") or 0)
+            run = client.get_run(self.run_id)
+            already = run.data.metrics.get("steps_run") == step  # an earlier attempt got through
+            metrics = [] if already else [self._Metric(k, float(summary[k]), ts, step)
+                                          for k in SUMMARY_METRICS + FINDER_SUMMARY_METRICS
+                                          if summary.get(k) is not None]
+            client.log_batch(self.run_id, metrics=metrics, tags=[self._RunTag("harness.status", summary["status"])])
+            client.log_text(self.run_id, history_csv(history), "history.csv")
+            client.set_terminated(self.run_id, status="FINISHED")
+            self._final = None
+
+    def _failed(self, error: Exception) -> None:
+        now = time.monotonic()
+        self._logged_step = None  # the failed call may have been applied: ask again before logging
+        if self.down_since is None:
+            self.down_since = now
+            _warn(f"MLflow {self.uri} unreachable ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                  f"training goes on, {self.pending} items buffered, retrying with backoff")
+        self._next_try = now + self._backoff
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
 
 
 def mark_trial_error(uri: str, exp_id: str, parent_id: str, trial: dict, error: str) -> None:
+    """Record a trial's error in its run. Never raises: a store that fails here must not hide `error`."""
+    try:
+        with short_http_retries():
+            client = _client(uri)
+            run_id = find_or_create_trial_run(uri, exp_id, parent_id, trial)
+            client.log_batch(run_id, tags=[_tag("harness.status", "error"), _tag("harness.error", error[:4000])])
+            client.set_terminated(run_id, status="FAILED")
+    except Exception as e:
+        _warn(f"could not record the error of trial {trial_label(trial)} in MLflow "
+              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+
+def mark_unfinished_trials_killed(uri: str, exp_id: str, parent_id: str) -> int:
+    """Interrupted study: the parent's child runs still RUNNING become KILLED. Returns how many."""
     client = _client(uri)
-    run_id = find_or_create_trial_run(uri, exp_id, parent_id, trial)
-    client.set_tag(run_id, "harness.status", "error")
-    client.set_tag(run_id, "harness.error", error[:4000])
-    client.set_terminated(run_id, status="FAILED")
+    runs = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                                                      "attributes.status = 'RUNNING'")
+    for run in runs:
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return len(runs)
+
+
+def tracking_grace_s() -> float:
+    """Seconds a trial waits at its end for an unreachable tracking store ($HARNESS_TRACKING_GRACE_S)."""
+    value = os.environ.get(TRACKING_GRACE_ENV)
+    if not value:
+        return DEFAULT_GRACE_S
+    try:
+        grace = float(value)
+    except ValueError:
+        grace = -1.0
+    if not grace >= 0:
+        raise TrackingError(f"{TRACKING_GRACE_ENV}={value!r} is not a number of seconds >= 0 (default "
+                            f"{DEFAULT_GRACE_S:g})")
+    return grace
+
+
+@contextlib.contextmanager
+def short_http_retries():
+    """MLflow's client retries a failed HTTP call 7 times with backoff (~4 minutes) and times out after 120 s;
+    the harness's own buffer does the waiting, so its calls fail fast (the variables are read per call)."""
+    saved = {k: os.environ.get(k) for k in SHORT_HTTP_RETRIES}
+    os.environ.update({k: v for k, v in SHORT_HTTP_RETRIES.items() if saved[k] is None})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+
+
+def trial_label(trial: dict | None) -> str:
+    return (trial or {}).get("name", "?")
+
+
+def _tag(key: str, value: str):
+    from mlflow.entities import RunTag
+    return RunTag(key, value)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: tracking: {message}", file=sys.stderr, flush=True)
 
 
 def history_csv(history: list[dict]) -> str:

@@ -11,6 +11,10 @@ steps once. BN running statistics (used at test time) follow the first micro-bat
 test net follows GPU 0. So a batch-1000 step has the paper's BN semantics on 1, 2 or 8 devices, and the same
 config and seed give the same trajectory whatever the world size (up to float summation order).
 
+Fast path (TrialConfig fields, so a study's `base` switches them): `precision` (auto = bf16 autocast on CUDA,
+fp32 on CPU), `channels_last` (convolutional models), `compile` (torch.compile), cudnn.benchmark on CUDA.
+Losses stay on the device between checks; throughput windows leave out the first `warmup_steps` steps.
+
 Divergence (a non-finite loss, or a loss above `divergence_factor` x the first step's) ends the trial with
 status `diverged`: a result, not an exception.
 """
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from harness.config import TrialConfig
-from harness.data import TrainBatches, load_dataset, test_batches
+from harness.data import RawData, TrainBatches, load_dataset, test_batches
 from harness.models import build_model, caffe_param_multipliers
 from harness.optim import CaffeSGD
 from harness.schedules import build_scheduler, lr_momentum
@@ -41,18 +45,20 @@ EVAL_BATCH = 1000
 
 
 def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
-              resume: dict[str, Any] | None = None, device: torch.device | str | None = None) -> dict[str, Any]:
+              resume: dict[str, Any] | None = None, device: torch.device | str | None = None,
+              raw: RawData | None = None) -> dict[str, Any]:
     """Train one trial; call `reporter(metrics, checkpoint_state)` at every evaluation; return the summary
     (with `history`, every evaluation record since step 0, and `first_step_at`, the wall clock of this
     process's first step).
 
     `checkpoint_state` is a dict (model, optimizer, scheduler, progress) on rank 0 and None elsewhere;
-    passing it back as `resume` continues the trial exactly where it was.
+    passing it back as `resume` continues the trial exactly where it was. `raw`: the dataset's files already read
+    (`harness.data.load_raw`, shared by the trials of a node), else they are read here.
     """
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
     if cfg.kind == "lr_finder":  # another trial kind: an LR sweep that restores the model (never resumed)
         from harness.lr_finder import run_finder
-        return run_finder(cfg, reporter, device)
+        return run_finder(cfg, reporter, device, raw)
     rank, world = _rank_and_world()
     cfg.validate(world_size=world)
     local_batch, accum = cfg.micro_batches(world)
@@ -62,11 +68,19 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
     # --- workload: data and model ---
     torch.manual_seed(cfg.seed)
     ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, train_size=cfg.train_size, val_size=cfg.val_size,
-                      seed=cfg.seed, preprocess=cfg.preprocess, device=device, invert=cfg.invert_images)
+                      seed=cfg.seed, preprocess=cfg.preprocess, device=device, raw=raw,
+                      invert=cfg.invert_images)
     model = build_model(cfg, ds.in_channels, ds.num_classes, ds.image_size).to(device)
+    fast = FastPath.of(cfg, device)
+    if fast.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
     net = model
     if world > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
     batches = TrainBatches(ds, cfg.batch_size, rank=rank, world_size=world, seed=cfg.seed)
 
     # --- training algorithm: optimizer and schedule ---
@@ -83,20 +97,25 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
 
     status, diverged_at, first_step_at = "completed", None, None
     loss_sum = torch.zeros((), device=device)   # summed on-device between evaluations: no per-step sync
-    loss_steps, window_images, window_seconds = 0, 0, 0.0
+    loss_steps, window_images = 0, 0
+    # this process's first steps (allocator, oneDNN/cuDNN set-up, compilation) are left out of the first window's
+    # images/s; at most eval_every - 1 of them, so that window still counts at least one step
+    warm_until = p["step"] + min(cfg.warmup_steps, cfg.eval_every - 1)
     net.train()
-    tick = time.perf_counter()
+    tick = window_tick = time.perf_counter()
     while p["step"] < cfg.steps:
         step = p["step"]
         lr, momentum = lr_momentum(optimizer)
         x, y = batches.get(step)
+        x = fast.layout(x)
         step_loss = torch.zeros((), device=device)
         for i in range(accum):
             sync = world == 1 or i == accum - 1
             if i == 1:
                 _track_bn_stats(model, False)
             with contextlib.nullcontext() if sync else net.no_sync():
-                loss = F.cross_entropy(net(x[i * micro:(i + 1) * micro]), y[i * micro:(i + 1) * micro])
+                with fast.autocast():  # the forward only; backward runs in the forward's dtypes
+                    loss = F.cross_entropy(net(x[i * micro:(i + 1) * micro]), y[i * micro:(i + 1) * micro])
                 (loss / accum).backward()
             step_loss += loss.detach() / accum
         if accum > 1:
@@ -110,6 +129,10 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
         window_images += cfg.batch_size
         if first_step_at is None:
             first_step_at = time.time()  # wall clock: the orchestration overhead ends here
+        if step == warm_until and step % cfg.eval_every:
+            # warm-up over before this window's evaluation: its images/s counts only the steps from here
+            _sync(device)
+            window_tick, window_images = time.perf_counter(), 0
 
         is_eval = step % cfg.eval_every == 0 or step == cfg.steps
         if is_eval or step % DIVERGENCE_CHECK_EVERY == 0 or step == 1:
@@ -122,15 +145,14 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
             continue
 
         # --- evaluation (not counted as training time) ---
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - tick
-        p["train_seconds"] += elapsed
-        window_seconds += elapsed
-        test_loss, test_acc = evaluate(model, ds, device, rank, world)
+        _sync(device)
+        now = time.perf_counter()
+        p["train_seconds"] += now - tick
+        window_seconds = now - window_tick
+        test_loss, test_acc = evaluate(model, ds, device, rank, world, fast)
         val = {}
         if ds.val_y is not None:
-            val["val_loss"], val["val_acc"] = evaluate(model, ds, device, rank, world, split="val")
+            val["val_loss"], val["val_acc"] = evaluate(model, ds, device, rank, world, fast, split="val")
         record = {
             "step": step,
             "epoch": step * cfg.batch_size / len(ds.train_y),
@@ -150,7 +172,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
         if p["steps_to_target"] is None and test_acc >= cfg.target_acc:
             p["steps_to_target"], p["seconds_to_target"] = step, p["train_seconds"]
         loss_sum.zero_()
-        loss_steps, window_images, window_seconds = 0, 0, 0.0
+        loss_steps, window_images = 0, 0
         if reporter is not None:
             state = None
             if rank == 0:
@@ -160,7 +182,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
         if status == "diverged":
             break
         net.train()
-        tick = time.perf_counter()
+        tick = window_tick = time.perf_counter()
 
     return {**summarize(cfg, p, status, diverged_at, world, accum), "first_step_at": first_step_at,
             "history": p["history"]}
@@ -221,9 +243,30 @@ def build_optimizer(model: torch.nn.Module, cfg: TrialConfig) -> torch.optim.Opt
     return torch.optim.Adadelta(groups, lr=lr)
 
 
+class FastPath:
+    """How a trial's tensors are laid out and computed: bf16 autocast or fp32, NHWC or NCHW."""
+
+    def __init__(self, bf16: bool, channels_last: bool, device_type: str):
+        self.bf16, self.channels_last, self.device_type = bf16, channels_last, device_type
+
+    @classmethod
+    def of(cls, cfg: TrialConfig, device: torch.device) -> FastPath:
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+        return cls(bf16, cfg.channels_last and cfg.model != "mlp", device.type)
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
+
+
+FP32 = FastPath(False, False, "cpu")
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, ds, device: torch.device, rank: int, world: int,
-             split: str = "test") -> tuple[float, float]:
+             fast: FastPath = FP32, split: str = "test") -> tuple[float, float]:
     """Loss and accuracy on the full test (or validation) set; each rank scores its shard, with rank 0's BN
     statistics."""
     if world > 1 and split == "test":  # the validation pass follows the test pass: buffers are already rank 0's
@@ -232,7 +275,8 @@ def evaluate(model: torch.nn.Module, ds, device: torch.device, rank: int, world:
     model.eval()
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
     for x, y in test_batches(ds, EVAL_BATCH, rank=rank, world_size=world, split=split):
-        out = model(x)
+        with fast.autocast():
+            out = model(fast.layout(x)).float()
         totals[0] += F.cross_entropy(out, y, reduction="sum").double()
         totals[1] += (out.argmax(1) == y).sum()
         totals[2] += len(y)
@@ -264,6 +308,11 @@ def _track_bn_stats(model: torch.nn.Module, on: bool) -> None:
             m.track_running_stats = on
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _global_mean(value: torch.Tensor, world: int) -> float:
     if world > 1:
         value = value.detach().clone()
@@ -284,3 +333,10 @@ def _pick_device(name: str) -> torch.device:
     if not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is visible; use device: auto or cpu")
     return torch.device("cuda", torch.cuda.current_device())
+
+
+if __name__ == "__main__":  # python -m harness.trial STUDY --cell CELL (or under torchrun): see harness/trial_cli.py
+    import sys
+
+    from harness.trial_cli import main
+    sys.exit(main())

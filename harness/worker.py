@@ -11,9 +11,12 @@ mid-trial (FailureConfig) and a study resumed with --resume both continue from t
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import socket
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -25,13 +28,35 @@ import torch.distributed as dist
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from harness import tracking
+from harness.data import RawData, load_raw
+from harness.study import quiet_console
 from harness.trial import run_trial
 
 CHECKPOINT_FILE = "trial_state.pt"
+PROFILE_ENV = "HARNESS_STARTUP_PROFILE"  # a file: each rank appends its start-up phases (wall clock) as a JSON line
+IMPORTED = time.time()  # this module imported (torch and ray.train.torch with it)
+
+
+def _profile(phases: dict, **extra) -> None:
+    path = os.environ.get(PROFILE_ENV)
+    if path:
+        import psutil
+        with open(path, "a") as f:
+            record = {"process_created": psutil.Process().create_time(), "imported": IMPORTED, **phases, **extra}
+            f.write(json.dumps(record) + "\n")
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    phases = {"driver_started": loop_config["driver_started_at"], "loop_entered": time.time()}
+    # torch imports torch._dynamo (seconds) inside the DDP wrap and the first optimizer step; import it now, beside
+    # the rendezvous and the MLflow set-up below, where this process mostly waits on the other ranks and sqlite
+    dynamo = threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True)
+    dynamo.start()
     trial, track = loop_config["trial"], loop_config["tracking"]
+    # Ray Train V2 logs "Reporting training result ..." at INFO to a logger named by its file path, which the
+    # RunConfig's LoggingConfig level (it filters "ray.train.*") does not reach: send it to the study's log.
+    from ray.train.v2._internal.execution import context as train_context
+    quiet_console(loop_config.get("harness_log"), train_context.__file__)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
@@ -46,17 +71,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
         gathered: list = [None] * world
         dist.all_gather_object(gathered, socket.gethostname())
         hostnames = gathered
+    phases["hostnames_gathered"] = time.time()
 
+    system = tracking.system_tags(hostnames)
     logger = None
-    if rank == 0 and track["uri"]:
-        logger = tracking.TrialLogger(track["uri"], track["run_id"])
-        if resume is None:
-            logger.start(trial["config"], world, tracking.system_tags(hostnames))
-        else:
-            logger.client.set_tag(logger.run_id, "harness.resumed_from_step", str(resume["progress"]["step"]))
-
-    crash_at = loop_config.get("inject_crash_at_step")
-    crash_marker = loop_config.get("inject_crash_marker")
+    if rank == 0 and track["uri"]:  # buffered: a tracking outage never stops training (see TrialLogger)
+        history = resume["progress"]["history"] if resume is not None else []
+        logger = tracking.TrialLogger(track["uri"], experiment_id=track["experiment_id"],
+                                      parent_run_id=track["parent_run_id"], trial=trial, history=history,
+                                      grace_s=track.get("grace_s"))
+        logger.start(trial["config"], world, system)
+        if resume is not None:
+            logger.set_tag("harness.resumed_from_step", str(resume["progress"]["step"]))
+    phases["mlflow_started"] = time.time()
 
     def reporter(metrics: dict, state: dict | None) -> None:
         if logger is not None:
@@ -68,21 +95,37 @@ def train_loop_per_worker(loop_config: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
                 torch.save(state, Path(d) / CHECKPOINT_FILE)
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
-        if crash_at and metrics["step"] >= crash_at and crash_marker and not os.path.exists(crash_marker):
-            Path(crash_marker).touch()  # crash once: the restarted worker must not crash again
-            time.sleep(3)  # let the controller collect the report, as a crash some time after a checkpoint
-            os._exit(1)  # a lost worker process, as a node failure looks to Ray Train
 
     device = ray.train.torch.get_device()
-    summary = run_trial(trial["config"], reporter, resume=resume, device=device)
+    raw = ray.get(loop_config["raw_data"]) if loop_config.get("raw_data") is not None else None
+    dynamo.join()
+    summary = run_trial(trial["config"], reporter, resume=resume, device=device, raw=raw)
     history, first_step_at = summary.pop("history"), summary.pop("first_step_at")
+    _profile({**phases, "first_step": first_step_at}, rank=rank, trial=trial["name"])
     if first_step_at and resume is None:  # Tune trial start -> first optimizer step: the orchestration overhead
         summary["startup_seconds"] = first_step_at - loop_config["driver_started_at"]
-    if logger is not None:
-        logger.finish(summary, history)
+    untracked = 0
+    if logger is not None and not logger.finish(summary, history):
+        untracked = logger.pending  # the study's summary says so; harness.backfill delivers them from Tune's results
     final = {k: (-1 if v is None else v) for k, v in summary.items() if k != "status"}
     ray.train.report({**final, "step": summary["steps_run"], "test_acc": summary["final_acc"],
-                      "trial_status": summary["status"], "finished": True})
+                      "trial_status": summary["status"], "finished": True, "untracked": untracked,
+                      "system_tags": system})  # Tune's result.json keeps it for harness.backfill
+
+
+_RAW: dict[tuple, RawData] = {}  # per trial-driver process (reused across trials): each dataset read once
+
+
+def shared_raw_data(trial_config: dict):
+    """The trial's dataset files, read once by this (reused) trial driver and put in Ray's object store, so the
+    trial's workers neither read nor parse them (digits: no scikit-learn import; Fashion-MNIST: no gunzip)."""
+    key = (trial_config.get("dataset", "digits"), trial_config.get("data_dir"))
+    if key not in _RAW:
+        try:
+            _RAW[key] = load_raw(key[0], data_dir=key[1])
+        except Exception:  # noqa: BLE001 - not here: the workers read it themselves and report what is wrong
+            return None
+    return ray.put(_RAW[key])
 
 
 def trial_driver(config: dict) -> None:
@@ -90,20 +133,20 @@ def trial_driver(config: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     started = time.time()
+    quiet_console(config.get("harness_log"))
     trial, track, res = config["trial"], config["tracking"], config["resources"]
-    if track["uri"]:
-        track = {**track, "run_id": tracking.find_or_create_trial_run(
-            track["uri"], track["experiment_id"], track["parent_run_id"], trial)}
     use_gpu = res["gpus_per_worker"] > 0
     worker_resources = {"CPU": res["cpus_per_worker"]}
     if use_gpu:
         worker_resources["GPU"] = res["gpus_per_worker"]
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**config, "tracking": track, "driver_started_at": started},
+        train_loop_config={**config, "tracking": track, "driver_started_at": started,
+                           "raw_data": shared_raw_data(trial["config"])},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=res["workers"], use_gpu=use_gpu,
-                                               resources_per_worker=worker_resources),
+                                               resources_per_worker=worker_resources,
+                                               placement_strategy=res.get("placement", "PACK")),
         run_config=ray.train.RunConfig(
             name=f"train-{trial['key']}",
             storage_path=config["train_storage"],
@@ -115,7 +158,7 @@ def trial_driver(config: dict) -> None:
     )
     try:
         trainer.fit()
-    except Exception as e:
+    except Exception as e:  # record it in the trial's run (never raises), then let Tune see the original error
         if track["uri"]:
             detail = "".join(traceback.format_exception_only(type(e), e)).strip()
             tracking.mark_trial_error(track["uri"], track["experiment_id"], track["parent_run_id"], trial, detail)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import subprocess
+from pathlib import Path
 
 import yaml
 from mlflow.tracking import MlflowClient
 
 from harness.config import FIELDS
 
+REPO = Path(__file__).resolve().parent.parent
 EVAL = ("lr", "momentum", "train_loss", "test_loss", "test_acc", "images_per_s", "train_seconds", "epoch")
 SUMMARY = ("final_acc", "best_acc", "reached_target", "target_acc", "world_size", "bn_batch", "accum_steps",
            "steps_run")
@@ -26,7 +29,8 @@ def check_study_runs(uri: str, study: str, n_trials: int, scale: str = "smoke") 
     parent = parents[0]
     tags = parent.data.tags
     assert tags["harness.study"] == study and tags["harness.scale"] == scale
-    assert len(tags["harness.git_commit"]) in (7, 40) or tags["harness.git_commit"] == "unknown"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert tags["harness.git_commit"] == (head or "unknown")  # the checkout's commit; "unknown" outside git
     assert tags["harness.git_dirty"] in ("true", "false")
     assert tags["harness.version"] and "harness.study" in tags["harness.command"]
     assert json.loads(tags["harness.ray_resources"])["CPU"] >= 1

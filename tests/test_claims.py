@@ -4,6 +4,7 @@ would), given synthetic outcomes, evaluated by harness.claims; plus the decision
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,11 @@ import pytest
 
 from harness import claims, plan
 from harness import spec as specs
+
+try:
+    from tests.paper_material import claims_md
+except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+    from paper_material import claims_md
 
 
 def frame(trials, scale: str, outcome, seconds=None) -> pd.DataFrame:
@@ -226,3 +232,28 @@ def test_null_calibration_supported_at_most_5_percent():
         total += len(verdicts)
     assert total == 450
     assert supported / total <= 0.05, supported / total
+
+
+def test_registry_numbers_are_those_of_claims_md():
+    """claims.CLAIMS transcribes claims.md's table: ../shared/paper/claims.md, else its copy in tests/fixtures."""
+    assert set(claims.CLAIMS) == {f"SC{i}" for i in range(1, 11)} | {"DA1", "DA2", "DA3", "DA4", "CLR1"}
+    rows = {}
+    for line in claims_md().splitlines():
+        m = re.match(r"\| (SC\d+|DA\d|CLR1) \|", line)
+        if m:
+            rows[m.group(1)] = [c.strip() for c in line.strip().strip("|").split("|")]
+    assert set(rows) == set(claims.CLAIMS)
+    for cid, cells in rows.items():
+        c = claims.CLAIMS[cid]
+        _, statement, setup, paper, log = cells
+        assert c.statement == statement, cid
+        assert all(part in setup for part in c.setup.split(", ")), cid  # DA4 lists its nets, comma-separated
+        assert c.log == log, cid
+        if paper == "as given":  # DA4, CLR1: the paper's numbers are written in the setup column
+            assert decimals(c.paper) == decimals(setup) != [], cid
+        else:
+            assert c.paper == paper, cid
+
+
+def decimals(text: str) -> list[str]:
+    return re.findall(r"\d+\.\d+", text)

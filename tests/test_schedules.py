@@ -6,7 +6,6 @@ import bisect
 import gzip
 import io
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +14,14 @@ import torch
 from harness.config import SCHEDULES, TrialConfig
 from harness.schedules import build_scheduler, curve, lr_momentum
 
+try:
+    from tests.paper_material import FIXTURES, LOG_EXCERPTS, caffe_logs_dir
+except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+    from paper_material import FIXTURES, LOG_EXCERPTS, caffe_logs_dir
+
 PAPER_CLR = {"schedule": "triangular", "base_lr": 0.1, "max_lr": 3.0, "stepsize": 5000, "steps": 10000}
 PAPER_PC = {"schedule": "multistep", "max_lr": 0.35, "milestones": (50000, 70000), "gamma": 0.1, "steps": 80000}
 ONE_CYCLE = {"schedule": "one_cycle", "base_lr": 0.08, "max_lr": 0.8, "steps": 200, "stepsize": 90}
-LOG_DIRS = [Path(__file__).resolve().parents[2] / "shared/paper/caffe-logs"]  # ../shared beside the repo
-LOG_DIR = next((d for d in LOG_DIRS if d.is_dir()), None)
 
 
 def cfg_of(**kw) -> TrialConfig:
@@ -150,11 +152,15 @@ def test_range_test_is_linear_and_momentum_constant():
     assert (df.momentum == 0.9).all()
 
 
-@pytest.mark.skipif(LOG_DIR is None, reason="the authors' Caffe logs are not here")
 def test_every_logged_lr_in_every_caffe_log():
+    """All 43 logs of ../shared when it is there, else the committed excerpts (every lr line of 4 logs)."""
+    log_dir = caffe_logs_dir()
+    paths = sorted(log_dir.glob("*.log.gz"))
+    full = log_dir != FIXTURES / "caffe-logs"
+    assert len(paths) == (43 if full else len(LOG_EXCERPTS))
     curves: dict[tuple, np.ndarray] = {}
     checked = 0
-    for path in sorted(LOG_DIR.glob("*.log.gz")):
+    for path in paths:
         with gzip.open(path, "rt", errors="replace") as f:
             text = f.read()
         solver = text[: text.find("Iteration ")] if "Iteration " in text else text
@@ -180,7 +186,7 @@ def test_every_logged_lr_in_every_caffe_log():
         for step, value in logged:
             assert curves[key][step] == pytest.approx(value, **caffe_tolerance(kw["max_lr"])), f"{path.name} {step}"
         checked += len(logged)
-    assert checked > 10000
+    assert checked > (10000 if full else 1000)
 
 
 # --- one_cycle ---------------------------------------------------------------------------------------------------

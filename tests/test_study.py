@@ -1,15 +1,11 @@
 """The study runner: YAML schema and errors, grid expansion, resource arithmetic, and real Ray Tune runs
-(2-worker gloo TorchTrainers on the session's 2-CPU local Ray): end to end with a divergence, a lost worker
-resumed from its checkpoint, an errored trial, an interrupted study resumed with --resume, and --dry-run."""
+(2-worker gloo TorchTrainers on the session's 2-CPU local Ray): end to end with a divergence, and --dry-run.
+Lost workers, errored trials, interrupts and tracking outages: tests/test_resilience.py."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -18,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_checks import check_study_runs
 
 from harness import spec as specs
-from harness.study import main
+from harness.study import main, parse_args
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {
@@ -163,88 +159,53 @@ def test_two_trial_study_end_to_end_with_a_divergence(ray_session, workdir, caps
     check_study_runs(uri, "tiny", n_trials=2)
 
 
-def test_lost_worker_resumes_from_checkpoint_into_the_same_run(ray_session, workdir):
-    study = {**TINY, "paired": {"schedule": [{"schedule": "one_cycle", "max_lr": 0.8}]}}
-    rc = main([write_study(workdir, study), "--inject-crash", "10"])
-    assert rc == 0
-    uri = f"sqlite:///{workdir}/mlflow.db"
-    (run,) = child_runs(uri)  # exactly one run for the trial, though its workers started twice
-    assert run.data.tags["harness.status"] == "completed"
-    assert run.data.tags.get("harness.resumed_from_step") == "10"  # the checkpoint at step 10, not a restart
-    steps = [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "test_acc")]
-    assert steps == [5, 10, 15, 20]  # no duplicates, no gaps
-    with open(MlflowClient(uri).download_artifacts(run.info.run_id, "history.csv")) as f:
-        assert [int(line.split(",")[0]) for line in f.read().splitlines()[1:]] == steps
-    assert (workdir / "ray_results" / "tiny-smoke" / "injected_crash.marker").exists()
-
-
-def test_errored_trial_gives_exit_1_and_is_listed(ray_session, workdir, capsys):
-    study = {**TINY, "paired": {"schedule": [{"schedule": "one_cycle", "max_lr": 0.8}]}}
-    rc = main([write_study(workdir, study), "--inject-crash", "10", "--max-failures", "0"])
-    err = capsys.readouterr().err
-    assert rc == 1 and "ERROR trial:" in err
-    (run,) = child_runs(f"sqlite:///{workdir}/mlflow.db")
-    assert run.data.tags["harness.status"] == "error" and run.data.tags["harness.error"]
-    assert run.info.status == "FAILED"
-    (parent,) = parent_runs(f"sqlite:///{workdir}/mlflow.db")
-    assert parent.info.status == "FAILED"
-
-
-def test_interrupted_study_resumes_without_rerunning_finished_trials(ray_session, workdir):
-    study = {**TINY, "base": {**TINY["base"], "steps": 30},
-             "paired": {"schedule": [{"schedule": "one_cycle", "max_lr": 0.8},
-                                     {"schedule": "multistep", "max_lr": 0.2, "milestones": [20]},
-                                     {"schedule": "cosine", "max_lr": 0.4}]}}
-    path = write_study(workdir, study)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "harness.study", path], cwd=workdir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    uri = f"sqlite:///{workdir}/mlflow.db"
-    deadline = time.time() + 240
-    finished = []
-    while time.time() < deadline and not finished:
-        time.sleep(2)
-        if (workdir / "mlflow.db").exists():
-            try:
-                finished = [r for r in child_runs(uri) if r.info.status == "FINISHED"]
-            except Exception:  # the store may still be being created
-                finished = []
-    time.sleep(3)  # let Tune record the finished trial as terminated too
-    os.killpg(proc.pid, signal.SIGINT)
-    out = proc.communicate(timeout=120)[0]
-    assert finished, out[-3000:]
-    first = finished[0]
-    assert len([r for r in child_runs(uri) if r.info.status == "FINISHED"]) < 3, "interrupted too late"
-
-    rc = main([path, "--resume"])
-    assert rc == 0
-    runs = child_runs(uri)
-    assert len(runs) == 3 and all(r.data.tags["harness.status"] == "completed" for r in runs)
-    again = MlflowClient(uri).get_run(first.info.run_id)
-    # the finished trial was not trained again: untouched, or (if Tune had not yet recorded its end) re-entered
-    # at its final checkpoint, with no step repeated
-    assert again.info.end_time == first.info.end_time or again.data.tags.get("harness.resumed_from_step") == "30"
-    for run in runs:
-        steps = [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "test_acc")]
-        assert steps == [5, 10, 15, 20, 25, 30]
-    (parent,) = parent_runs(uri)  # the resumed study reused its parent run
-    assert parent.info.status == "FINISHED"
-
-
 def test_resume_without_an_earlier_run_is_refused(ray_session, workdir, capsys):
     assert main([write_study(workdir, TINY), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
 
 
-def test_readme_main_command_is_the_smoke_study():
+def readme_study_commands() -> list[list[str]]:
+    """The argument lists of every `python -m harness.study ...` command in the README's code blocks."""
     readme = (REPO / "README.md").read_text()
-    assert "python -m harness.study batch_size_effect --scale smoke" in readme
-    assert textwrap.dedent("python -m pytest") in readme
+    blocks = re.findall(r"^```bash\n(.*?)^```", readme, flags=re.MULTILINE | re.DOTALL)
+    commands = []
+    for block in blocks:
+        for line in block.splitlines():
+            for part in line.split("&&"):
+                words = shlex.split(part.split("#")[0])
+                if words[:3] == ["python", "-m", "harness.study"]:
+                    commands.append(words[3:])
+    return commands
 
 
-def test_default_scale_follows_the_hardware_and_dry_run_measures_throughput(workdir, capsys):
+def test_readme_study_commands_name_real_studies_scales_and_options():
+    commands = readme_study_commands()
+    assert ["batch_size_effect", "--scale", "smoke"] in commands  # the quick start's main job
+    assert len(commands) >= 6
+    for argv in commands:
+        args = parse_args(argv)  # an unknown option or scale would exit 2 here
+        if args.list:
+            continue
+        spec = specs.load_spec(args.name)
+        assert specs.trials(spec, args.scale or "smoke"), argv
+
+
+@pytest.mark.parametrize("gpus, line", [
+    (0, "scale: smoke (no GPU found); pick another with --scale smoke|quick|paper"),
+    (8, "scale: paper (8 GPUs found); pick another with --scale smoke|quick|paper"),
+])
+def test_default_scale_follows_the_hardware(workdir, capsys, monkeypatch, gpus, line):
+    import torch
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)  # this host's GPUs do not decide the test
     rc = main(["batch_size_effect", "--dry-run"])
     out = capsys.readouterr().out
+    assert rc == 0 and out.splitlines()[0] == line
+    if gpus:  # the paper scale's throughput is configured: nothing is measured
+        assert "72 trials" in out and "configured in the study file" in out and "GPU-hours" in out
+
+
+def test_dry_run_measures_throughput_when_the_study_has_none(workdir, capsys):
+    rc = main(["batch_size_effect", "--scale", "smoke", "--dry-run"])
+    out = capsys.readouterr().out
     assert rc == 0
-    assert out.splitlines()[0] == "scale: smoke (no GPU found); pick another with --scale smoke|quick|paper"
     assert "4 trials" in out and "measured on this machine" in out and "CPU-hours" in out

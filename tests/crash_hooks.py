@@ -1,0 +1,80 @@
+"""Lose a Ray Train worker at a chosen moment: a Ray `worker_process_setup_hook` for the resilience tests.
+
+Nothing of this lives in harness/: the test's Ray session names `crash_hooks.install` as the setup hook of
+every Ray worker process and points $HARNESS_TEST_CRASH_PLAN at a JSON file, {"moment", "rank", "step"}:
+
+    window        rank `rank` is killed before optimizer step `step` + 1 (between two evaluations)
+    eval          ... as it enters the evaluation after step `step`
+    after_report  ... right after its ray.train.report of step `step` returned (the controller may not have
+                  collected that checkpoint yet)
+
+The process SIGKILLs itself, as a lost node looks to Ray Train. A plan fires once (`<plan>.fired` marks it),
+so the restarted worker carries on. With no plan file, nothing is patched.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+from pathlib import Path
+
+PLAN_ENV = "HARNESS_TEST_CRASH_PLAN"
+
+
+def install() -> None:
+    plan_path = os.environ.get(PLAN_ENV)
+    if not plan_path:
+        return
+    import ray.train
+
+    import harness.trial as trial
+
+    last_step = {"index": -1}
+
+    def crash_if(moment: str, step: int) -> None:
+        path = Path(plan_path)
+        if not path.exists():
+            return
+        plan = json.loads(path.read_text())
+        if plan["moment"] != moment or plan["step"] != step or _rank() != plan["rank"]:
+            return
+        try:  # fire once: the first process to create the marker dies
+            os.close(os.open(f"{plan_path}.fired", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    original_get = trial.TrainBatches.get
+
+    @functools.wraps(original_get)
+    def get(self, step):
+        last_step["index"] = step
+        crash_if("window", step)
+        return original_get(self, step)
+
+    original_evaluate = trial.evaluate
+
+    @functools.wraps(original_evaluate)
+    def evaluate(*args, **kwargs):
+        crash_if("eval", last_step["index"] + 1)
+        return original_evaluate(*args, **kwargs)
+
+    original_report = ray.train.report
+
+    @functools.wraps(original_report)
+    def report(metrics, *args, **kwargs):
+        out = original_report(metrics, *args, **kwargs)
+        if "step" in metrics and not metrics.get("finished"):
+            crash_if("after_report", metrics["step"])
+        return out
+
+    trial.TrainBatches.get = get
+    trial.evaluate = evaluate
+    ray.train.report = report
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

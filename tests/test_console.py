@@ -1,0 +1,39 @@
+"""A quiet console: a real 2-trial study (the CLI starting its own Ray) prints Tune's table and the harness's own
+lines; Ray Train's per-report lines, Ray's token-auth warning and library warnings land in harness.log."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+try:
+    from tests.test_study import TINY
+except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+    from test_study import TINY
+
+REPO = Path(__file__).resolve().parent.parent
+NOISE = ("Reporting training result", "Token authentication is", "Warning:")  # "Warning:": any Python warning
+
+
+def test_study_console_has_the_table_and_our_lines_and_the_log_has_the_rest(tmp_path):
+    study = tmp_path / "tiny.yaml"
+    study.write_text(yaml.safe_dump(TINY, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-m", "harness.study", str(study), "--storage", str(tmp_path / "rs")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-3000:]
+    log = tmp_path / "rs" / "tiny-smoke" / "harness.log"
+    assert any(f"libraries' warnings: {log}" in line for line in proc.stdout.splitlines()[:3])  # said up front
+    assert "study tiny (smoke): 2 trials" in proc.stdout and "finished in" in proc.stdout  # the harness's lines
+    assert "Trial status" in console or "== Status ==" in console  # Tune's table
+    for line in NOISE:
+        assert line not in console, (line, [c for c in console.splitlines() if line in c][:3])
+    text = log.read_text()
+    assert "Reporting training result" in text and "from rank 1" in text  # every worker's reports
+    assert "Token authentication is" in text
