@@ -20,9 +20,12 @@ MODELS = (
     "mlp", "small_cnn",
 )
 MLP_ACTIVATIONS = ("relu", "tanh", "sigmoid", "square400")
-OPTIMIZERS = ("sgd", "nesterov", "adam", "adagrad", "adadelta")
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adagrad", "adadelta", "caffe_sgd")  # caffe_sgd: harness.optim
 SCHEDULES = ("constant", "multistep", "triangular", "one_cycle", "one_cycle_cos", "cosine", "range_test")
 DEVICES = ("auto", "cpu", "cuda")
+KINDS = ("train", "lr_finder")              # lr_finder: harness.lr_finder
+FINDER_MODES = ("exp", "linear")
+LR_SUGGESTIONS = ("steepest", "valley", "smith")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -71,6 +74,18 @@ class TrialConfig:
     # --- run ---
     seed: int = 0
     device: str = "auto"
+    # --- data: negative images (negative_mnist) ---
+    invert_images: bool = False        # every pixel x in [0, 1] becomes 1 - x, before preprocess
+    # --- LR finder (kind lr_finder: sweep base_lr -> max_lr over `steps`; see harness.lr_finder) ---
+    kind: str = "train"                # train | lr_finder
+    finder_mode: str = "exp"           # exp (fastai / pytorch-lr-finder) | linear (Smith's range test)
+    finder_smoothing: float = 0.98     # beta of the bias-corrected exponential moving average of the loss
+    finder_stop_factor: float = 4.0    # stop once the smoothed loss exceeds this x its best
+    finder_val: bool = False           # score the next validation (val_size, else test) batch after each step
+    # --- a max LR taken from a finder study's runs in MLflow (harness.lr_from_finder, resolved by the runner) ---
+    lr_from_finder: str | None = None  # the finder study; its runs of this trial's cell give max_lr
+    lr_suggestion: str = "valley"      # steepest | valley | smith
+    lr_base_div: float = 10.0          # then base_lr = max_lr / lr_base_div (Smith: 10..20 for one cycle)
     # --- fast path (how fast, never what is computed: the same curve within bf16's tolerance) ---
     precision: str = "auto"            # auto: bf16 autocast on CUDA, fp32 elsewhere; fp32; bf16 (autocast anywhere)
     channels_last: bool = True         # NHWC memory format for the convolutional models (MLPs stay as they are)
@@ -107,6 +122,18 @@ class TrialConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("device", self.device, DEVICES)
+        _choice("kind", self.kind, KINDS)
+        _choice("finder_mode", self.finder_mode, FINDER_MODES)
+        _choice("lr_suggestion", self.lr_suggestion, LR_SUGGESTIONS)
+        if self.kind == "lr_finder":
+            if not 0 < self.base_lr < self.max_lr:
+                raise ConfigError(f"an lr_finder sweeps base_lr -> max_lr: need 0 < base_lr < max_lr, got "
+                                  f"{self.base_lr} and {self.max_lr}")
+            if not 0 <= self.finder_smoothing < 1 or self.finder_stop_factor <= 1:
+                raise ConfigError(f"finder_smoothing must be in [0, 1) and finder_stop_factor > 1, got "
+                                  f"{self.finder_smoothing} and {self.finder_stop_factor}")
+        if self.lr_base_div < 1:
+            raise ConfigError(f"lr_base_div must be >= 1, got {self.lr_base_div}")
         _choice("precision", self.precision, PRECISIONS)
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")

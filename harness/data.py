@@ -401,6 +401,7 @@ def load_dataset(
     preprocess: str = "paper",
     device: str | torch.device = "cpu",
     download: bool = True,
+    invert: bool = False,
     raw: RawData | None = None,
 ) -> Dataset:
     """The dataset as float32 tensors on `device`, preprocessed with statistics of the (sub)training set.
@@ -410,6 +411,7 @@ def load_dataset(
     the same for every seed (AlgoPerf's rule: tuning selects on validation, the report scores the test set).
     preprocess: "paper" subtracts the per-pixel mean image (Caffe's mean_file) and mirrors; "standard" standardizes
     each channel and crops (pad 4) + mirrors; "none" only scales to [0, 1]. Pixels are scaled to [0, 1] first.
+    invert: every pixel x becomes 1 - x after that scaling, before preprocessing ("negative" images).
     raw: the files' content read earlier by `load_raw` (the same `name`); then no file is read here.
     """
     if name not in DATASETS:
@@ -446,6 +448,9 @@ def load_dataset(
     train_y, test_y = train_y.to(device), test_y.to(device)
     if val_x is not None:
         val_x, val_y = val_x.to(device).float().div_(max_value), val_y.to(device)
+    if invert:
+        train_x, test_x = 1.0 - train_x, 1.0 - test_x
+        val_x = None if val_x is None else 1.0 - val_x
 
     if preprocess == "paper":
         mean = train_x.mean(dim=0, keepdim=True)  # the mean image [1, C, H, W]

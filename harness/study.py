@@ -26,8 +26,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness import lr_from_finder, tracking
 from harness import spec as specs
-from harness import tracking
 from harness.config import ConfigError
 
 EXIT_UNTRACKED = 3  # every trial ended, but MLflow misses some of it: run harness.backfill
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tracking.tracking_grace_s()
         tracking.check_store(uri)
+        trials = lr_from_finder.resolve(trials, uri, resolved["scale"])  # max LRs taken from finder runs
     except tracking.TrackingError as e:
         return _fail(str(e))
 

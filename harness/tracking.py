@@ -46,6 +46,10 @@ from harness import names
 
 EVAL_METRICS = names.EVAL_METRICS
 SUMMARY_METRICS = names.SUMMARY_METRICS
+# logged when a record has them: MLPs' dead output units; an LR finder's sweep (kind lr_finder) and suggestions
+EXTRA_EVAL_METRICS = ("dead_output_frac", "smoothed_loss", "batch_val_loss", "batch_val_acc")
+FINDER_SUMMARY_METRICS = ("lr_steepest", "lr_valley", "lr_smith", "lr_smith_base", "lr_smith_base_min",
+                          "finder_stopped_early")
 TRACKING_GRACE_ENV = "HARNESS_TRACKING_GRACE_S"  # how long a trial waits at its end for a tracking outage
 DEFAULT_GRACE_S = 300.0
 BACKOFF_START_S, BACKOFF_MAX_S = 1.0, 30.0
@@ -324,9 +328,9 @@ class TrialLogger:
                 self._logged_step = max((m.step for m in logged), default=-1)
             self._records = [r for r in self._records if r["step"] > self._logged_step]
             while self._records:
-                chunk = self._records[:100]  # at most 8 x 100 metrics: under MLflow's 1000 per batch
+                chunk = self._records[:60]  # at most 14 x 60 metrics: under MLflow's 1000 per batch
                 metrics = [self._Metric(k, float(r[k]), r["_ts"], int(r["step"]))
-                           for r in chunk for k in EVAL_METRICS if k in r]
+                           for r in chunk for k in EVAL_METRICS + EXTRA_EVAL_METRICS if k in r]
                 client.log_batch(self.run_id, metrics=metrics)
                 self._logged_step = chunk[-1]["step"]
                 del self._records[:len(chunk)]
@@ -335,7 +339,8 @@ class TrialLogger:
             ts, step = int(time.time() * 1000), int(summary.get("steps_run") or 0)
             run = client.get_run(self.run_id)
             already = run.data.metrics.get("steps_run") == step  # an earlier attempt got through
-            metrics = [] if already else [self._Metric(k, float(summary[k]), ts, step) for k in SUMMARY_METRICS
+            metrics = [] if already else [self._Metric(k, float(summary[k]), ts, step)
+                                          for k in SUMMARY_METRICS + FINDER_SUMMARY_METRICS
                                           if summary.get(k) is not None]
             client.log_batch(self.run_id, metrics=metrics, tags=[self._RunTag(names.STATUS, summary["status"])])
             client.log_text(self.run_id, history_csv(history), "history.csv")
@@ -420,7 +425,8 @@ def _warn(message: str) -> None:
 
 def history_csv(history: list[dict]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["step", *EVAL_METRICS], extrasaction="ignore")
+    extra = [k for k in EXTRA_EVAL_METRICS if history and k in history[0]]
+    writer = csv.DictWriter(buf, fieldnames=["step", *EVAL_METRICS, *extra], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
     return buf.getvalue()

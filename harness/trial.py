@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from harness.config import TrialConfig
 from harness.data import RawData, TrainBatches, load_dataset, test_batches
 from harness.models import build_model, caffe_param_multipliers
+from harness.optim import CaffeSGD
 from harness.schedules import build_scheduler, lr_momentum
 
 Reporter = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
@@ -55,6 +56,9 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
     (`harness.data.load_raw`, shared by the trials of a node), else they are read here.
     """
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
+    if cfg.kind == "lr_finder":  # another trial kind: an LR sweep that restores the model (never resumed)
+        from harness.lr_finder import run_finder
+        return run_finder(cfg, reporter, device, raw)
     rank, world = _rank_and_world()
     cfg.validate(world_size=world)
     local_batch, accum = cfg.micro_batches(world)
@@ -64,7 +68,8 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
     # --- workload: data and model ---
     torch.manual_seed(cfg.seed)
     ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, train_size=cfg.train_size, val_size=cfg.val_size,
-                      seed=cfg.seed, preprocess=cfg.preprocess, device=device, raw=raw)
+                      seed=cfg.seed, preprocess=cfg.preprocess, device=device, raw=raw,
+                      invert=cfg.invert_images)
     model = build_model(cfg, ds.in_channels, ds.num_classes, ds.image_size).to(device)
     fast = FastPath.of(cfg, device)
     if fast.channels_last:
@@ -160,6 +165,8 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
             "images_per_s": window_images / window_seconds if window_seconds > 0 else 0.0,
             "train_seconds": p["train_seconds"],
         }
+        if cfg.model == "mlp":  # negative_mnist: output units that never fire (dead behind a final ReLU)
+            record["dead_output_frac"] = dead_output_fraction(model, ds, device, rank, world)
         p["history"].append(record)
         p["best_acc"] = max(p["best_acc"], test_acc if math.isfinite(test_acc) else 0.0)
         if p["steps_to_target"] is None and test_acc >= cfg.target_acc:
@@ -204,17 +211,25 @@ def summarize(cfg: TrialConfig, p: dict, status: str, diverged_at: int | None, w
 
 # ----------------------------------------------------------------------------------------------------
 def build_optimizer(model: torch.nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer:
-    """SGD/Nesterov/Adam/AdaGrad/AdaDelta with the paper's weight-decay exemptions.
+    """SGD/Nesterov/Adam/AdaGrad/AdaDelta/Caffe SGD with the paper's weight-decay exemptions.
 
     The authors' Caffe ResNets decay what their prototxt decays (decay_mult): conv biases are exempt, BN scale
     and shift and the FC bias are not. Other models exempt every bias and BN parameter (the common convention).
-    Caffe's lr_mult 2 on biases is not reproduced: every parameter follows the schedule's lr.
+    Caffe's lr_mult 2 on biases is reproduced by `caffe_sgd` only (harness.optim.CaffeSGD, groups by
+    (lr_mult, decay_mult); other models: lr_mult 1); every other optimizer follows the schedule's lr.
     """
     if cfg.model in ("resnet20", "resnet56", "resnet110"):
         mults = caffe_param_multipliers(model)
         decayed = {n for n, (_, decay_mult) in mults.items() if decay_mult > 0}
     else:
         decayed = {n for n, p in model.named_parameters() if p.ndim > 1}
+        mults = {n: (1.0, 1.0 if n in decayed else 0.0) for n, _ in model.named_parameters()}
+    if cfg.optimizer == "caffe_sgd":
+        by_mult: dict[tuple[float, float], list] = {}
+        for n, p in model.named_parameters():
+            by_mult.setdefault(mults[n], []).append(p)
+        return CaffeSGD([{"params": ps, "lr_mult": lm, "decay_mult": dm} for (lm, dm), ps in by_mult.items()],
+                        lr=cfg.max_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     decay = [p for n, p in model.named_parameters() if n in decayed]
     no_decay = [p for n, p in model.named_parameters() if n not in decayed]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -269,6 +284,19 @@ def evaluate(model: torch.nn.Module, ds, device: torch.device, rank: int, world:
         dist.all_reduce(totals)
     loss, correct, count = totals.tolist()
     return loss / count, correct / count
+
+
+@torch.no_grad()
+def dead_output_fraction(model: torch.nn.Module, ds, device: torch.device, rank: int, world: int) -> float:
+    """The fraction of output units that are <= 0 on every test image: behind a final ReLU, dead units
+    (zero output and zero gradient for every input); without one, units that never give a positive logit."""
+    model.eval()
+    peak = torch.full((ds.num_classes,), -math.inf, device=device)
+    for x, _ in test_batches(ds, EVAL_BATCH, rank=rank, world_size=world):
+        peak = torch.maximum(peak, model(x).amax(0))
+    if world > 1:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return float((peak <= 0).float().mean())
 
 
 def _track_bn_stats(model: torch.nn.Module, on: bool) -> None:

@@ -1,0 +1,70 @@
+"""Every shipped study runs at smoke scale through the real pipeline (Ray Tune, 2-worker gloo TorchTrainers, one
+MLflow store for all of them) and leaves the runs its analysis needs. The finder study runs before the study that
+takes its max LRs from it (activation_mystery: lr_from_finder)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from mlflow.tracking import MlflowClient
+from mlflow_checks import check_study_runs
+
+from harness import spec as specs
+from harness.study import main
+
+FINDERS = ("activation_mystery_finder",)
+STUDIES = [*FINDERS, *(n for n, _ in specs.list_studies() if n not in FINDERS)]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("all_studies")
+    return folder, f"sqlite:///{folder}/mlflow.db"
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_study_runs_at_smoke_scale(ray_session, store, name, monkeypatch, capsys):
+    folder, uri = store
+    monkeypatch.chdir(folder)
+    rc = main([name, "--scale", "smoke", "--tracking-uri", uri, "--storage", str(folder / "ray_results")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-3000:]
+    trials = specs.trials(specs.load_spec(name), "smoke")
+    if name in FINDERS:
+        check_finder_runs(uri, name, len(trials))
+        return
+    _, children = check_study_runs(uri, name, n_trials=len(trials))
+    if name == "activation_mystery":  # the finder's suggestion became the second arm's max LR, per activation
+        finder = {r.data.params["mlp_activation"]: r.data.metrics["lr_smith"]
+                  for r in _children(uri, "activation_mystery_finder")}
+        for child in children:
+            p = child.data.params
+            if p["lr_from_finder"] == "activation_mystery_finder":
+                assert float(p["max_lr"]) == pytest.approx(finder[p["mlp_activation"]])
+            else:
+                assert float(p["max_lr"]) == 0.001
+    if name == "negative_mnist":
+        for child in children:
+            history = MlflowClient(uri).get_metric_history(child.info.run_id, "dead_output_frac")
+            assert history and all(0 <= h.value <= 1 for h in history)
+
+
+def _children(uri: str, study: str) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(study)
+    return client.search_runs([exp.experiment_id], filter_string="tags.`harness.role` = 'trial'")
+
+
+def check_finder_runs(uri: str, study: str, n_trials: int) -> None:
+    client = MlflowClient(uri)
+    children = _children(uri, study)
+    assert len(children) == n_trials
+    for child in children:
+        m = child.data.metrics
+        assert child.data.tags["harness.status"] == "completed" and child.data.params["kind"] == "lr_finder"
+        assert all(math.isfinite(m[k]) and m[k] > 0 for k in ("lr_steepest", "lr_valley", "lr_smith"))
+        lrs = [h.value for h in client.get_metric_history(child.info.run_id, "lr")]
+        smooth = client.get_metric_history(child.info.run_id, "smoothed_loss")
+        assert len(lrs) == len(smooth) == m["steps_run"] and lrs == sorted(lrs)
+        assert float(child.data.params["base_lr"]) == pytest.approx(lrs[0])
