@@ -32,8 +32,8 @@ MALFORMED = "name: tiny\nquestion: q\nbase: {dataset: digits\nsteps: 3\n"
 # id, study (a dict, YAML text, or a study name), extra arguments, what stderr must say (every part)
 ROWS = [
     ("unknown study", "batch_size_efect", [],
-     ["no study 'batch_size_efect'", "did you mean 'batch_size_effect'", "studies: batch_size_effect, "
-      "lr_range_test, super_convergence"]),
+     ["no study 'batch_size_efect'", "did you mean 'batch_size_effect'",
+      "studies: " + ", ".join(n for n, _ in __import__("harness.spec").spec.list_studies())]),
     ("malformed YAML", MALFORMED, [],
      ["line 4, column 6", "not valid YAML", "expected ',' or '}'", "from line 3, column 7", "a study file is"]),
     ("unknown top key", {**TINY, "resoures": {}}, [], ["unknown key 'resoures' (did you mean 'resources'?)",
