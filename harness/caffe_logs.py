@@ -253,11 +253,19 @@ def match_reference(setup: dict, index=None) -> list[str]:
             continue
         ok = True
         for key in ("optimizer", "weight_decay", "momentum"):
-            if setup.get(key) is not None and not _isnan(row.get(key)) and not _isnan(setup.get(key)):
-                ok &= _same(row[key], setup[key])
+            mine = setup.get(key)
+            if key == "optimizer" and mine is not None:
+                mine = CAFFE_SOLVER.get(mine, mine)
+            if mine is not None and not _isnan(row.get(key)) and not _isnan(mine):
+                ok &= _same(row[key], mine)
         if ok and not (isinstance(row.get("notes"), str) and row["notes"]):
             out.append(row["file"])
     return out
+
+
+# The harness's optimizers named by the Caffe solver type they reproduce (the logs' `optimizer` column):
+# caffe_sgd is Caffe's SGD exactly; PyTorch's sgd is the same method with the LR outside the momentum buffer.
+CAFFE_SOLVER = {"caffe_sgd": "sgd"}
 
 
 def _isnan(v) -> bool:

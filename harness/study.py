@@ -342,7 +342,7 @@ def images_per_s(resolved: dict, config: dict) -> tuple[float | None, str]:
                      f"warm-up, one process")
     assumed = resolved.get("images_per_s")
     if assumed:
-        return assumed, "ASSUMED: the study file's images_per_s, not measured (this machine has no GPU)"
+        return assumed, "ASSUMED: configured in the study file (images_per_s), not measured here (no usable GPU)"
     return None, "the study runs on GPUs, this machine has none, and the study file gives no images_per_s"
 
 
