@@ -62,7 +62,8 @@ def runs(uri: str, role: str) -> list:
 
 
 def by_name(uri: str) -> dict:
-    return {r.info.run_name: r for r in runs(uri, "trial")}
+    """The study's trial runs by schedule (each tiny study here has one trial per schedule)."""
+    return {r.data.params["schedule"]: r for r in runs(uri, "trial")}
 
 
 def eval_steps(uri: str, run_id: str, key: str = "test_acc") -> list[int]:
@@ -292,7 +293,7 @@ def test_mlflow_down_30_s_mid_study_loses_and_duplicates_nothing(hooked_ray, wor
     assert rc == 0
     assert "up" in outage, "the server was never stopped and restarted"
     _, children = check_study_runs(server.uri, "tiny", n_trials=2)  # every step once, full schema
-    trials = {c.info.run_name: c for c in children}
+    trials = {c.data.params["schedule"]: c for c in children}
     assert eval_steps(server.uri, trials["one_cycle"].info.run_id) == [5, 10, 15, 20]
     history = MlflowClient(server.uri).get_metric_history(trials["cosine"].info.run_id, "test_acc")
     assert [m.step for m in history] == list(range(10, 301, 10))
