@@ -71,7 +71,9 @@ FIELD_WORDS = {"batch_size": "batch {}", "bn_batch": "BN batch {}", "max_lr": "m
                "lr_scale": "LR x{}", "seed": "seed {}", "weight_decay": "WD {}", "momentum": "momentum {}",
                "train_size": "{} train images", "steps": "{} steps", "stepsize": "stepsize {}",
                "cycle_momentum": "cyclic momentum {}", "val_size": "{} held out", "bn_momentum": "BN momentum {}",
-               "milestones": "drops at {}", "workers": "{} workers"}
+               "milestones": "drops at {}", "workers": "{} workers", "mlp_activation": "{} activation",
+               "invert_images": "inverted images {}", "optimizer": "{}"}
+ACTIVATION_WORDS = {"relu": "ReLU", "tanh": "tanh", "sigmoid": "sigmoid", "square400": "x*x*400"}
 TITLE_ORDER = ("dataset", "model", "optimizer", "batch_size", "bn_batch", "schedule", "train_size", "weight_decay",
                "momentum", "cycle_momentum", "stepsize", "steps", "max_lr", "base_lr", "seed", "lr_scale")
 
@@ -80,6 +82,8 @@ def value_words(field: str, value) -> str:
     """One field's value in words: ('schedule', 'one_cycle') -> 'one-cycle', ('batch_size', 1000) -> 'batch 1000'."""
     if field == "schedule":
         return SCHEDULE_WORDS.get(str(value), str(value))
+    if field == "mlp_activation":
+        value = ACTIVATION_WORDS.get(str(value), str(value))
     if isinstance(value, float):
         text = f"{value:g}"
     elif isinstance(value, (list, tuple)):
