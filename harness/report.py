@@ -452,10 +452,10 @@ def write_pdf(path: Path, res: StudyResults, ev: claims_mod.Evaluation, tables: 
             pdf.table(CELL_COLUMNS, _cell_rows(cells), widths=CELL_WIDTHS, size=FONT)
             # the figure takes what is left of the page (2.4-3.4 in), else a full-height one on the next page
             pdf.figure(lambda fig, rect, vs=vs: figs.draw_claim(fig, rect, vs, t, curves, refs),
-                       height=min(3.4, pdf.room - 0.1) if pdf.room >= 2.5 else 3.4)
+                       height=min(3.4, pdf.room - 0.1) if pdf.room >= 2.3 else 3.4)
 
         # ---- training curves and schedules (one page)
-        pdf.new_page()
+        pdf.section(min_room=5.6)
         pdf.heading("Training curves: loss and test accuracy against step, epoch and training seconds", size=12)
         pdf.paragraph("Line: median over the seeds of each cell; band: min to max over seeds. The same points "
                       "on three x-axes (epochs = images seen / training images; seconds = cumulative training time "
