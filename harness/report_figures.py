@@ -67,6 +67,13 @@ def _label(v) -> str:
     return str(v)
 
 
+def _level_words(field: str, v) -> str:
+    """A level on an axis or in a legend: booleans and schedules in words, numbers as they are."""
+    if isinstance(v, bool) or field == "schedule":
+        return names.value_words(field, v)
+    return _label(v)
+
+
 def empty(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=8, color="0.4", transform=ax.transAxes, wrap=True)
     ax.set_xticks([])
@@ -223,21 +230,22 @@ def draw_levels(ax, trials: pd.DataFrame, x: str, hue: str = "", y: str = "outco
             jitter = np.linspace(-width * 0.25, width * 0.25, len(vals)) if len(vals) > 1 else np.zeros(1)
             div = (pts["status"] == "diverged").to_numpy()
             ax.scatter(pos + jitter[~div], vals[~div], s=10, color=colors[str(h)], zorder=3,
-                       label=(_label(h) if h is not None else None) if i == 0 or not ax.get_legend_handles_labels()[1]
-                       else None)
+                       label=(_level_words(hue, h) if h is not None else None)
+                       if i == 0 or not ax.get_legend_handles_labels()[1] else None)
             if div.any():
                 ax.scatter(pos + jitter[div], vals[div], s=16, marker="x", color="crimson", zorder=3,
                            label="diverged" if "diverged" not in ax.get_legend_handles_labels()[1] else None)
             ax.hlines(np.median(vals), pos - width * 0.4, pos + width * 0.4, color="black", lw=1.2, zorder=4)
     ax.set_xticks(range(len(levels)))
-    ax.set_xticklabels([_label(v) if x != "cell" else cell_words(trials, v) for v in levels])
+    ax.set_xticklabels([_level_words(x, v) if x != "cell" else cell_words(trials, v) for v in levels])
     ax.set_xlim(-0.6, len(levels) - 0.4)
     ax.set_xlabel(field_words(x))
     ax.set_ylabel("final test accuracy (%)" if scale == 100 else y)
     ax.set_title(title or f"final accuracy by {field_words(x)} (bar = median)")
     ax.grid(axis="y", alpha=0.3, lw=0.4)
     if ax.get_legend_handles_labels()[1]:
-        ax.legend(loc="best", frameon=False, title=field_words(hue) if hue else None)
+        ax.legend(loc="best", frameon=False, title=None if not hue or trials[hue].map(type).eq(bool).all()
+                  else field_words(hue))
 
 
 def draw_final_vs_batch(ax, trials: pd.DataFrame) -> None:
