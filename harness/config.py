@@ -153,6 +153,8 @@ class TrialConfig:
         for name in ("base_lr", "max_lr", "weight_decay", "momentum", "max_momentum", "min_momentum"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.max_lr > 0:  # a peak LR of 0 trains nothing (base_lr may be 0: a cycle can start there)
+            raise ConfigError(f"max_lr must be > 0 (the schedule's peak LR), got {self.max_lr}")
         if self.schedule in ("triangular", "one_cycle", "one_cycle_cos", "range_test") and self.max_lr < self.base_lr:
             raise ConfigError(f"max_lr ({self.max_lr}) must be >= base_lr ({self.base_lr}) "
                               f"for schedule '{self.schedule}'")

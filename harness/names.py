@@ -71,7 +71,9 @@ FIELD_WORDS = {"batch_size": "batch {}", "bn_batch": "BN batch {}", "max_lr": "m
                "lr_scale": "LR x{}", "seed": "seed {}", "weight_decay": "WD {}", "momentum": "momentum {}",
                "train_size": "{} train images", "steps": "{} steps", "stepsize": "stepsize {}",
                "cycle_momentum": "cyclic momentum {}", "val_size": "{} held out", "bn_momentum": "BN momentum {}",
-               "milestones": "drops at {}", "workers": "{} workers"}
+               "milestones": "drops at {}", "workers": "{} workers", "mlp_activation": "{} activation",
+               "invert_images": "inverted images {}", "optimizer": "{}"}
+ACTIVATION_WORDS = {"relu": "ReLU", "tanh": "tanh", "sigmoid": "sigmoid", "square400": "x*x*400"}
 BOOL_WORDS = {"invert_images": ("inverted images", "plain images"), "mlp_final_relu": ("final ReLU", "no final ReLU"),
               "cycle_momentum": ("cyclical momentum", "constant momentum")}   # (True, False) in words
 TITLE_ORDER = ("dataset", "model", "optimizer", "batch_size", "bn_batch", "schedule", "train_size", "weight_decay",
@@ -85,6 +87,8 @@ def value_words(field: str, value) -> str:
     if isinstance(value, bool):
         on, off = BOOL_WORDS.get(field, (f"{field.replace('_', ' ')} on", f"{field.replace('_', ' ')} off"))
         return on if value else off
+    if field == "mlp_activation":
+        value = ACTIVATION_WORDS.get(str(value), str(value))
     if isinstance(value, float):
         text = f"{value:g}"
     elif isinstance(value, (list, tuple)):

@@ -10,11 +10,14 @@ against the LR where the finder scored validation batches.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+
+from harness import names
 
 MARKERS = {"lr_steepest": ("v", "steepest"), "lr_valley": ("o", "valley"), "lr_smith": ("*", "Smith max")}
 SWEEP = ("lr", "train_loss", "smoothed_loss", "batch_val_acc")
@@ -38,15 +41,26 @@ def load_finder(uri: str, study: str, scale: str | None = None) -> tuple[pd.Data
         f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}' and params.kind = 'lr_finder'"), max_results=10000)
     rows, points = [], []
     for r in found:
-        rows.append({"run_id": r.info.run_id, "run_name": r.info.run_name, "cell": r.data.tags.get("harness.cell"),
-                     **r.data.params, **{k: r.data.metrics.get(k) for k in MARKERS}})
+        config = json.loads(r.data.tags.get(names.TRIAL_CONFIG) or "{}")  # typed; absent on runs of old versions
+        rows.append({"run_id": r.info.run_id, "run_name": r.info.run_name, "cell": r.data.tags.get(names.CELL),
+                     "config": config or dict(r.data.params), **r.data.params,
+                     **{k: r.data.metrics.get(k) for k in MARKERS}})
         for key in SWEEP:
             points += [{"run_id": r.info.run_id, "step": m.step, "key": key, "value": m.value}
                        for m in client.get_metric_history(r.info.run_id, key)]
+    _label_in_words(rows)
     sweeps = pd.DataFrame(points, columns=["run_id", "step", "key", "value"])
     if len(sweeps):
         sweeps = sweeps.pivot_table(index=["run_id", "step"], columns="key", values="value").reset_index()
     return pd.DataFrame(rows), sweeps
+
+
+def _label_in_words(rows: list[dict]) -> None:
+    """Each run's `label`: the fields that differ between the finder's cells, in words ('x*x*400 activation')."""
+    fields = sorted({k for r in rows for k in r["config"]} - {"seed", "data_seed"})
+    varying = [f for f in fields if len({json.dumps(r["config"].get(f), sort_keys=True) for r in rows}) > 1]
+    for r in rows:
+        r["label"] = names.title(r["config"], varying) if varying else "all runs"
 
 
 def draw_finder(fig: Figure, rect, runs: pd.DataFrame, sweeps: pd.DataFrame) -> None:
@@ -54,17 +68,17 @@ def draw_finder(fig: Figure, rect, runs: pd.DataFrame, sweeps: pd.DataFrame) -> 
     left, bottom, width, height = rect
     with_acc = "batch_val_acc" in sweeps and sweeps["batch_val_acc"].notna().any()
     gs = fig.add_gridspec(1, 2 if with_acc else 1, left=left + 0.06, right=left + width - 0.02,
-                          bottom=bottom + 0.07, top=bottom + height - 0.04, wspace=0.3)
+                          bottom=bottom + 0.12, top=bottom + height - 0.08, wspace=0.3)
     ax = fig.add_subplot(gs[0, 0])
-    cells = sorted(runs["cell"].fillna("all").unique()) if len(runs) else []
+    cells = sorted(runs["label"].unique()) if len(runs) else []
     colors = dict(zip(cells, sns.color_palette("colorblind", max(len(cells), 1)), strict=False))
     for _, run in runs.iterrows():
         s = sweeps[sweeps["run_id"] == run["run_id"]].sort_values("step")
         if s.empty:
             continue
-        color = colors[run["cell"] if isinstance(run["cell"], str) else "all"]
+        color = colors[run["label"]]
         ax.plot(s["lr"], s["smoothed_loss"], color=color, lw=1.2,
-                label=run["cell"] if run["run_id"] == runs[runs["cell"] == run["cell"]]["run_id"].iloc[0] else None)
+                label=run["label"] if run["run_id"] == runs[runs["label"] == run["label"]]["run_id"].iloc[0] else None)
         for key, (marker, _) in MARKERS.items():
             lr = run.get(key)
             if lr is not None and pd.notna(lr):
@@ -78,18 +92,17 @@ def draw_finder(fig: Figure, rect, runs: pd.DataFrame, sweeps: pd.DataFrame) -> 
         ax.set_ylim(0.9 * sweeps["smoothed_loss"].min(), 1.3 * first)
     ax.set_xlabel("learning rate (log)")
     ax.set_ylabel("smoothed training loss")
-    ax.set_title("LR finder: loss vs LR", fontsize=9)
-    ax.legend(fontsize=6)
+    ax.set_title("LR finder: loss vs LR", fontsize=10)
+    ax.legend(fontsize=8)
     if with_acc:
         ax2 = fig.add_subplot(gs[0, 1])
         for _, run in runs.iterrows():
             s = sweeps[sweeps["run_id"] == run["run_id"]].sort_values("step")
-            ax2.plot(s["lr"], s["batch_val_acc"], color=colors[run["cell"] if isinstance(run["cell"], str) else "all"],
-                     lw=0.8, alpha=0.8)
+            ax2.plot(s["lr"], s["batch_val_acc"], color=colors[run["label"]], lw=0.8, alpha=0.8)
         ax2.set_xscale("log")
         ax2.set_xlabel("learning rate (log)")
         ax2.set_ylabel("accuracy on the next test batch")
-        ax2.set_title("Smith's reading: where accuracy peaks", fontsize=9)
+        ax2.set_title("Smith's reading: where accuracy peaks", fontsize=10)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     draw_finder(fig, (0, 0, 1, 1), runs, sweeps)
     out = args.out or f"reports/{args.study}-finder.pdf"
     fig.savefig(out)
-    cols = ["cell", *[k for k in MARKERS], "steps_run"]
+    cols = ["label", *[k for k in MARKERS], "steps_run"]
     print(runs.reindex(columns=[c for c in cols if c in runs or c in MARKERS]).to_string(index=False))
     print(f"wrote {out}")
     return 0

@@ -269,10 +269,7 @@ def summarize(results, resolved: dict, wall_s: float) -> Outcome:
         if r.error is not None:
             out.errors.append((trial["name"], str(r.error).strip().splitlines()[-1][:300]))
             continue
-        # Stopped before its end: no final report AND its last evaluation short of the last step. (Train's
-        # controller can miss the final report when the workers exit right after it; the trial still ended.)
-        reached_end = (metrics.get("step") or 0) >= trial["config"]["steps"]
-        if not metrics.get("finished") and not reached_end:
+        if not metrics.get("finished"):  # Tune stopped it before trial_driver reported its end (an interrupt)
             out.unfinished.append(trial["name"])
             continue
         if metrics.get("untracked"):

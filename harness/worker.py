@@ -3,6 +3,7 @@
     Tune trial (trial_driver)  ->  TorchTrainer(train_loop_per_worker, N workers, gloo/NCCL)
                                      rank r: run_trial(config) with a reporter that
                                        - ray.train.report()s every evaluation (rank 0 attaches a checkpoint)
+                                       - returns the trial's summary, which trial_driver ray.tune.report()s
                                        - logs to the trial's MLflow run (rank 0, one batched call per evaluation)
 
 The Train run of a trial has a stable name (its trial key) under the study's storage folder, so a worker lost
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import ray
 import ray.train
+import ray.tune
 import torch
 import torch.distributed as dist
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -46,7 +48,7 @@ def _profile(phases: dict, **extra) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+def train_loop_per_worker(loop_config: dict) -> dict:
     phases = {"driver_started": loop_config["driver_started_at"], "loop_entered": time.time()}
     # torch imports torch._dynamo (seconds) inside the DDP wrap and the first optimizer step; import it now, beside
     # the rendezvous and the MLflow set-up below, where this process mostly waits on the other ranks and sqlite
@@ -108,9 +110,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if logger is not None and not logger.finish(summary, history):
         untracked = logger.pending  # the study's summary says so; harness.backfill delivers them from Tune's results
     final = {k: (-1 if v is None else v) for k, v in summary.items() if k != "status"}
-    ray.train.report({**final, "step": summary["steps_run"], "test_acc": summary["final_acc"],
-                      "trial_status": summary["status"], "finished": True, "untracked": untracked,
-                      "system_tags": system})  # Tune's result.json keeps it for harness.backfill
+    # The trial's last result goes back as the train function's return value (Train's Result.return_value, rank
+    # 0's), and trial_driver hands it to Tune itself: a last ray.train.report, relayed controller -> Tune, was
+    # sometimes lost when the workers exited right after it (Ray 2.60, seen on 2 busy cores).
+    return {**final, "step": summary["steps_run"], "test_acc": summary["final_acc"],
+            "trial_status": summary["status"], "finished": True, "untracked": untracked,
+            "system_tags": system}  # Tune's result.json keeps it for harness.backfill
 
 
 _RAW: dict[tuple, RawData] = {}  # per trial-driver process (reused across trials): each dataset read once
@@ -157,9 +162,10 @@ def trial_driver(config: dict) -> None:
         ),
     )
     try:
-        trainer.fit()
+        result = trainer.fit()
     except Exception as e:  # record it in the trial's run (never raises), then let Tune see the original error
         if track["uri"]:
             detail = "".join(traceback.format_exception_only(type(e), e)).strip()
             tracking.mark_trial_error(track["uri"], track["experiment_id"], track["parent_run_id"], trial, detail)
         raise
+    ray.tune.report(result.return_value)  # the trial's final result: straight to Tune, from the Tune function

@@ -5,8 +5,6 @@ every Ray worker process and points $HARNESS_TEST_CRASH_PLAN at a JSON file, {"m
 
     window        rank `rank` is killed before optimizer step `step` + 1 (between two evaluations)
     eval          ... as it enters the evaluation after step `step`
-    after_report  ... right after its ray.train.report of step `step` returned (the controller may not have
-                  collected that checkpoint yet)
 
 The process SIGKILLs itself, as a lost node looks to Ray Train. A plan fires once (`<plan>.fired` marks it),
 so the restarted worker carries on. With no plan file, nothing is patched.
@@ -27,7 +25,6 @@ def install() -> None:
     plan_path = os.environ.get(PLAN_ENV)
     if not plan_path:
         return
-    import ray.train
 
     import harness.trial as trial
 
@@ -61,18 +58,8 @@ def install() -> None:
         crash_if("eval", last_step["index"] + 1)
         return original_evaluate(*args, **kwargs)
 
-    original_report = ray.train.report
-
-    @functools.wraps(original_report)
-    def report(metrics, *args, **kwargs):
-        out = original_report(metrics, *args, **kwargs)
-        if "step" in metrics and not metrics.get("finished"):
-            crash_if("after_report", metrics["step"])
-        return out
-
     trial.TrainBatches.get = get
     trial.evaluate = evaluate
-    ray.train.report = report
 
 
 def _rank() -> int:

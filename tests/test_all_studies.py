@@ -1,6 +1,6 @@
 """Every shipped study runs at smoke scale through the real pipeline (Ray Tune, 2-worker gloo TorchTrainers, one
-MLflow store for all of them) and leaves the runs its analysis needs. The finder study runs before the study that
-takes its max LRs from it (activation_mystery: lr_from_finder)."""
+real `mlflow server` over HTTP for all of them) and leaves the runs its analysis needs. The finder study runs before
+the study that takes its max LRs from it (activation_mystery: lr_from_finder)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import math
 import pytest
 from mlflow.tracking import MlflowClient
 from mlflow_checks import check_study_runs
+from servers import MlflowServer
 
 from harness import spec as specs
 from harness.study import main
@@ -20,7 +21,9 @@ STUDIES = [*FINDERS, *(n for n, _ in specs.list_studies() if n not in FINDERS)]
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     folder = tmp_path_factory.mktemp("all_studies")
-    return folder, f"sqlite:///{folder}/mlflow.db"
+    server = MlflowServer(folder / "server").start()
+    yield folder, server.uri
+    server.stop()
 
 
 @pytest.mark.parametrize("name", STUDIES)
@@ -35,6 +38,8 @@ def test_study_runs_at_smoke_scale(ray_session, store, name, monkeypatch, capsys
         check_finder_runs(uri, name, len(trials))
         return
     _, children = check_study_runs(uri, name, n_trials=len(trials))
+    assert {c.data.tags["harness.cell"] for c in children} == {t.cell for t in trials}
+    assert not (folder / "mlflow.db").exists() and not (folder / "mlruns").exists()  # all went to the server
     if name == "activation_mystery":  # the finder's suggestion became the second arm's max LR, per activation
         finder = {r.data.params["mlp_activation"]: r.data.metrics["lr_smith"]
                   for r in _children(uri, "activation_mystery_finder")}

@@ -42,6 +42,8 @@ ROWS = [
     ("wrong type", base(max_lr="big"), [], ["max_lr must be a number", "'big'"]),
     ("wrong type, list", {**TINY, "grid": {"seed": 3}}, [], ["grid.seed must be a non-empty list"]),
     ("negative LR", base(base_lr=-0.1), [], ["base_lr must be >= 0, got -0.1"]),
+    ("zero LR", {**TINY, "paired": {"schedule": [{"schedule": "constant", "max_lr": 0}]}}, [],
+     ["max_lr must be > 0 (the schedule's peak LR), got 0"]),
     ("zero batch", base(batch_size=0), [], ["batch_size must be a positive integer, got 0"]),
     ("zero steps", base(steps=0), [], ["steps must be a positive integer, got 0"]),
     ("negative steps", base(steps=-5), [], ["steps must be a positive integer, got -5"]),

@@ -99,7 +99,7 @@ def test_dry_run_without_the_studys_gpus_labels_the_files_figure_assumed(workdir
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert study_main(["batch_size_effect", "--scale", "paper", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "at 12,000 images/s per trial (ASSUMED: the study file's images_per_s, not measured" in out
+    assert "at 12,000 images/s per trial (ASSUMED: configured in the study file (images_per_s), not measured" in out
     assert "measured on this machine" not in out
 
 

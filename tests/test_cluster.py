@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from servers import free_port
 
 from harness.study import DRIVER_RESOURCE
 
@@ -104,13 +105,6 @@ def test_a_head_local_folder_is_refused_when_trials_will_run_on_launched_nodes(t
 # A head of our own: `ray start --head --block` in its own process group, on free ports, with its own temp dir
 # (so its address goes to TEMP/ray_current_cluster, where a plain `ray.init()` elsewhere does not look), stopped
 # by signalling that process group (never `ray stop`: it ends every Ray process on the machine).
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RayHead:
     def __init__(self, resources: dict | None = None, num_cpus: int = 2):
         import json

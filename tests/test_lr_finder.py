@@ -156,11 +156,20 @@ def test_finder_figure_draws_loss_against_log_lr_with_the_suggestions():
     lrs = sweep_lrs(1e-4, 1.0, 30)
     loss = smoothed(2.0 - np.tanh(np.log10(lrs) + 2) + np.linspace(0, 0.1, 30), 0.9)
     sweeps = pd.DataFrame({"run_id": "r", "step": np.arange(1, 31), "lr": lrs, "smoothed_loss": loss})
-    runs = pd.DataFrame([{"run_id": "r", "cell": "mlp_activation=relu", **suggestions(lrs, loss)}])
+    runs = pd.DataFrame([{"run_id": "r", "cell": "mlp_activation=relu", "label": "ReLU activation",
+                          **suggestions(lrs, loss)}])
     fig = Figure()
     draw_finder(fig, (0, 0, 1, 1), runs, sweeps)
     (ax,) = fig.axes
     assert ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_legend().get_texts()][0] == "ReLU activation"  # words, not the cell key
     marked = [line for line in ax.lines if line.get_marker() in ("v", "o", "*") and len(line.get_xdata()) == 1]
     assert sorted(line.get_xdata()[0] for line in marked) == sorted(runs[["lr_steepest", "lr_valley", "lr_smith"]]
                                                                     .iloc[0])
+
+
+def test_finder_runs_are_labelled_in_words_from_their_typed_configs():
+    from harness.report_finder import _label_in_words
+    rows = [{"config": {"mlp_activation": a, "seed": s, "max_lr": 1.0}} for a in ("relu", "square400") for s in (0, 1)]
+    _label_in_words(rows)
+    assert [r["label"] for r in rows] == ["ReLU activation"] * 2 + ["x*x*400 activation"] * 2

@@ -12,18 +12,17 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from unittest import mock
 
 import pytest
 from mlflow.tracking import MlflowClient
 from mlflow_checks import check_study_runs
+from servers import MlflowServer, free_port
 from test_study import TINY, write_study
 
 from harness.study import DRIVER_RESOURCE, main
@@ -33,12 +32,6 @@ BUCKET = "harness-test"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 STUDY = {**TINY, "name": "multinode",  # STRICT_SPREAD: each trial's two ranks on two different nodes
          "resources": {**TINY["resources"], "placement": "STRICT_SPREAD"}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -73,27 +66,9 @@ def s3(credentials):
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` with proxied artifacts, as on the cluster's head; yields its http:// tracking URI."""
-    folder = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-         "--artifacts-destination", str(folder / "artifacts")],
-        stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(1)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"mlflow server did not answer: {(folder / 'server.log').read_text()[-2000:]}")
-    yield uri
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield server.uri
+    server.stop()
 
 
 @pytest.fixture(scope="module")

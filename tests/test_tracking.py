@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
-from mlflow_checks import check_study_runs
 
 from harness import names, tracking
 from harness.config import TrialConfig
 from harness.results import load_study
-from harness.study import main
 
 
 def test_uri_resolution_order_and_absolute_paths(tmp_path, monkeypatch):
@@ -74,43 +65,3 @@ def test_trial_run_carries_its_typed_config_and_a_title_in_words(tmp_path):
     assert row["cell_title"] == "batch 1000, multistep"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = _free_port()
-    store = tmp_path / "server"
-    store.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{store}/mlflow.db", "--artifacts-destination", str(store / "artifacts"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2):
-                break
-        except OSError:
-            time.sleep(1)
-    else:
-        os.killpg(proc.pid, 15)
-        pytest.fail("mlflow server did not start in 90 s")
-    yield uri
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
-
-
-def test_smoke_study_against_a_real_mlflow_server(ray_session, workdir, mlflow_server):
-    rc = main(["batch_size_effect", "--scale", "smoke", "--tracking-uri", mlflow_server])
-    assert rc == 0
-    _, children = check_study_runs(mlflow_server, "batch_size_effect", n_trials=4)
-    assert {c.data.tags["harness.cell"] for c in children} == {
-        "batch_size=250,schedule=one_cycle", "batch_size=250,schedule=multistep",
-        "batch_size=1000,schedule=one_cycle", "batch_size=1000,schedule=multistep"}
-    assert not Path(workdir, "mlflow.db").exists()  # nothing went to the default store
