@@ -42,6 +42,7 @@ from dataclasses import field as dc_field
 import numpy as np
 import pandas as pd
 
+from harness import names
 from harness import plan as plans
 from harness.plan import Comparison, fmt, key, level_value
 
@@ -169,6 +170,7 @@ class Verdict:
     confounds: str = ""             # what else differs between the arms (from the plan)
     planned: str = ""               # the pre-registered line of this comparison
     tuning: str = ""                # how the LR tuning budget was used, and what it selected
+    comparison_words: str = ""      # the comparison in words, e.g. "batch 1000 vs batch 125"
     cells: list = dc_field(default_factory=list)
     run_ids: list = dc_field(default_factory=list)
 
@@ -406,7 +408,8 @@ def _verdict(c: Comparison, scale: str, used: pd.DataFrame, verdict: str, reason
         bits.append(_outcome_counts(used))
     if c.note:
         bits.append(c.note)
-    return Verdict(claim_id=c.claim, comparison=c.title, statement=claim.statement, paper=paper, log=log,
+    return Verdict(claim_id=c.claim, comparison=c.title, comparison_words=c.words, statement=claim.statement,
+                   paper=paper, log=log,
                    verdict=shown, would_be=verdict, verdict_text=text, evidence=" · ".join(bits), reason=reason,
                    scale=scale, field=c.field, metric=c.metric, direction=c.direction, stratum=c.stratum_text,
                    confounds=", ".join(c.confounds), planned=c.line(),
@@ -424,7 +427,7 @@ def _two_groups(c: Comparison, scale: str, ra: pd.DataFrame, rb: pd.DataFrame, c
     ma, mb = float(np.median(va)), float(np.median(vb))
     diff = float(_sub(ma, mb))
     observed = observed_direction(diff, c.direction)
-    per_seed = "; ".join([_per_seed(c.a.label, ra, col, c.metric), _per_seed(c.b.label, rb, col, c.metric)])
+    per_seed = "; ".join([_per_seed(c.a.words, ra, col, c.metric), _per_seed(c.b.words, rb, col, c.metric)])
     stats_kw: dict = {}
     if min(len(va), len(vb)) >= MIN_N:
         _, lo, hi = bootstrap_median_diff(va, vb, _seed(c.claim, c.title, c.metric))
@@ -434,13 +437,13 @@ def _two_groups(c: Comparison, scale: str, ra: pd.DataFrame, rb: pd.DataFrame, c
         if np.isfinite(rho[0]) and verdict == "supported" and rho[0] * c.direction <= 0:
             verdict, reason = "inconclusive", "the extremes differ as claimed but the Spearman trend does not agree"
         coarse = " (coarse: bootstrap over 3-4 units)" if min(len(va), len(vb)) < 5 else ""
-        measured = (f"{c.metric_label}: {c.a.label} {_fmt_value(c.metric, ma)} vs {c.b.label} "
+        measured = (f"{c.metric_label}: {c.a.words} {_fmt_value(c.metric, ma)} vs {c.b.words} "
                     f"{_fmt_value(c.metric, mb)} (diff {_fmt_diff(c.metric, diff)}, 95% CI "
                     f"[{_fmt_diff(c.metric, lo)}, {_fmt_diff(c.metric, hi)}]{coarse})")
         stats_kw = dict(ci_low=lo, ci_high=hi, p=p, test=test)
     else:
         verdict, reason = decide(math.nan, math.nan, math.nan, c.direction, [len(va), len(vb)])
-        measured = (f"{c.metric_label}: {c.a.label} {_fmt_value(c.metric, ma)} vs {c.b.label} "
+        measured = (f"{c.metric_label}: {c.a.words} {_fmt_value(c.metric, ma)} vs {c.b.words} "
                     f"{_fmt_value(c.metric, mb)} (medians, diff {_fmt_diff(c.metric, diff)}: {observed}); "
                     f"per seed {per_seed}")
     return _verdict(c, scale, used, verdict, reason, measured=measured + extra, a_label=c.a.label,
@@ -515,9 +518,10 @@ def _eval_interaction(c: Comparison, pool: pd.DataFrame, scale: str) -> Verdict 
     diff = (meds[0] - meds[1]) - (meds[2] - meds[3])
     ns = [len(x) for x in cells]
     observed = observed_direction(diff, c.direction)
-    adv = f"{c.a.label} minus {c.b.label}: {_fmt_diff(c.metric, meds[0] - meds[1])} under " \
-          f"{c.by}={'/'.join(map(str, c.by_a))}, {_fmt_diff(c.metric, meds[2] - meds[3])} under " \
-          f"{c.by}={'/'.join(map(str, c.by_b))}"
+    def by_words(vals) -> str:
+        return " / ".join(names.value_words(c.by, v) for v in vals)
+    adv = f"{c.a.words} minus {c.b.words}: {_fmt_diff(c.metric, meds[0] - meds[1])} under " \
+          f"{by_words(c.by_a)}, {_fmt_diff(c.metric, meds[2] - meds[3])} under {by_words(c.by_b)}"
     kw: dict = {}
     if min(ns) >= MIN_N:
         rng = np.random.default_rng(_seed(c.claim, c.title))
@@ -532,7 +536,7 @@ def _eval_interaction(c: Comparison, pool: pd.DataFrame, scale: str) -> Verdict 
     else:
         verdict, reason = decide(math.nan, math.nan, math.nan, c.direction, ns)
         measured = f"{adv}; difference {_fmt_diff(c.metric, diff)} ({observed})"
-    per_seed = "; ".join(_per_seed(f"{arm.label} {c.by}={'/'.join(map(str, by))}", rows, col, c.metric)
+    per_seed = "; ".join(_per_seed(f"{arm.words}, {by_words(by)}", rows, col, c.metric)
                          for (by, arm), rows in zip([(c.by_a, c.a), (c.by_a, c.b), (c.by_b, c.a), (c.by_b, c.b)],
                                                     used, strict=True))
     if min(ns) < MIN_N:

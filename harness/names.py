@@ -74,6 +74,8 @@ FIELD_WORDS = {"batch_size": "batch {}", "bn_batch": "BN batch {}", "max_lr": "m
                "milestones": "drops at {}", "workers": "{} workers", "mlp_activation": "{} activation",
                "invert_images": "inverted images {}", "optimizer": "{}"}
 ACTIVATION_WORDS = {"relu": "ReLU", "tanh": "tanh", "sigmoid": "sigmoid", "square400": "x*x*400"}
+BOOL_WORDS = {"invert_images": ("inverted images", "plain images"), "mlp_final_relu": ("final ReLU", "no final ReLU"),
+              "cycle_momentum": ("cyclical momentum", "constant momentum")}   # (True, False) in words
 TITLE_ORDER = ("dataset", "model", "optimizer", "batch_size", "bn_batch", "schedule", "train_size", "weight_decay",
                "momentum", "cycle_momentum", "stepsize", "steps", "max_lr", "base_lr", "seed", "lr_scale")
 
@@ -82,6 +84,9 @@ def value_words(field: str, value) -> str:
     """One field's value in words: ('schedule', 'one_cycle') -> 'one-cycle', ('batch_size', 1000) -> 'batch 1000'."""
     if field == "schedule":
         return SCHEDULE_WORDS.get(str(value), str(value))
+    if isinstance(value, bool):
+        on, off = BOOL_WORDS.get(field, (f"{field.replace('_', ' ')} on", f"{field.replace('_', ' ')} off"))
+        return on if value else off
     if field == "mlp_activation":
         value = ACTIVATION_WORDS.get(str(value), str(value))
     if isinstance(value, float):

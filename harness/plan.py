@@ -26,6 +26,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from harness import names
+
 KINDS = ("two_arm", "trend", "interaction", "best_level", "best_shift", "range_test")
 METRICS = {  # metric -> (label, direction that is "better")
     "final_acc": ("final test accuracy", +1),
@@ -136,6 +138,11 @@ class Arm:
     label: str                      # "batch_size=1000"
     match: dict                     # field -> tuple of allowed values (typed)
 
+    @property
+    def words(self) -> str:
+        """The arm in words from its typed values: 'batch 1000', 'one-cycle / triangular CLR'."""
+        return " / ".join(names.value_words(f, v) for f, vals in self.match.items() for v in vals) or self.label
+
     def takes(self, config: dict) -> bool:
         return all(key(config.get(f)) in {key(v) for v in vals} for f, vals in self.match.items())
 
@@ -188,6 +195,25 @@ class Comparison:
         else:
             text = f"{self.a.label} vs {self.b.label}"
         return text + (f" [{self.stratum_text}]" if self.stratum else "")
+
+    @property
+    def words(self) -> str:
+        """The comparison in words (the report's tables): built from the typed values, as `title` is."""
+        def by(vals) -> str:
+            return " / ".join(names.value_words(self.by, v) for v in vals)
+        a, b, field_words = self.a.words, self.b.words, self.field.replace("_", " ")
+        if self.kind == "interaction":
+            text = f"({a} minus {b}) under {by(self.by_a)}, minus the same under {by(self.by_b)}"
+        elif self.kind == "best_shift":
+            text = f"best {field_words} under {by(self.by_a)} vs under {by(self.by_b)}"
+        elif self.kind == "range_test":
+            text = "LR range test: accuracy at the largest LR vs the run's peak"
+        elif self.kind == "best_level":
+            text = f"claimed best {a} vs the best other {field_words}"
+        else:
+            text = f"{a} vs {b}"
+        stratum = ", ".join(names.value_words(f, v) for f, v in self.stratum.items())
+        return text + (f" [{stratum}]" if stratum else "")
 
     @property
     def tuning_text(self) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import os
 import shutil
 import sys
@@ -34,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from harness import claims as claims_mod
+from harness import report_setup as rsetup
 from harness.results import RUN_CHOICES, StudyError, StudyResults, load_study, schedule_curves
 
 DECISION_RULE = (
@@ -57,6 +59,7 @@ class ReportFiles:
     seconds: float
     load_seconds: float
     n_trials: int
+    min_font: float = math.nan    # the smallest text on any page, in points
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -94,8 +97,9 @@ def build_report(study: str, tracking_uri: str | None = None, run: str = "latest
     if not study.strip():
         raise StudyError(f"empty study name; use {RUN_CHOICES} with a study name")
     res = load_study(study, tracking_uri, run)
-    evaluation = claims_mod.evaluate(res)
-    tables = Tables.build(res, evaluation)
+    logged = claims_mod.logged_spec(res)      # the resolved spec the parent run logged (None for old runs)
+    evaluation = claims_mod.evaluate(res, spec=logged)
+    tables = Tables.build(res, evaluation, logged)
 
     out = Path(out) if out else Path("reports") / f"{study}.pdf"
     stem = out.name.removesuffix(".pdf")
@@ -104,20 +108,21 @@ def build_report(study: str, tracking_uri: str | None = None, run: str = "latest
     tmp = Path(tempfile.mkdtemp(prefix=f".{stem}.", dir=folder))
     try:
         names = {"pdf": f"{stem}.pdf", "md": f"{stem}.md", "verdicts": f"{stem}.verdicts.csv",
-                 "cells": f"{stem}.cells.csv", "trials": f"{stem}.trials.csv"}
-        pages = write_pdf(tmp / names["pdf"], res, evaluation, tables)
-        (tmp / names["md"]).write_text(markdown(res, evaluation, tables, names["pdf"]))
+                 "cells": f"{stem}.cells.csv", "trials": f"{stem}.trials.csv", "curves": f"{stem}.curves.csv"}
+        pages, min_font = write_pdf(tmp / names["pdf"], res, evaluation, tables)
+        (tmp / names["md"]).write_text(markdown(res, evaluation, tables, names))
         tables.verdicts_csv.to_csv(tmp / names["verdicts"], index=False)
         tables.cells.to_csv(tmp / names["cells"], index=False)
         tables.trials_csv.to_csv(tmp / names["trials"], index=False)
+        tables.curves_csv.to_csv(tmp / names["curves"], index=False)
         for name in names.values():
             os.replace(tmp / name, folder / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ReportFiles(pdf=folder / names["pdf"], markdown=folder / names["md"],
-                       csvs=[folder / names[k] for k in ("verdicts", "cells", "trials")], pages=pages,
+                       csvs=[folder / names[k] for k in ("verdicts", "cells", "trials", "curves")], pages=pages,
                        seconds=time.perf_counter() - t0, load_seconds=res.timings.get("total_s", 0.0),
-                       n_trials=len(res.trials))
+                       n_trials=len(res.trials), min_font=min_font)
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -140,7 +145,8 @@ def _cells_frame(trials: pd.DataFrame) -> pd.DataFrame:
         stt = use["steps_to_target_eff"].astype(float)
         reached = int(np.isfinite(stt).sum())
         rows.append({
-            "scale": scale, "cell": cell, "n": len(use), "diverged": int((g["status"] == "diverged").sum()),
+            "scale": scale, "cell": cell, "cell_title": g["cell_title"].iloc[0] if "cell_title" in g else cell,
+            "n": len(use), "diverged": int((g["status"] == "diverged").sum()),
             "errors": int((g["status"] == "error").sum()), "running": int((g["status"] == "running").sum()),
             "final_acc_median": acc.median() if len(acc) else np.nan,
             "final_acc_q25": acc.quantile(0.25) if len(acc) else np.nan,
@@ -159,7 +165,7 @@ def _cell_rows(cells: pd.DataFrame) -> list[list[str]]:
     for r in cells.to_dict("records"):
         flags = [f"{r['diverged']} diverged" if r["diverged"] else "", f"{r['errors']} error" if r["errors"] else "",
                  f"{r['running']} running" if r["running"] else ""]
-        out.append([(f"[{r['scale']}] " if "scale" in r else "") + r["cell"], str(r["n"]),
+        out.append([(f"[{r['scale']}] " if "scale" in r else "") + r["cell_title"], str(r["n"]),
                     ", ".join(f for f in flags if f) or "-", _pct(r["final_acc_median"]),
                     f"{_pct(r['final_acc_q25'])} - {_pct(r['final_acc_q75'])}", _pct(r["best_acc_median"]),
                     f"{r['reached_target']}/{r['n']}", _steps(r["steps_to_target_median"]),
@@ -169,10 +175,11 @@ def _cell_rows(cells: pd.DataFrame) -> list[list[str]]:
 
 CELL_COLUMNS = ["cell", "n", "diverged / errors", "final acc % (median)", "IQR %", "best acc % (median)",
                 "reached target", "steps to target (median)", "train s (median)"]
-CELL_WIDTHS = [3.2, 0.4, 1.1, 0.9, 1.0, 0.9, 0.8, 1.1, 0.8]
+CELL_WIDTHS = [2.6, 0.4, 1.1, 0.9, 1.1, 0.9, 0.8, 1.1, 0.8]
 TRIAL_COLUMNS = ["trial (run name)", "MLflow run id", "cell", "seed", "status", "final acc %", "best acc %",
                  "steps to target", "steps run", "train s"]
-TRIAL_WIDTHS = [1.9, 2.1, 2.5, 0.4, 1.3, 0.7, 0.7, 0.8, 0.7, 0.6]
+TRIAL_WIDTHS = [1.5, 2.5, 2.0, 0.45, 1.2, 0.65, 0.65, 0.75, 0.65, 0.65]
+FONT = 8.0      # the smallest text anywhere in the PDF (tests/test_report.py checks every page)
 
 
 @dataclass
@@ -180,19 +187,48 @@ class Tables:
     verdicts_csv: pd.DataFrame
     cells: pd.DataFrame
     trials_csv: pd.DataFrame
+    curves_csv: pd.DataFrame
     setup: list[tuple[str, str]]
+    paper_vs_run: list[list[str]]
+    paper_source: str
+    deviations: list[str]
+    deviations_source: str
+    this_run: str
 
     @classmethod
-    def build(cls, res: StudyResults, ev: claims_mod.Evaluation) -> Tables:
+    def build(cls, res: StudyResults, ev: claims_mod.Evaluation, logged: dict | None = None) -> Tables:
         vcsv = pd.DataFrame([v.row() for v in ev.verdicts])
         if vcsv.empty:
             vcsv = pd.DataFrame(columns=list(claims_mod.Verdict.__dataclass_fields__))
-        front = ["run_name", "run_id", "parent_run_id", "cell", "scale", "status", "error", "seed", "outcome_acc",
-                 "final_acc", "best_acc", "steps_to_target_eff", "steps_to_target", "steps_done", "train_seconds",
-                 "images"]
+        front = ["run_name", "run_id", "parent_run_id", "cell", "cell_title", "scale", "status", "error", "seed",
+                 "outcome_acc", "final_acc", "best_acc", "steps_to_target_eff", "steps_to_target", "steps_done",
+                 "train_seconds", "images"]
         t = res.trials
         tcsv = t[[c for c in front if c in t] + [c for c in t.columns if c not in front and c != "superseded"]]
-        return cls(verdicts_csv=vcsv, cells=_cells_frame(t), trials_csv=tcsv, setup=setup_rows(res, ev))
+        at_scale = t[t["scale"] == ev.scale] if t["scale"].nunique() > 1 else t
+        run = rsetup.run_configs(at_scale)
+        paper = rsetup.paper_side(res.study, logged)
+        workers = pd.to_numeric(at_scale.get("workers", pd.Series(dtype=float)), errors="coerce").dropna()
+        paper_workers = ((paper.spec or {}).get("resources") or {}).get("workers") if paper.spec else None
+        paper_workers = (((paper.spec or {}).get("scales") or {}).get("paper") or {}).get("resources", {}).get(
+            "workers", paper_workers)
+        devs, dev_source = rsetup.deviations(logged, paper.spec, ev.scale)
+        return cls(verdicts_csv=vcsv, cells=_cells_frame(t), trials_csv=tcsv, curves_csv=curves_frame(res),
+                   setup=setup_rows(res, ev),
+                   paper_vs_run=rsetup.paper_vs_run(paper.configs, run, logged, paper.spec,
+                                                    int(workers.iloc[0]) if len(workers) else None, paper_workers),
+                   paper_source=paper.source, deviations=devs, deviations_source=dev_source,
+                   this_run=rsetup.this_run(t, ev.scale, run))
+
+
+def curves_frame(res: StudyResults) -> pd.DataFrame:
+    """The curves CSV: one row per trial and evaluation step; the cell in words."""
+    info = res.trials[["run_id", "run_name", "cell_title", "seed"] if "seed" in res.trials else
+                      ["run_id", "run_name", "cell_title"]]
+    c = res.curves.merge(info, on="run_id", how="inner").rename(columns={"run_name": "trial", "cell_title": "cell"})
+    front = ["trial", "cell", "seed", "run_id", "step", "epoch", "train_seconds"]
+    front = [f for f in front if f in c.columns]
+    return c[front + [m for m in c.columns if m not in front]].sort_values(["cell", "trial", "step"], kind="stable")
 
 
 def _uniq(df: pd.DataFrame, col: str) -> str:
@@ -212,9 +248,7 @@ def setup_rows(res: StudyResults, ev: claims_mod.Evaluation) -> list[tuple[str, 
     steps = float(np.nansum(t["steps_done"].astype(float)))
     images = float(np.nansum(t["images"].astype(float))) if "images" in t else float("nan")
     gpus = sorted({str(v) for v in t.get("sys.gpu_model", pd.Series(dtype=str)).dropna() if v and v != "none"})
-    commits = sorted({f"{p['tags'].get('harness.git_commit', 'unknown')}"
-                      f"{' (dirty working tree)' if p['tags'].get('harness.git_dirty') == 'true' else ''}"
-                      for p in res.parents})
+    commits = sorted({rsetup.provenance(p) for p in res.parents})
     starts = [p["start_time"] for p in res.parents if p["start_time"] is not None]
     ends = [p["end_time"] for p in res.parents if p["end_time"] is not None]
     when = f"{min(starts):%Y-%m-%d %H:%M} UTC" if starts else "unknown"
@@ -233,16 +267,34 @@ def setup_rows(res: StudyResults, ev: claims_mod.Evaluation) -> list[tuple[str, 
         ("total compute", (f"{secs / 3600:.2f} h" if secs >= 360 else f"{secs:,.0f} s") +
                           (" of training (sum of train_seconds, evaluation excluded), "
                            f"{steps:,.0f} optimizer steps, {images:,.0f} training images")),
-        ("git commit", "; ".join(commits)),
+        ("git commit of the run", "; ".join(commits)),
         ("harness version", f"{tags.get('harness.version', '?')}; torch {_uniq(t, 'sys.torch')}"),
         ("command", tags.get("harness.command", "?")),
         ("date", when),
         ("MLflow", f"{res.tracking_uri}, experiment {res.experiment_id}, parent run(s) {parents}"),
-        ("report generated", f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC by harness.report"),
+        ("report generated", f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC by harness.report at commit "
+                             f"{report_commit()}"),
     ]
     if res.notes:
         rows.append(("notes", "; ".join(res.notes)))
     return rows
+
+
+def report_commit() -> str:
+    """The commit and working-tree state of the code that builds this report."""
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        # the code's state: reports/ (this report's own outputs among them) does not count
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!reports"],
+                               cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    if head.returncode:
+        return "unknown (not a git checkout)"
+    files = [ln[3:] for ln in dirty.stdout.splitlines() if ln.strip()]
+    return head.stdout.strip() + (f" (dirty working tree: {', '.join(files)})" if files else " (clean working tree)")
 
 
 def _claim_cells(cells: pd.DataFrame, verdicts: list) -> pd.DataFrame:
@@ -254,16 +306,80 @@ def _claim_cells(cells: pd.DataFrame, verdicts: list) -> pd.DataFrame:
 def _verdict_rows(ev: claims_mod.Evaluation):
     rows, styles = [], []
     for v in ev.verdicts:
-        rows.append([f"{v.claim_id}: {v.statement}\n[{v.comparison}]", f"paper: {v.paper}\nauthors' log: {v.log}",
-                     v.measured, v.verdict_text, f"{v.evidence}\n({v.reason})"])
-        styles.append({3: {"color": VERDICT_COLORS.get(v.verdict, "black"), "weight": "bold"}})
+        rows.append([f"{v.claim_id}: {v.statement}", v.comparison_words or v.comparison,
+                     f"paper: {v.paper}\nauthors' log: {v.log}", v.measured,
+                     f"{v.verdict_text}\nobserved: {v.observed or 'n/a'}"])
+        styles.append({4: {"color": VERDICT_COLORS.get(v.verdict, "black"), "weight": "bold"}})
     return rows, styles
+
+
+VERDICT_COLUMNS = ["claim", "comparison", "paper says", "we measured", "verdict"]
+VERDICT_WIDTHS = [2.0, 1.7, 1.6, 4.0, 1.4]
+
+
+def _diff_text(v, x: float) -> str:
+    if "argmax" in v.test:
+        return f"{x:+.0f} grid positions"
+    if v.metric == "range_drop" or v.claim_id == "SC3":
+        return f"{100 * x:+.1f} points"
+    return claims_mod._fmt_diff(v.metric, x)
+
+
+def interval_text(v) -> str:
+    """The interval and test of a verdict, labelled for what it is (none below MIN_N units per arm)."""
+    if not v.ci_shown:
+        return (f"none: fewer than {claims_mod.MIN_N} units in an arm (n = {v.n_a} vs {v.n_b}), so no interval "
+                f"and no p-value are computed; the per-seed values and the observed direction are the evidence")
+    n = min(v.n_a, v.n_b)
+    text = (f"95% percentile-bootstrap interval of the difference of medians: [{_diff_text(v, v.ci_low)}, "
+            f"{_diff_text(v, v.ci_high)}] ({claims_mod.BOOTSTRAP} resamples)")
+    if n < 5:
+        text += (f"; with only {n} units per arm there are just {math.comb(2 * n - 1, n)} distinct resamples of "
+                 f"an arm, so this is a coarse interval, not a 95% confidence statement")
+    if v.test and np.isfinite(v.p):
+        text += f"; {v.test} p = {v.p:.2g}"
+    return text
+
+
+def verdict_details(vs: list) -> tuple[list[str], list[list[str]], list[dict]]:
+    """One column per verdict, one row per aspect: what was planned, measured, and how it was decided."""
+    aspects = [
+        ("comparison", lambda v: v.comparison_words or v.comparison),
+        ("pre-registered", lambda v: v.planned or "-"),
+        ("paper / authors' log", lambda v: f"paper: {v.paper}; authors' log: {v.log}"),
+        ("we measured", lambda v: v.measured),
+        ("observed direction", lambda v: v.observed or "n/a"),
+        ("per seed", lambda v: v.per_seed or "-"),
+        ("interval and test", interval_text),
+        ("LR tuning", lambda v: v.tuning or "-"),
+        ("arms also differ in", lambda v: v.confounds or "nothing else (per the plan)"),
+        ("evidence", lambda v: v.evidence),
+        ("verdict", lambda v: f"{v.verdict_text}: {v.reason}"),
+    ]
+    columns = [""] + [f"{v.claim_id}" for v in vs]
+    rows = [[name] + [fn(v) for v in vs] for name, fn in aspects]
+    styles = [{}] * (len(rows) - 1) + [{j + 1: {"color": VERDICT_COLORS.get(v.verdict, "black"), "weight": "bold"}
+                                        for j, v in enumerate(vs)}]
+    return columns, rows, styles
+
+
+def verdict_groups(ev: claims_mod.Evaluation) -> list[list]:
+    """Verdicts that read exactly the same trials share one section (one figure), in the plan's order."""
+    groups: list[list] = []
+    for v in ev.verdicts:
+        for g in groups:
+            if set(g[0].run_ids) == set(v.run_ids) and len(g) < 3:
+                g.append(v)
+                break
+        else:
+            groups.append([v])
+    return groups
 
 
 def _not_tested_text(ev: claims_mod.Evaluation) -> str:
     if not ev.not_tested:
         return ""
-    return "Not tested by this study's runs: " + "; ".join(f"{c} ({why})" for c, why in ev.not_tested) + "."
+    return "Claims not tested, and why: " + "; ".join(f"{c} ({why})" for c, why in ev.not_tested) + "."
 
 
 def _excluded_text(ev: claims_mod.Evaluation) -> str:
@@ -273,8 +389,13 @@ def _excluded_text(ev: claims_mod.Evaluation) -> str:
         " (listed in the appendix)."
 
 
+def _question(res: StudyResults) -> str:
+    return " ".join(str(res.parent["tags"].get("harness.question", "")).split()) or "(the study states no question)"
+
+
 # ------------------------------------------------------------------------------------------------ PDF
-def write_pdf(path: Path, res: StudyResults, ev: claims_mod.Evaluation, tables: Tables) -> int:
+def write_pdf(path: Path, res: StudyResults, ev: claims_mod.Evaluation, tables: Tables) -> tuple[int, float]:
+    """Returns (pages, the smallest font size on any page)."""
     from harness import report_figures as figs
     from harness.report_pdf import FlowPdf
 
@@ -285,80 +406,97 @@ def write_pdf(path: Path, res: StudyResults, ev: claims_mod.Evaluation, tables: 
     refs = figs.reference_for_cells(t)
     with FlowPdf(path, footer=f"harness.report · study {res.study} · {ev.scale} scale",
                  metadata={"Title": f"Study {res.study}: verdicts on the super-convergence claims"}) as pdf:
-        # ---- page 1: question, verdicts, setup
+        # ---- page 1: question, what this run did, verdicts, paper vs this run, setup
         pdf.new_page()
         pdf.heading(f"Study {res.study}: {ev.scale} scale", size=16, keep_with=0)
         pdf.paragraph(f"Claims: {', '.join(ev.requested)} · parent run(s) {', '.join(p['run_id'] for p in res.parents)}"
-                      f" · {len(res.trials)} trials · report of {dt.date.today():%Y-%m-%d}", size=8, color="0.35")
+                      f" · {len(res.trials)} trials · report of {dt.date.today():%Y-%m-%d}", size=FONT, color="0.35")
         pdf.heading("Question", size=11)
-        pdf.paragraph(res.parent["tags"].get("harness.question", "") or "(the study states no question)", size=9)
+        pdf.paragraph(_question(res), size=9)
+        pdf.paragraph(tables.this_run, size=9)
         pdf.heading("Verdicts", size=11)
         rows, styles = _verdict_rows(ev)
         if rows:
-            pdf.table(["claim [comparison]", "paper says", "we measured", "verdict", "evidence"], rows,
-                      widths=[2.0, 1.6, 3.4, 1.1, 2.6], size=6.8, styles=styles)
+            pdf.table(VERDICT_COLUMNS, rows, widths=VERDICT_WIDTHS, size=FONT, styles=styles)
         else:
             pdf.paragraph("No claim could be tested with this study's runs.", size=9)
         for text in (_not_tested_text(ev), _excluded_text(ev)):
             if text:
-                pdf.paragraph(text, size=7.5)
-        pdf.paragraph(DECISION_RULE, size=6.8, color="0.3")
-        pdf.heading("Setup", size=11)
-        pdf.table(["", ""], [[k, v] for k, v in tables.setup], widths=[1.3, 8.7], size=7, header=False)
+                pdf.paragraph(text, size=FONT)
+        pdf.heading("The paper's setup vs this run", size=11)
+        pdf.paragraph(f"Paper column: {tables.paper_source}. This run: the trials' typed configs.", size=FONT,
+                      color="0.3")
+        pdf.table(["setting", "paper", f"this run ({ev.scale} scale)"], tables.paper_vs_run, widths=[1.5, 4.6, 4.6],
+                  size=FONT)
+        pdf.paragraph(f"Deviations of the {ev.scale} scale from the authors' setup ({tables.deviations_source}):",
+                      size=FONT, color="0.2")
+        for d in tables.deviations or ["none declared"]:
+            pdf.paragraph(f"- {d}", size=FONT, indent=0.15)
+        pdf.paragraph(DECISION_RULE, size=FONT, color="0.3")
+        pdf.heading("Setup and provenance", size=11)
+        pdf.table(["", ""], [[k, v] for k, v in tables.setup], widths=[1.5, 8.5], size=FONT, header=False)
 
-        # ---- one section per tested claim
-        by_claim: dict[str, list] = {}
-        for v in ev.verdicts:
-            by_claim.setdefault(v.claim_id, []).append(v)
-        for cid, vs in by_claim.items():
-            claim = claims_mod.CLAIMS.get(cid, claims_mod.QUESTION)
-            pdf.new_page()
-            pdf.heading(f"{cid}: {claim.statement}", size=12)
-            pdf.paragraph(f"Paper setup: {claim.setup}. Paper: {claim.paper}. Authors' log: {claim.log}.", size=8)
-            pdf.table(["comparison", "we measured", "verdict", "why"],
-                      [[v.comparison, v.measured, v.verdict_text, v.reason] for v in vs],
-                      widths=[2.2, 5.0, 1.3, 2.2], size=6.8,
-                      styles=[{2: {"color": VERDICT_COLORS.get(v.verdict, "black"), "weight": "bold"}} for v in vs])
-            pdf.figure(lambda fig, rect, vs=vs: figs.draw_claim(fig, rect, vs, t, curves, refs), height=3.1)
+        # ---- one section per group of verdicts that read the same trials
+        shown_cells: set[str] = set()
+        for vs in verdict_groups(ev):
+            pdf.section(min_room=3.0)
+            ids = list(dict.fromkeys(v.claim_id for v in vs))
+            pdf.heading(" and ".join(ids) + ": " + "; ".join(
+                claims_mod.CLAIMS.get(c, claims_mod.QUESTION).statement for c in ids), size=12)
+            for cid in ids:
+                claim = claims_mod.CLAIMS.get(cid, claims_mod.QUESTION)
+                pdf.paragraph(f"{cid} paper setup: {claim.setup}.", size=FONT)
+            columns, rows, styles = verdict_details(vs)
+            pdf.table(columns, rows, widths=[1.3] + [9.4 / len(vs)] * len(vs), size=FONT, styles=styles)
             cells = _claim_cells(tables.cells, vs)
-            pdf.table(CELL_COLUMNS, _cell_rows(cells), widths=CELL_WIDTHS, size=6.8)
+            shown_cells |= set(cells["cell"])
+            pdf.table(CELL_COLUMNS, _cell_rows(cells), widths=CELL_WIDTHS, size=FONT)
+            # the figure takes what is left of the page (2.4-3.4 in), else a full-height one on the next page
+            pdf.figure(lambda fig, rect, vs=vs: figs.draw_claim(fig, rect, vs, t, curves, refs),
+                       height=min(3.4, pdf.room - 0.1) if pdf.room >= 2.3 else 3.4)
 
-        # ---- the study's figures
-        pdf.new_page()
-        pdf.heading("Test accuracy vs iteration, per schedule", size=12)
-        n_sched = max(1, len([s for s in t.get("schedule", pd.Series(["all"])).unique() if s != "range_test"]))
-        pdf.paragraph("Line: median over seeds of each cell; band: min to max over seeds. Dashed: the authors' "
-                      "Caffe log with the same setup (dataset, model, schedule, total batch, peak LR, steps), "
-                      "when there is one.", size=7.5)
-        pdf.figure(lambda fig, rect: figs.draw_accuracy_by_schedule(fig, rect, t, curves, refs),
-                   height=min(6.6, 3.3 * ((n_sched + 1) // 2)))
-        pdf.new_page()
+        # ---- training curves and schedules (one page)
+        pdf.section(min_room=5.6)
+        pdf.heading("Training curves: loss and test accuracy against step, epoch and training seconds", size=12)
+        pdf.paragraph("Line: median over the seeds of each cell; band: min to max over seeds. The same points "
+                      "on three x-axes (epochs = images seen / training images; seconds = cumulative training time "
+                      "without evaluation). Every point is in the curves CSV beside this PDF.", size=FONT)
+        pdf.figure(lambda fig, rect: figs.draw_training_curves(fig, rect, t, curves), height=4.5)
+        pdf.heading("Learning rate and momentum at every step (from the trial config)", size=11, keep_with=2.0)
+        sched = schedule_curves(t)
+        pdf.figure(lambda fig, rect: figs.draw_schedules(fig, rect, t, sched), height=2.5)
+
+        # ---- outcomes, and accuracy per schedule with the authors' logs
+        pdf.section(min_room=4.0)
         pdf.heading("Final accuracy vs total batch size; steps to target", size=12)
 
         def outcome_panels(fig, rect):
-            ax1, ax2 = figs._axes(fig, rect, ncols=2, wspace=0.55)
+            ax1, ax2 = figs._axes(fig, rect, ncols=2, wspace=0.75)
             figs.draw_final_vs_batch(ax1, t[t["status"].isin(["completed", "diverged"])])
             figs.draw_steps_to_target(ax2, t[t["status"].isin(["completed", "diverged"])])
 
-        pdf.figure(outcome_panels, height=3.4)
-        pdf.heading("Learning rate and momentum vs iteration", size=12)
-        sched = schedule_curves(t)
-        pdf.figure(lambda fig, rect: figs.draw_schedules(fig, rect, t, sched), height=3.0)
+        pdf.figure(outcome_panels, height=3.0)
+        n_sched = max(1, len([s for s in t.get("schedule", pd.Series(["all"])).unique() if s != "range_test"]))
+        pdf.heading("Test accuracy vs iteration, per schedule, with the authors' logs", size=12, keep_with=3.0)
+        pdf.paragraph("Dashed: the authors' Caffe log with the same setup (dataset, model, schedule, total batch, "
+                      "peak LR, steps), when there is one.", size=FONT)
+        pdf.figure(lambda fig, rect: figs.draw_accuracy_by_schedule(fig, rect, t, curves, refs),
+                   height=min(6.6, 3.3 * ((n_sched + 1) // 2)))
         if "schedule" in t and (t["schedule"] == "range_test").any():
-            pdf.new_page()
-            pdf.heading("LR range tests", size=12)
-            pdf.figure(lambda fig, rect: figs.draw_range_tests(figs._axes(fig, rect)[0], t, curves), height=4.5)
+            pdf.heading("LR range tests", size=12, keep_with=4.0)
+            pdf.figure(lambda fig, rect: figs.draw_range_tests(figs._axes(fig, rect)[0], t, curves), height=4.0)
 
         # ---- tables
-        pdf.new_page()
-        pdf.heading("All cells", size=12)
-        pdf.table(CELL_COLUMNS, _cell_rows(tables.cells), widths=CELL_WIDTHS, size=6.8)
-        pdf.new_page()
+        if set(tables.cells["cell"]) - shown_cells:
+            pdf.section(min_room=2.5)
+            pdf.heading("All cells", size=12)
+            pdf.table(CELL_COLUMNS, _cell_rows(tables.cells), widths=CELL_WIDTHS, size=FONT)
+        pdf.section(min_room=2.5)
         pdf.heading("Appendix: every trial", size=12)
         pdf.paragraph("Final accuracy of a diverged trial is its last measured test accuracy; steps to target "
-                      "'never' = missed or diverged. Open a run in MLflow by its run id.", size=7.5)
-        pdf.table(TRIAL_COLUMNS, _trial_rows(res.trials), widths=TRIAL_WIDTHS, size=6.5)
-        return pdf.pages
+                      "'never' = missed or diverged. Open a run in MLflow by its run id.", size=FONT)
+        pdf.table(TRIAL_COLUMNS, _trial_rows(res.trials), widths=TRIAL_WIDTHS, size=FONT)
+    return pdf.pages, pdf.min_font
 
 
 def _trial_rows(t: pd.DataFrame) -> list[list[str]]:
@@ -368,7 +506,8 @@ def _trial_rows(t: pd.DataFrame) -> list[list[str]]:
         status = r["status"] + (f": {r['error']}" if r.get("error") else "")
         seed = r.get("seed")
         seed = "" if seed is None or pd.isna(seed) else f"{seed:g}" if isinstance(seed, float) else str(seed)
-        rows.append([str(r["run_name"]), r["run_id"], (f"[{r['scale']}] " if multi else "") + r["cell"], seed, status,
+        rows.append([str(r["run_name"]), r["run_id"], (f"[{r['scale']}] " if multi else "") + r["cell_title"], seed,
+                     status,
                      _pct(r["outcome_acc"]), _pct(r["best_acc"]), _steps(r["steps_to_target_eff"]),
                      _steps(r["steps_done"]), "n/a" if np.isnan(r["train_seconds"]) else f"{r['train_seconds']:,.0f}"])
     return rows
@@ -383,32 +522,37 @@ def _md_table(columns, rows) -> str:
     return "\n".join(lines)
 
 
-def markdown(res: StudyResults, ev: claims_mod.Evaluation, tables: Tables, pdf_name: str) -> str:
+def markdown(res: StudyResults, ev: claims_mod.Evaluation, tables: Tables, names: dict) -> str:
+    pdf_name, curves_name = names["pdf"], names["curves"]
     out = [f"# Study {res.study}: {ev.scale} scale", "",
-           (f"Figures: [{pdf_name}]({pdf_name}). Claims: {', '.join(ev.requested)}. "
-            f"Parent run {res.parent['run_id']}."), "", "## Question", "",
-           res.parent["tags"].get("harness.question", "") or "(the study states no question)", "", "## Verdicts", ""]
+           (f"Figures: [{pdf_name}]({pdf_name}); curves: [{curves_name}]({curves_name}). "
+            f"Claims: {', '.join(ev.requested)}. Parent run {res.parent['run_id']}."), "", "## Question", "",
+           _question(res), "", tables.this_run, "", "## Verdicts", ""]
     rows, _ = _verdict_rows(ev)
-    out += [_md_table(["claim [comparison]", "paper says", "we measured", "verdict", "evidence"], rows)
-            if rows else "No claim could be tested with this study's runs.", ""]
-    for text in (_not_tested_text(ev), _excluded_text(ev), DECISION_RULE):
+    out += [_md_table(VERDICT_COLUMNS, rows) if rows else "No claim could be tested with this study's runs.", ""]
+    for text in (_not_tested_text(ev), _excluded_text(ev)):
         if text:
             out += [text, ""]
-    out += ["## Setup", "", _md_table(["", ""], tables.setup), ""]
-    by_claim: dict[str, list] = {}
-    for v in ev.verdicts:
-        by_claim.setdefault(v.claim_id, []).append(v)
-    for cid, vs in by_claim.items():
-        claim = claims_mod.CLAIMS.get(cid, claims_mod.QUESTION)
-        out += [f"## {cid}: {claim.statement}", "",
-                f"Paper setup: {claim.setup}. Paper: {claim.paper}. Authors' log: {claim.log}."
-                , "",
-                _md_table(["comparison", "we measured", "verdict", "why"],
-                          [[v.comparison, v.measured, v.verdict_text, v.reason] for v in vs]), ""]
+    out += ["## The paper's setup vs this run", "", f"Paper column: {tables.paper_source}.", "",
+            _md_table(["setting", "paper", f"this run ({ev.scale} scale)"], tables.paper_vs_run), "",
+            f"Deviations of the {ev.scale} scale from the authors' setup ({tables.deviations_source}):", ""]
+    out += [f"- {d}" for d in tables.deviations or ["none declared"]] + ["", DECISION_RULE, ""]
+    out += ["## Setup and provenance", "", _md_table(["", ""], tables.setup), ""]
+    shown: set[str] = set()
+    for vs in verdict_groups(ev):
+        ids = list(dict.fromkeys(v.claim_id for v in vs))
+        out += [f"## {' and '.join(ids)}: " + "; ".join(claims_mod.CLAIMS.get(c, claims_mod.QUESTION).statement
+                                                       for c in ids), ""]
+        for cid in ids:
+            out += [f"{cid} paper setup: {claims_mod.CLAIMS.get(cid, claims_mod.QUESTION).setup}.", ""]
+        columns, rows, _ = verdict_details(vs)
+        out += [_md_table(columns, rows), ""]
         cells = _claim_cells(tables.cells, vs)
+        shown |= set(cells["cell"])
         out += [_md_table(CELL_COLUMNS, _cell_rows(cells)), ""]
-    out += ["## All cells", "", _md_table(CELL_COLUMNS, _cell_rows(tables.cells)), "",
-            "## Appendix: every trial", "", _md_table(TRIAL_COLUMNS, _trial_rows(res.trials)), ""]
+    if set(tables.cells["cell"]) - shown:
+        out += ["## All cells", "", _md_table(CELL_COLUMNS, _cell_rows(tables.cells)), ""]
+    out += ["## Appendix: every trial", "", _md_table(TRIAL_COLUMNS, _trial_rows(res.trials)), ""]
     return "\n".join(out)
 
 

@@ -10,27 +10,41 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from harness import caffe_logs
+from harness import caffe_logs, names
 from harness.claims import sorted_levels
 from harness.results import split_cell
 
 PALETTE = sns.color_palette("colorblind", 10)
-SHORT = {"batch_size": "bs", "max_lr": "lr", "base_lr": "blr", "weight_decay": "wd", "momentum": "mom",
-         "train_size": "n", "stepsize": "ss", "steps": "it", "schedule": "", "optimizer": "", "model": "",
-         "dataset": "", "cycle_momentum": "cyc_mom", "milestones": "ms"}
 MAX_LINES = 10   # curves per panel; more cells are summarised in the legend
+LEGEND_W = 0.2   # fraction of a figure block's width kept for a shared legend at its right
 
 
-def cell_label(cell: str) -> str:
-    """'batch_size=1000,schedule=one_cycle' -> 'bs=1000 one_cycle' (legends)."""
-    if cell in ("all", ""):
-        return "all trials"
-    parts = []
-    for part in split_cell(cell):
-        k, _, v = part.partition("=")
-        short = SHORT.get(k, k)
-        parts.append(v if short == "" else f"{short}={v}")
-    return " ".join(parts)
+def cell_words(trials: pd.DataFrame, cell: str) -> str:
+    """A cell in words for legends and tick labels: the trials' `cell_title` (from the typed config)."""
+    if "cell_title" in trials.columns:
+        found = trials.loc[trials["cell"] == cell, "cell_title"]
+        if len(found):
+            return str(found.iloc[0])
+    return "all trials" if cell in ("all", "") else ", ".join(split_cell(cell))
+
+
+def field_words(field: str) -> str:
+    return {"batch_size": "total batch size", "lr": "learning rate", "cell": "cell"}.get(field, field.replace("_", " "))
+
+
+def _legend_right(fig: Figure, rect, axes, title: str = "") -> None:
+    """One legend for a row of panels, in the strip at the right of the rectangle (see _axes legend_w)."""
+    handles, labels = {}, []
+    for ax in axes:
+        for h, lbl in zip(*ax.get_legend_handles_labels()):
+            if lbl not in handles:
+                handles[lbl] = h
+                labels.append(lbl)
+    if not labels:
+        return
+    left, bottom, width, height = rect
+    fig.legend([handles[lbl] for lbl in labels], labels, loc="upper left", frameon=False, title=title or None,
+               bbox_to_anchor=(left + width * (1 - LEGEND_W) + 0.005, bottom + height - 0.03))
 
 
 def _axes(fig: Figure, rect, ncols: int = 1, nrows: int = 1, wspace: float = 0.25, hspace: float = 0.45,
@@ -53,8 +67,15 @@ def _label(v) -> str:
     return str(v)
 
 
+def _level_words(field: str, v) -> str:
+    """A level on an axis or in a legend: booleans and schedules in words, numbers as they are."""
+    if isinstance(v, bool) or field == "schedule":
+        return names.value_words(field, v)
+    return _label(v)
+
+
 def empty(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=7, color="0.4", transform=ax.transAxes)
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=8, color="0.4", transform=ax.transAxes, wrap=True)
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -96,7 +117,8 @@ def draw_curves(ax, trials: pd.DataFrame, curves: pd.DataFrame, cells: list[str]
             continue
         scale = 100 if y == "test_acc" else 1
         n = trials.loc[trials["cell"] == cell, "run_id"].nunique()
-        ax.plot(b["step"], b["median"] * scale, color=colors[cell], lw=1.2, label=f"{cell_label(cell)} (n={n})")
+        ax.plot(b["step"], b["median"] * scale, color=colors[cell], lw=1.2,
+                label=f"{cell_words(trials, cell)} (n={n})")
         if n > 1:
             ax.fill_between(b["step"], b["lo"] * scale, b["hi"] * scale, color=colors[cell], alpha=0.2, lw=0)
         drawn += 1
@@ -131,10 +153,42 @@ def draw_accuracy_by_schedule(fig: Figure, rect, trials: pd.DataFrame, curves: p
         draw_curves(ax, rows, curves, list(dict.fromkeys(rows["cell"])), refs, title=f"schedule: {sched}")
 
 
+def draw_training_curves(fig: Figure, rect, trials: pd.DataFrame, curves: pd.DataFrame) -> None:
+    """Training loss (top) and test accuracy (bottom) against step, epoch and training seconds: per cell the
+    median over seeds at each evaluation step (x too: a cell's seeds share steps, not seconds), min-max band."""
+    axes = _axes(fig, rect, ncols=3, nrows=2, wspace=0.3, hspace=0.5, legend_w=LEGEND_W)
+    cells = [c for c in dict.fromkeys(trials["cell"]) if (trials["cell"] == c).any()][:MAX_LINES]
+    colors = _colors(cells)
+    xs = (("step", "optimizer step"), ("epoch", "epoch"), ("train_seconds", "training seconds"))
+    ys = (("train_loss", "training loss", 1), ("test_acc", "test accuracy (%)", 100))
+    for row, (y, ylabel, scale) in enumerate(ys):
+        for col, (x, xlabel) in enumerate(xs):
+            ax = axes[row * 3 + col]
+            drawn = 0
+            for cell in cells:
+                ids = trials.loc[trials["cell"] == cell, "run_id"]
+                c = curves[curves["run_id"].isin(ids)].dropna(subset=[y, x])
+                if c.empty:
+                    continue
+                g = c.groupby("step")
+                b = pd.DataFrame({"x": g[x].median(), "med": g[y].median(), "lo": g[y].min(), "hi": g[y].max()})
+                ax.plot(b["x"], b["med"] * scale, color=colors[cell], lw=1.1, label=cell_words(trials, cell))
+                if ids.nunique() > 1:
+                    ax.fill_between(b["x"], b["lo"] * scale, b["hi"] * scale, color=colors[cell], alpha=0.18, lw=0)
+                drawn += 1
+            if not drawn:
+                empty(ax, f"no {ylabel} logged")
+                continue
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3, lw=0.4)
+    _legend_right(fig, rect, axes, title="cell (median, min-max band)")
+
+
 def draw_schedules(fig: Figure, rect, trials: pd.DataFrame, sched: pd.DataFrame) -> None:
     """Learning rate and momentum at every optimizer step of each cell, computed from its typed config by
     harness.schedules (results.schedule_curves), not sampled at evaluations."""
-    ax_lr, ax_m = _axes(fig, rect, ncols=2, wspace=0.3)
+    ax_lr, ax_m = _axes(fig, rect, ncols=2, wspace=0.3, legend_w=LEGEND_W)
     cells = list(dict.fromkeys(c for c in trials["cell"] if c in set(sched.get("cell", []))))[:MAX_LINES]
     if not cells:
         empty(ax_lr, "no schedule (no trial config)")
@@ -144,15 +198,14 @@ def draw_schedules(fig: Figure, rect, trials: pd.DataFrame, sched: pd.DataFrame)
     styles = ("-", "--", ":", "-.")
     for i, cell in enumerate(cells):
         c = sched[sched["cell"] == cell]
-        label = trials.loc[trials["cell"] == cell, "cell_title"].iloc[0]
+        label = cell_words(trials, cell)
         for ax, y in ((ax_lr, "lr"), (ax_m, "momentum")):
-            ax.plot(c["step"], c[y], color=colors[cell], lw=1.1, ls=styles[i // len(PALETTE) % 4], label=label)
+            ax.plot(c["step"], c[y], color=colors[cell], lw=1.1, ls=styles[i % 4], label=label)
     for ax, name in ((ax_lr, "learning rate"), (ax_m, "momentum")):
-        ax.set_xlabel("iteration (optimizer step)")
+        ax.set_xlabel("optimizer step")
         ax.set_ylabel(name)
-        ax.set_title(f"{name} at every step (from the trial config)")
         ax.grid(alpha=0.3, lw=0.4)
-    ax_lr.legend(loc="best", frameon=False)
+    _legend_right(fig, rect, [ax_lr], title="cell")
 
 
 # ------------------------------------------------------------------------------------------------ outcomes
@@ -177,21 +230,22 @@ def draw_levels(ax, trials: pd.DataFrame, x: str, hue: str = "", y: str = "outco
             jitter = np.linspace(-width * 0.25, width * 0.25, len(vals)) if len(vals) > 1 else np.zeros(1)
             div = (pts["status"] == "diverged").to_numpy()
             ax.scatter(pos + jitter[~div], vals[~div], s=10, color=colors[str(h)], zorder=3,
-                       label=(_label(h) if h is not None else None) if i == 0 or not ax.get_legend_handles_labels()[1]
-                       else None)
+                       label=(_level_words(hue, h) if h is not None else None)
+                       if i == 0 or not ax.get_legend_handles_labels()[1] else None)
             if div.any():
                 ax.scatter(pos + jitter[div], vals[div], s=16, marker="x", color="crimson", zorder=3,
                            label="diverged" if "diverged" not in ax.get_legend_handles_labels()[1] else None)
             ax.hlines(np.median(vals), pos - width * 0.4, pos + width * 0.4, color="black", lw=1.2, zorder=4)
     ax.set_xticks(range(len(levels)))
-    ax.set_xticklabels([_label(v) for v in levels])
+    ax.set_xticklabels([_level_words(x, v) if x != "cell" else cell_words(trials, v) for v in levels])
     ax.set_xlim(-0.6, len(levels) - 0.4)
-    ax.set_xlabel(x)
+    ax.set_xlabel(field_words(x))
     ax.set_ylabel("final test accuracy (%)" if scale == 100 else y)
-    ax.set_title(title or f"final accuracy by {x} (bar = median)")
+    ax.set_title(title or f"final accuracy by {field_words(x)} (bar = median)")
     ax.grid(axis="y", alpha=0.3, lw=0.4)
     if ax.get_legend_handles_labels()[1]:
-        ax.legend(loc="best", frameon=False, title=hue or None, title_fontsize=6)
+        ax.legend(loc="best", frameon=False, title=None if not hue or trials[hue].map(type).eq(bool).all()
+                  else field_words(hue))
 
 
 def draw_final_vs_batch(ax, trials: pd.DataFrame) -> None:
@@ -214,7 +268,8 @@ def draw_final_vs_batch(ax, trials: pd.DataFrame) -> None:
         if div.any():
             ax.scatter(bs[div], acc[div], s=14, marker="x", color="crimson")
         med = rows.assign(acc=acc).groupby("batch_size")["acc"].median()
-        ax.plot(med.index.astype(float), med.values, color=colors[str(s)], lw=1.2, marker="o", ms=3, label=str(s))
+        ax.plot(med.index.astype(float), med.values, color=colors[str(s)], lw=1.2, marker="o", ms=3,
+                label=names.SCHEDULE_WORDS.get(str(s), str(s)))
     ax.set_xscale("log", base=2)
     ticks = sorted(trials["batch_size"].astype(float).unique())
     ax.set_xticks(ticks)
@@ -222,9 +277,9 @@ def draw_final_vs_batch(ax, trials: pd.DataFrame) -> None:
     ax.minorticks_off()
     ax.set_xlabel("total batch size (images per optimizer step)")
     ax.set_ylabel("final test accuracy (%)")
-    ax.set_title("final accuracy vs total batch size (line = median; x = diverged)")
+    ax.set_title("final accuracy vs total batch (line = median)")
     ax.grid(alpha=0.3, lw=0.4)
-    ax.legend(loc="best", frameon=False, title="schedule", title_fontsize=6)
+    ax.legend(loc="best", frameon=False, title="schedule")
 
 
 def draw_steps_to_target(ax, trials: pd.DataFrame) -> None:
@@ -245,15 +300,15 @@ def draw_steps_to_target(ax, trials: pd.DataFrame) -> None:
                        zorder=3)
         if hit.any():
             ax.vlines(np.median(s[hit]), i - 0.3, i + 0.3, color="black", lw=1)
-        ax.text(right * 1.02, i, f"{hit.sum()}/{len(s)}", va="center", fontsize=6)
+        ax.text(right * 1.02, i, f"{hit.sum()}/{len(s)}", va="center", fontsize=8)
     ax.set_yticks(range(len(cells)))
-    ax.set_yticklabels([cell_label(c) for c in cells])
+    ax.set_yticklabels([cell_words(trials, c) for c in cells])
     ax.set_ylim(len(cells) - 0.5, -0.5)
     ax.set_xlim(0, right * 1.1)
     target = trials["target_acc"].dropna().unique() if "target_acc" in trials else []
     tgt = ", ".join(f"{100 * float(t):g}%" for t in target)
-    ax.set_xlabel(f"steps to target accuracy {tgt} (red > = missed or diverged; k/n = reached)")
-    ax.set_title("steps to target per cell (bar = median of those that reached it)")
+    ax.set_xlabel(f"steps to {tgt} test accuracy (red >: missed or diverged)")
+    ax.set_title("steps to target (bar = median of those reaching it; k/n reached)")
     ax.grid(axis="x", alpha=0.3, lw=0.4)
 
 
@@ -269,10 +324,10 @@ def draw_range_tests(ax, trials: pd.DataFrame, curves: pd.DataFrame) -> None:
         for k, rid in enumerate(rows.loc[rows["cell"] == cell, "run_id"]):
             c = curves[curves["run_id"] == rid].dropna(subset=["test_acc"]).sort_values("step")
             ax.plot(c["lr"], c["test_acc"] * 100, color=colors[cell], lw=1, alpha=0.8,
-                    label=cell_label(cell) if k == 0 else None)
+                    label=cell_words(rows, cell) if k == 0 else None)
     refs = reference_for_cells(rows)
-    for cell, names in refs.items():
-        for name in names:
+    for cell, logs in refs.items():
+        for name in logs:
             ref = caffe_logs.load_curve(name).dropna(subset=["lr"])
             ax.plot(ref["lr"], ref["test_acc"] * 100, color=colors.get(cell, "0.3"), lw=0.8, ls="--",
                     label=f"authors' log {name}")
@@ -294,6 +349,6 @@ def draw_claim(fig: Figure, rect, verdicts: list, trials: pd.DataFrame, curves: 
     else:
         x = v.plot_x if v.plot_x in rows.columns else "cell"
         hue = v.plot_hue if v.plot_hue in rows.columns and v.plot_hue != x else ""
-        draw_levels(left, rows, x, hue, title=f"{v.claim_id}: final accuracy by {x} (bar = median)")
+        draw_levels(left, rows, x, hue, title=f"final accuracy by {field_words(x)} (bar = median)")
     cells = list(dict.fromkeys(rows["cell"]))
-    draw_curves(right, rows, curves, cells, refs, title="test accuracy vs iteration (median, min-max band)")
+    draw_curves(right, rows, curves, cells, refs, title="test accuracy vs step (median, min-max band)")

@@ -15,11 +15,14 @@ from collections.abc import Callable, Sequence
 
 import matplotlib
 import matplotlib.lines
+import matplotlib.text
 
 matplotlib.use("Agg")
+MIN_FONT = 8.0    # no text on a page is smaller (points); `FlowPdf.min_font` measures it on every page
 matplotlib.rcParams.update({"pdf.fonttype": 42, "ps.fonttype": 42, "font.family": "DejaVu Sans",
-                            "axes.titlesize": 8, "axes.labelsize": 7, "xtick.labelsize": 6.5,
-                            "ytick.labelsize": 6.5, "legend.fontsize": 6, "svg.fonttype": "none"})
+                            "axes.titlesize": 9, "axes.labelsize": 8.5, "xtick.labelsize": 8,
+                            "ytick.labelsize": 8, "legend.fontsize": 8, "legend.title_fontsize": 8,
+                            "svg.fonttype": "none"})
 from matplotlib.backends.backend_agg import RendererAgg
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
@@ -80,6 +83,8 @@ class FlowPdf:
         self.fig: Figure | None = None
         self.y = 0.0        # inches from the top of the page
         self.pages = 0
+        self.min_font = float("inf")   # the smallest visible text drawn on any page so far (points)
+        self.small_texts: list[tuple[int, float, str]] = []   # (page, size, text) of texts under MIN_FONT
 
     # ------------------------------------------------------------------ pages
     def __enter__(self):
@@ -102,7 +107,7 @@ class FlowPdf:
         self.y = MARGIN_TOP
         self.pages += 1
         self.fig.text(PAGE_W - MARGIN_X, 0.25, f"{self.footer}   page {self.pages}", ha="right", va="bottom",
-                      fontsize=6.5, color="0.4", transform=self._tr())
+                      fontsize=MIN_FONT, color="0.4", transform=self._tr())
 
     def _ensure(self, height: float) -> None:
         if self.fig is None or (height > self.room and self.y > MARGIN_TOP + 1e-6):
@@ -111,7 +116,21 @@ class FlowPdf:
     def _flush(self) -> None:
         if self.fig is not None:
             self.pdf.savefig(self.fig)
+            self._measure(self.fig)   # after drawing: tick labels and legends exist now
             self.fig = None
+
+    def _measure(self, fig: Figure) -> None:
+        """Record the smallest font size of the visible, non-empty texts of a drawn page."""
+        for t in fig.findobj(matplotlib.text.Text):
+            if not t.get_visible() or not t.get_text().strip():
+                continue
+            ax = getattr(t, "axes", None)
+            if ax is not None and not ax.get_visible():
+                continue
+            size = float(t.get_fontsize())
+            self.min_font = min(self.min_font, size)
+            if size < MIN_FONT:
+                self.small_texts.append((self.pages, size, t.get_text()[:60]))
 
     def close(self) -> int:
         self._flush()
@@ -133,12 +152,20 @@ class FlowPdf:
     def space(self, h: float) -> None:
         self.y += h
 
+    def section(self, min_room: float) -> None:
+        """Start a section: on a new page unless at least `min_room` inches are left on this one."""
+        if self.fig is None or self.room < min_room:
+            self.new_page()
+        else:
+            self.y += 0.15
+
     def heading(self, text: str, size: float = 13, keep_with: float = 1.0) -> None:
         if self.fig is not None and self.y > MARGIN_TOP + 1e-6:
             self.y += 0.08
-        self._ensure(size * LINE / 72 + keep_with)
-        self._text(MARGIN_X, self.y, text, size, weight="bold")
-        self.y += size * LINE / 72 + 0.06
+        lines = wrap(text, self.width, size, bold=True)
+        self._ensure(len(lines) * size * LINE / 72 + keep_with)
+        self._text(MARGIN_X, self.y, "\n".join(lines), size, weight="bold")
+        self.y += len(lines) * size * LINE / 72 + 0.06
 
     def paragraph(self, text: str, size: float = 8.5, color: str = "black", indent: float = 0.0) -> None:
         lh = size * LINE / 72
@@ -147,6 +174,16 @@ class FlowPdf:
             self._text(MARGIN_X + indent, self.y, line, size, color=color)
             self.y += lh
         self.y += 0.05
+
+    def table_height(self, columns: Sequence[str], rows: Sequence[Sequence[str]], widths: Sequence[float],
+                     size: float = 7.0) -> float:
+        """Inches the table would take on one page (as `table` lays it out)."""
+        pad, lh = 0.04, size * LINE / 72
+        col_w = [w / sum(widths) * self.width for w in widths]
+        h = max(len(wrap(c, w - 2 * pad, size, bold=True)) for c, w in zip(columns, col_w)) * lh + 2 * pad
+        for row in rows:
+            h += max(len(wrap(str(c), w - 2 * pad, size)) for c, w in zip(row, col_w)) * lh + 2 * pad
+        return h + 0.12
 
     def table(self, columns: Sequence[str], rows: Sequence[Sequence[str]], widths: Sequence[float],
               size: float = 7.0, styles: Sequence[dict] | None = None, max_lines: int = 40,

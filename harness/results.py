@@ -217,6 +217,9 @@ def parse_param(text: str) -> Any:
         return None
     if text in ("True", "False"):
         return text == "True"
+    if text.startswith("["):          # a list (milestones, mlp_hidden): MLflow logged its str()
+        with contextlib.suppress(ValueError):
+            return json.loads(text)
     try:
         return int(text)
     except ValueError:

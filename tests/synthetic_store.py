@@ -93,11 +93,11 @@ class Builder:
         self.uri = f"sqlite:///{self.folder}/mlflow.db"
 
     def study(self, name: str, scale: str, claims: list[str], question: str, base: dict,
-              paired: dict | None = None, grid: dict | None = None, analysis: list[dict] | None = None
-              ) -> tuple[str, str, list[dict]]:
+              paired: dict | None = None, grid: dict | None = None, analysis: list[dict] | None = None,
+              deviations: list[str] | None = None) -> tuple[str, str, list[dict]]:
         """A parent run as `python -m harness.study` starts it; returns (experiment id, parent id, trials)."""
         body = {"name": name, "question": question, "claims": claims, "base": base, "paired": paired or {},
-                "grid": grid or {}, "scales": {scale: {}} if scale != "smoke" else {},
+                "grid": grid or {}, "scales": {scale: {"deviations": deviations or []}},
                 "analysis": {"comparisons": analysis or []}}
         resolved = spec.resolve(body, scale)
         trials = [{**t.as_dict(), "study": name, "scale": scale} for t in spec.trials(body, scale)]
@@ -152,7 +152,8 @@ def build(folder: Path) -> str:
         "super_convergence", "quick", ["SC1"],
         "Does one cycle of a large cyclical learning rate (0.1-3, 10k iterations) reach a higher test accuracy "
         "than the piecewise-constant schedule in 1/8 of its iterations?", {**CIFAR, "target_acc": 0.9},
-        paired={"schedule": [TRI, PC]}, grid={"seed": [0, 1, 2, 3]}, analysis=SC1)
+        paired={"schedule": [TRI, PC]}, grid={"seed": [0, 1, 2, 3]}, analysis=SC1,
+        deviations=["synthetic numbers: accuracy rises as sqrt(progress) to a chosen final value"])
     for t in trials:
         mean = 0.92 if t["config"]["schedule"] == "triangular" else 0.85
         b.trial(exp, pid, t, final=mean + JITTER[t["config"]["seed"]])

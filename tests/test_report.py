@@ -43,14 +43,12 @@ def test_report_supported_study(uri, tmp_path, capsys):
     code, pdf = run_report(uri, "super_convergence", tmp_path)
     assert code == 0
     printed = capsys.readouterr().out
-    assert "6 pages" in printed and str(pdf) in printed and " s (loading" in printed
     pages = pdf_text(pdf)
-    # page 1: question, verdict, claims.md numbers, setup; then SC1; accuracy curves; outcomes+schedules;
-    # all cells; appendix
-    assert len(pages) == 6
-    first = " ".join(pages[0].split())
+    assert f"{len(pages)} pages" in printed and str(pdf) in printed and " s (loading" in printed
+    assert 4 <= len(pages) <= 7
+    first = " ".join(" ".join(pages[:2]).split())      # page 1 and its continuation
     for text in ("Does one cycle of a large cyclical learning rate", "SC1", "supported", "CLR 92.4 vs PC 91.2",
-                 "92.44 vs 90.32", "schedule=triangular 92.12% vs schedule=multistep 85.12%", "Welch t",
+                 "92.44 vs 90.32", "CLR triangular 92.12% vs multistep 85.12%", "Welch t",
                  "quick scale", "2x CPU", HEAD[:16], "Setup", "Decision rule"):
         assert text in first, text
     assert "authors' log clr3SS5kFig1a" not in first
@@ -62,8 +60,14 @@ def test_report_supported_study(uri, tmp_path, capsys):
     assert verdicts[["claim_id", "verdict"]].values.tolist() == [["SC1", "supported"]]
     cells = pd.read_csv(tmp_path / "super_convergence.cells.csv")
     assert cells["cell"].tolist() == ["schedule=multistep", "schedule=triangular"] and cells["n"].tolist() == [4, 4]
+    assert cells["cell_title"].tolist() == ["multistep", "CLR triangular"]
     md = (tmp_path / "super_convergence.md").read_text()
     assert "| SC1: Super-convergence" in md and "supported" in md and trials["run_id"][0] in md
+    curves = pd.read_csv(tmp_path / "super_convergence.curves.csv")
+    assert list(curves.columns[:7]) == ["trial", "cell", "seed", "run_id", "step", "epoch", "train_seconds"]
+    assert {"train_loss", "test_acc", "lr", "momentum"} <= set(curves.columns)
+    assert set(curves["cell"]) == {"multistep", "CLR triangular"} and curves["run_id"].nunique() == 8
+    assert len(curves) == 8 * 6 and curves["epoch"].notna().all()
 
 
 def test_report_diverged_study(uri, tmp_path):
@@ -93,7 +97,7 @@ def test_study_in_progress_still_reports(uri, tmp_path):
     code, pdf = run_report(uri, "in_progress", tmp_path)
     assert code == 0
     text = " ".join(" ".join(pdf_text(pdf)).split())
-    assert "Not tested by this study's runs: SC1" in text and "1 running trial(s)" in text
+    assert "Claims not tested, and why: SC1" in text and "1 running trial(s)" in text
     assert "error: ValueError: worker could not start" in text
     trials = pd.read_csv(tmp_path / "in_progress.trials.csv")
     assert sorted(trials["status"]) == ["completed", "error", "running"]
@@ -155,3 +159,73 @@ def test_help_and_default_uri(monkeypatch, tmp_path, capsys):
     assert report.main(["x"]) == 2                         # default store: ./mlflow.db, which does not exist
     assert f"{tmp_path}/mlflow.db" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_first_page_compares_the_papers_setup_with_this_run(uri, tmp_path):
+    code, pdf = run_report(uri, "super_convergence", tmp_path)
+    assert code == 0
+    first = " ".join(" ".join(pdf_text(pdf)[:2]).split())
+    assert "This run: quick scale, 8 trials in 2 cells, 4 trials per cell (seeds 0, 1, 2, 3; LR scales x1)" in first
+    assert "The paper's setup vs this run" in first and "studies/super_convergence.yaml" in first
+    # paper column: the study file's paper scale (caffe_sgd, CLR 0.1-3 over 10k steps vs PC 80k steps);
+    # this run: the synthetic trials' typed configs
+    for text in ("data and training images", "BN statistics over", "steps (epochs) per cell", "LR tuning",
+                 "BN momentum", "augmentation", "target accuracy", "caffe_sgd", "80,000 steps",
+                 "per-pixel mean subtraction"):
+        assert text in first, text
+    assert "synthetic numbers: accuracy rises as sqrt(progress)" in first     # the logged scale's deviations
+    md = (tmp_path / "super_convergence.md").read_text()
+    assert "## The paper's setup vs this run" in md and "| steps (epochs) per cell |" in md
+
+
+def test_paper_side_and_provenance_units():
+    from harness import report_setup as rs
+    side = rs.paper_side("batch_size_effect", {"name": "batch_size_effect", "scale": "quick"})
+    assert "studies/batch_size_effect.yaml" in side.source and len(side.configs) == 8 * 3 * 3
+    assert rs.paper_side("no_such_study", None).configs == []
+    dirty = {"tags": {"harness.git_commit": "abc", "harness.git_dirty": "true",
+                      "harness.git_dirty_files": '["harness/a.py", "studies/b.yaml"]'}}
+    assert rs.provenance(dirty) == "abc (dirty working tree: harness/a.py, studies/b.yaml)"
+    assert rs.provenance({"tags": {"harness.git_commit": "abc", "harness.git_dirty": "false"}}) == \
+        "abc (clean working tree)"
+    assert "not recorded" in rs.provenance({"tags": {}})
+
+
+def test_verdict_details_are_rendered_and_merged_sections(uri, tmp_path):
+    code, pdf = run_report(uri, "batch_size_effect", tmp_path)
+    assert code == 0
+    text = " ".join(" ".join(pdf_text(pdf)).split())
+    # SC4 and DA2 read the same trials: one section, one figure
+    assert "SC4 and DA2: Larger total batch sizes" in text and text.count("SC4 paper setup") == 1
+    for t in ("pre-registered", "SC4: batch_size=1024 vs batch_size=256, n=3 per arm", "observed direction",
+              "opposite to the claim", "interval and test", "95% percentile-bootstrap interval",
+              "with only 3 units per arm there are just 10 distinct resamples", "coarse interval", "LR tuning",
+              "arms also differ in", "batch 1024 vs batch 256"):
+        assert t in text, t
+    md = (tmp_path / "batch_size_effect.md").read_text()
+    assert "| observed direction | opposite to the claim |" in md and "just 10 distinct resamples" in md
+    assert "| pre-registered |" in md
+    # below 3 units per arm: no interval, the per-seed values and the direction instead
+    code, smoke = run_report(uri, "smoke_check", tmp_path)
+    smoke_text = " ".join(" ".join(pdf_text(smoke)).split())
+    assert "none: fewer than 3 units in an arm (n = 1 vs 1), so no interval and no p-value" in smoke_text
+    assert "per seed one-cycle: s0 60.00%; multistep: s0 40.00%" in smoke_text
+
+
+@pytest.mark.parametrize("study", ["super_convergence", "batch_size_effect", "weight_decay", "smoke_check"])
+def test_no_text_under_8_points_and_cells_in_words(uri, tmp_path, study):
+    import re
+    files = report.build_report(study, uri, out=tmp_path / f"{study}.pdf")
+    assert files.min_font >= 8.0, files.min_font
+    text = " ".join(pdf_text(files.pdf))
+    assert not re.search(r"\w+=[^,\s]+,\w+=", text), re.search(r"\w+=[^,\s]+,\w+=", text)  # no cell strings
+    assert files.pages >= 3
+
+
+def test_the_font_check_catches_small_text(tmp_path):
+    from harness.report_pdf import FlowPdf
+    with FlowPdf(tmp_path / "x.pdf") as pdf:
+        pdf.new_page()
+        pdf.paragraph("legible", size=8)
+        pdf.figure(lambda fig, rect: fig.add_axes(rect).set_title("tiny", fontsize=6), height=2)
+    assert pdf.min_font == 6 and pdf.small_texts == [(1, 6.0, "tiny")]

@@ -334,3 +334,15 @@ def test_state_dict_round_trip_resumes_the_same_values(schedule, opt_name):
     resumed = run(opt2, sched2, 59)  # steps 61..119
     assert [lr for lr, _ in resumed] == list(full.lr[61:])
     assert np.array_equal([m for _, m in resumed], full.momentum[61:].to_numpy(), equal_nan=True)
+
+
+@pytest.mark.parametrize("schedule", ["one_cycle", "triangular", "multistep"])
+def test_curve_of_a_caffe_sgd_trial_is_the_sgd_curve(schedule):
+    """The schedule does not depend on where the LR enters the update: caffe_sgd trials get the same LR and
+    momentum per step as sgd trials (the report draws them from curve())."""
+    kw = dict(schedule=schedule, base_lr=0.1, max_lr=1.0, steps=60, stepsize=20, milestones=(30, 50), lr_scale=0.5)
+    caffe = curve(TrialConfig(optimizer="caffe_sgd", **kw))
+    sgd = curve(TrialConfig(optimizer="sgd", **kw))
+    assert len(caffe) == 60 and caffe["momentum"].notna().all()
+    assert np.allclose(caffe[["lr", "momentum"]].to_numpy(), sgd[["lr", "momentum"]].to_numpy())
+    assert caffe["lr"].max() == pytest.approx(0.5)    # lr_scale applied
