@@ -38,10 +38,11 @@ class PaperSide:
 
 
 def paper_side(study: str, logged: dict | None) -> PaperSide:
-    """The paper-scale trials of the study: the logged spec's if it holds its scales, else the study file's."""
+    """The paper-scale trials of the study: from the study file the parent run logged (`study_spec.yaml`'s
+    `study_file`), else, for runs of older versions, from studies/STUDY.yaml as it is now."""
     candidates = []
-    if logged and (logged.get("scales") or {}).get("paper") is not None:
-        candidates.append((logged, "the paper scale of the study spec logged with this run"))
+    if logged and ((logged.get("study_file") or {}).get("scales") or {}).get("paper") is not None:
+        candidates.append((logged["study_file"], "the paper scale of the study file logged with this run"))
     try:
         candidates.append((specs.load_spec(study), f"the paper scale of studies/{study}.yaml (the spec logged with "
                                                      f"this run holds only the scale it ran)"))

@@ -148,13 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     started_ray = _init_ray(address)
     try:
-        return run_study(args, resolved, trials, uri, ray.cluster_resources())
+        return run_study(args, resolved, trials, uri, ray.cluster_resources(), study_file=spec)
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, cluster: dict) -> int:
+def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, cluster: dict,
+              study_file: dict | None = None) -> int:
     from ray import tune
 
     res = resolved["resources"]
@@ -183,7 +184,8 @@ def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, cluster
     print(f"Ray Train's per-report lines, Ray's and libraries' warnings: {log_file}", flush=True)
     command = "python -m harness.study " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     hardware = _hardware(cluster)
-    study_spec = {k: v for k, v in resolved.items()}
+    # the resolved scale the trials ran, and the whole study file (every scale: the report's paper-vs-this-run column)
+    study_spec = {**resolved, "study_file": study_file}
     resources = {k: v for k, v in cluster.items() if k in ("CPU", "GPU", "memory", DRIVER_RESOURCE)}
     parent = tracking.start_study_run(uri, study_spec, resolved["scale"], str(exp_path), command,
                                       resources, hardware, resume=args.resume)

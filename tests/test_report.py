@@ -183,6 +183,12 @@ def test_paper_side_and_provenance_units():
     side = rs.paper_side("batch_size_effect", {"name": "batch_size_effect", "scale": "quick"})
     assert "studies/batch_size_effect.yaml" in side.source and len(side.configs) == 8 * 3 * 3
     assert rs.paper_side("no_such_study", None).configs == []
+    from harness import spec as specs
+    study_file = specs.load_spec("batch_size_effect")   # what harness.study logs beside the resolved scale
+    study_file["grid"] = {"seed": [0]}   # one seed instead of three
+    logged = rs.paper_side("batch_size_effect",
+                           {"name": "batch_size_effect", "scale": "quick", "study_file": study_file})
+    assert "logged with this run" in logged.source and len(logged.configs) == 8 * 3  # the logged file, not today's
     dirty = {"tags": {"harness.git_commit": "abc", "harness.git_dirty": "true",
                       "harness.git_dirty_files": '["harness/a.py", "studies/b.yaml"]'}}
     assert rs.provenance(dirty) == "abc (dirty working tree: harness/a.py, studies/b.yaml)"
