@@ -20,6 +20,12 @@ PARENT_RUN_ID = "mlflow.parentRunId"      # nests a trial under its study run in
 NOTE = "mlflow.note.content"              # the run's description (Markdown) in the UI
 EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3 UI: which view an experiment opens in
 KIND_TRAINING = "custom_model_development"  # the model-training view (runs table), not the GenAI overview
+# MLflow 3.17's UI ignores EXPERIMENT_KIND when its global GenAI/Model-training switch (browser storage, GenAI by
+# default) is on, and keeps the runs table's columns in browser storage. What it does read from the server: a
+# shared view, an experiment tag VIEW_TAG_PREFIX + key holding the table's state as JSON, opened by the URL below.
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+VIEW_KEY = "harness"
+RUNS_VIEW_URL = "#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=" + VIEW_KEY
 
 # ---- tags on both kinds of run
 ROLE = "harness.role"

@@ -62,9 +62,11 @@ class Trial:
     cell: str          # the varying fields except seed: trials of one cell differ only by seed (display only)
     config: dict       # a validated TrialConfig as a dict: the typed design the analysis reads
     title: str = ""    # the varying fields in words: the MLflow run name ("batch 1000, one-cycle, seed 0")
+    cell_title: str = ""  # the cell in words, seed aside: the study's console summary ("batch 1000, one-cycle")
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "key": self.key, "cell": self.cell, "config": self.config, "title": self.title}
+        return {"name": self.name, "key": self.key, "cell": self.cell, "config": self.config, "title": self.title,
+                "cell_title": self.cell_title}
 
 
 def study_path(name: str) -> Path:
@@ -264,7 +266,8 @@ def trials(spec: dict, scale: str, where: str = "study", workers: int | None = N
     for config in built:
         cell = ",".join(f"{k}={config[k]}" for k in used if k != "seed") or "all"
         key = hashlib.sha1(json.dumps([spec["name"], scale, world, config], sort_keys=True).encode()).hexdigest()[:16]
-        out.append(Trial(name=_name(config, used), key=key, cell=cell, config=config, title=_title(config, used)))
+        out.append(Trial(name=_name(config, used), key=key, cell=cell, config=config, title=_title(config, used),
+                         cell_title=_title(config, [k for k in used if k != "seed"]) or "all trials"))
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import logging.handlers
 import math
@@ -190,6 +191,8 @@ def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, cluster
     parent = tracking.start_study_run(uri, study_spec, resolved["scale"], str(exp_path), command,
                                       resources, hardware, resume=args.resume)
     exp_id = tracking.experiment_id(uri, resolved["name"])
+    varying = [f for f in trials[0].config if len({json.dumps(t.config.get(f), sort_keys=True) for t in trials}) > 1]
+    tracking.set_runs_view(uri, exp_id, [*varying, *(["seed"] if "seed" not in varying else [])])
     print(f"study {resolved['name']} ({resolved['scale']}): {len(trials)} trials, {res['workers']} workers each, "
           f"{concurrent} at a time; MLflow {uri} run {parent}; Ray state {exp_path}", flush=True)
 
@@ -242,8 +245,10 @@ def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, cluster
         return 130
     finally:
         tracking.end_study_run(uri, parent, status)  # never raises: a warning line if the store is down
-    print(f"MLflow: {uri} (experiment '{resolved['name']}', parent run {parent}); browse with "
-          f"`mlflow ui --backend-store-uri {uri}`")
+    browse = "" if uri.startswith("http") else f"`mlflow ui --backend-store-uri {uri}`, then "
+    print(f"MLflow: {uri} (experiment '{resolved['name']}', parent run {parent}); browse with {browse}"
+          f"{tracking.runs_view_url(exp_id, uri + '/' if uri.startswith('http') else 'http://127.0.0.1:5000/')} "
+          f"(the runs table with the summary metrics as columns; expand the study's run to see its trials)")
     print(f"report: python -m harness.report {resolved['name']} --tracking-uri {uri} --run {parent}")
     if outcome.untracked:
         print(f"warning: MLflow was unreachable past the grace period ({tracking.TRACKING_GRACE_ENV}); trials "
@@ -276,7 +281,7 @@ def summarize(results, resolved: dict, wall_s: float) -> Outcome:
             continue
         if metrics.get("untracked"):
             out.untracked.append(trial["name"])
-        cells.setdefault(trial["cell"], []).append(metrics)
+        cells.setdefault(trial.get("cell_title") or trial["cell"], []).append(metrics)
     ended = f"interrupted after {wall_s:.0f} s" if out.unfinished else f"finished in {wall_s:.0f} s"
     print(f"\nstudy {resolved['name']} ({resolved['scale']}) {ended}")
     print(f"{'cell':60s} {'n':>3s} {'final acc':>10s} {'steps to target':>16s} {'diverged':>9s}")

@@ -120,6 +120,20 @@ def experiment_id(uri: str, study: str) -> str:
                                     tags={names.EXPERIMENT_KIND: names.KIND_TRAINING})
 
 
+def set_runs_view(uri: str, exp_id: str, param_columns: list[str]) -> None:
+    """The experiment's shared runs-table view: the summary metrics and the given params as columns."""
+    metrics = ("final_acc", "final_val_acc", "best_acc", "steps_to_target", "seconds_to_target", "steps_run",
+               "startup_seconds")
+    columns = [f"metrics.`{m}`" for m in metrics] + [f"params.`{p}`" for p in param_columns]
+    state = {"selectedColumns": ["attributes.`Duration`", *columns]}
+    _client(uri).set_experiment_tag(exp_id, names.VIEW_TAG_PREFIX + names.VIEW_KEY, json.dumps(state))
+
+
+def runs_view_url(exp_id: str, ui: str = "http://127.0.0.1:5000/") -> str:
+    """Where `mlflow ui` shows the study's runs table with set_runs_view's columns."""
+    return ui + names.RUNS_VIEW_URL.format(experiment_id=exp_id)
+
+
 # ---------------------------------------------------------------------------------------------------- parent
 def start_study_run(uri: str, spec: dict, scale: str, tune_path: str, command: str,
                     resources: dict, hardware: str, resume: bool) -> str:

@@ -27,6 +27,8 @@ def check_study_runs(uri: str, study: str, n_trials: int, scale: str = "smoke") 
     exp = client.get_experiment_by_name(study)
     assert exp is not None, f"no experiment {study} in {uri}"
     assert exp.tags.get(names.EXPERIMENT_KIND) == names.KIND_TRAINING     # the UI opens the runs table
+    view = json.loads(exp.tags[names.VIEW_TAG_PREFIX + names.VIEW_KEY])  # the shared view: summary columns
+    assert {"metrics.`final_acc`", "metrics.`steps_to_target`", "params.`seed`"} <= set(view["selectedColumns"])
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`harness.role` = 'study'")
     assert len(parents) == 1
     parent = parents[0]

@@ -155,7 +155,7 @@ def test_two_trial_study_end_to_end_with_a_divergence(ray_session, workdir, caps
     assert ok.data.tags["harness.status"] == "completed" and ok.data.metrics["final_acc"] > 0.5
     assert bad.data.tags["harness.status"] == "diverged" and bad.data.metrics["diverged_at_step"] < 20
     assert ok.data.params["workers"] == "2" and ok.data.metrics["world_size"] == 2
-    assert "schedule=one_cycle" in out and "diverged" in out  # the summary table
+    assert "\none-cycle " in out and "\nconstant LR " in out and "diverged" in out  # the summary, cells in words
     check_study_runs(uri, "tiny", n_trials=2)
 
 
