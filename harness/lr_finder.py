@@ -43,9 +43,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from harness.config import TrialConfig
-from harness.data import TrainBatches, load_dataset, test_batches
-from harness.models import build_model
-from harness.trial import _pick_device, _rank_and_world, _track_bn_stats, build_optimizer
+from harness.data import TrainBatches, test_batches
+from harness.trial import _pick_device, _rank_and_world, _track_bn_stats, build_optimizer, workload
 
 SUGGESTIONS = ("lr_steepest", "lr_valley", "lr_smith", "lr_smith_base", "lr_smith_base_min")
 
@@ -165,11 +164,7 @@ def run_finder(cfg: TrialConfig, reporter=None, device: torch.device | str | Non
     local_batch, accum = cfg.micro_batches(world)
     micro = local_batch // accum
     device = torch.device(device) if device is not None else _pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, train_size=cfg.train_size, val_size=cfg.val_size,
-                      seed=cfg.seed, preprocess=cfg.preprocess, device=device, raw=raw,
-                      invert=cfg.invert_images)
-    model = build_model(cfg, ds.in_channels, ds.num_classes, ds.image_size).to(device)
+    ds, model = workload(cfg, device, raw)
     net = model
     if world > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -44,6 +44,17 @@ DIVERGENCE_CHECK_EVERY = 10   # steps between loss checks (each check is a devic
 EVAL_BATCH = 1000
 
 
+def workload(cfg: TrialConfig, device: torch.device, raw=None):
+    """The trial's data (on `device`) and freshly initialised model, seeded by cfg.seed: what a training trial and an
+    LR finder trial share."""
+    torch.manual_seed(cfg.seed)
+    ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, train_size=cfg.train_size, val_size=cfg.val_size,
+                      seed=cfg.seed, preprocess=cfg.preprocess, device=device, raw=raw,
+                      invert=cfg.invert_images)
+    model = build_model(cfg, ds.in_channels, ds.num_classes, ds.image_size).to(device)
+    return ds, model
+
+
 def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
               resume: dict[str, Any] | None = None, device: torch.device | str | None = None,
               raw: RawData | None = None) -> dict[str, Any]:
@@ -66,11 +77,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None,
     device = torch.device(device) if device is not None else _pick_device(cfg.device)
 
     # --- workload: data and model ---
-    torch.manual_seed(cfg.seed)
-    ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, train_size=cfg.train_size, val_size=cfg.val_size,
-                      seed=cfg.seed, preprocess=cfg.preprocess, device=device, raw=raw,
-                      invert=cfg.invert_images)
-    model = build_model(cfg, ds.in_channels, ds.num_classes, ds.image_size).to(device)
+    ds, model = workload(cfg, device, raw)
     fast = FastPath.of(cfg, device)
     if fast.channels_last:
         model = model.to(memory_format=torch.channels_last)

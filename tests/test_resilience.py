@@ -126,6 +126,17 @@ def check_resumed(uri: str, first_end_time: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- interrupts
+def resume_and_check(workdir: Path, path: str, uri: str, short_trial_end: int) -> None:
+    """`--resume` the study in a new process; it must exit 0 and leave what check_resumed asserts."""
+    resumed = start_cli(workdir, path, "--resume")
+    try:
+        out = resumed.communicate(timeout=300)[0]
+    finally:
+        kill_group(resumed)
+    assert resumed.returncode == 0, out[-3000:]
+    check_resumed(uri, short_trial_end)
+
+
 def test_ctrl_c_stops_at_a_checkpoint_marks_runs_killed_exits_130_and_resumes(workdir):
     path = write_study(workdir, TWO_TRIALS)
     uri = f"sqlite:///{workdir}/mlflow.db"
@@ -144,13 +155,7 @@ def test_ctrl_c_stops_at_a_checkpoint_marks_runs_killed_exits_130_and_resumes(wo
     assert trials["one_cycle"].info.status == "FINISHED" and trials["cosine"].info.status == "KILLED"
     assert eval_steps(uri, trials["cosine"].info.run_id)[-1] < 300  # stopped before its end
 
-    resumed = start_cli(workdir, path, "--resume")
-    try:
-        out = resumed.communicate(timeout=300)[0]
-    finally:
-        kill_group(resumed)
-    assert resumed.returncode == 0, out[-3000:]
-    check_resumed(uri, trials["one_cycle"].info.end_time)
+    resume_and_check(workdir, path, uri, trials["one_cycle"].info.end_time)
 
 
 def test_sigkill_of_the_driver_then_resume_finishes_without_rerun_or_duplicates(workdir):
@@ -168,13 +173,7 @@ def test_sigkill_of_the_driver_then_resume_finishes_without_rerun_or_duplicates(
     assert parent.info.status == "RUNNING"  # nobody was left to end it
     first_end = by_name(uri)["one_cycle"].info.end_time
 
-    resumed = start_cli(workdir, path, "--resume")
-    try:
-        out = resumed.communicate(timeout=300)[0]
-    finally:
-        kill_group(resumed)
-    assert resumed.returncode == 0, out[-3000:]
-    check_resumed(uri, first_end)
+    resume_and_check(workdir, path, uri, first_end)
 
 
 # ------------------------------------------------------------------------------------------------- in-process Ray
