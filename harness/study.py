@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if started_ray:
             ray.shutdown()
+            _OUR_RAY_JOB.clear()
 
 
 def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, cluster: dict,
@@ -362,7 +363,15 @@ def measure_images_per_s(config: dict, steps: int = 4, warmup: int = 2) -> float
 
 
 # ----------------------------------------------------------------------------------------------------
-_OUR_RAY_JOB: list = []  # the job ID of the connection this module made (so main ends it, and only it)
+# (job ID, node ID) of the connection this module made, so main ends it and only it. Job IDs restart at 01000000 in
+# every new Ray, so the ID alone would take a later Ray started by someone else (a test fixture) for ours.
+_OUR_RAY_JOB: list = []
+
+
+def _connection_id() -> tuple[str, str]:
+    import ray
+    context = ray.get_runtime_context()
+    return context.get_job_id(), context.get_node_id()
 
 
 def _init_ray(address: str | None) -> bool:
@@ -372,7 +381,7 @@ def _init_ray(address: str | None) -> bool:
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
     if ray.is_initialized():
-        return _OUR_RAY_JOB == [ray.get_runtime_context().get_job_id()]
+        return _OUR_RAY_JOB == [_connection_id()]
     env = {**RAY_ENV, **_storage_credentials()}
     if address:
         try:
@@ -383,7 +392,7 @@ def _init_ray(address: str | None) -> bool:
                                    f"RAY_ADDRESS to run on a local Ray")) from None
     else:
         ray.init(resources={DRIVER_RESOURCE: 64}, runtime_env={"env_vars": env}, include_dashboard=True)
-    _OUR_RAY_JOB[:] = [ray.get_runtime_context().get_job_id()]
+    _OUR_RAY_JOB[:] = [_connection_id()]
     return True
 
 

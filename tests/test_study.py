@@ -217,3 +217,4 @@ def test_dry_run_measures_throughput_when_the_study_has_none(workdir, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "4 trials" in out and "measured on this machine" in out and "CPU-hours" in out
+
