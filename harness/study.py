@@ -297,28 +297,65 @@ def summarize(results, resolved: dict, wall_s: float) -> Outcome:
     return out
 
 
+@dataclass(frozen=True)
+class Cost:
+    """What a study's trials cost to train (evaluation not included), from the same numbers --dry-run prints."""
+    trials: int
+    steps: int
+    images: int                 # training images, summed over trials
+    longest: int                # training images of the longest trial (a node is up at least that long)
+    images_per_s: float | None  # of one trial; None: no way to know here
+    source: str                 # where images_per_s comes from ("measured ...", "ASSUMED: ...") or why there is none
+    kind: str                   # "GPU" or "CPU"
+    devices: float              # per trial: workers x GPUs (or CPUs) per worker
+
+    @property
+    def trial_hours(self) -> float | None:
+        return None if self.images_per_s is None else self.images / self.images_per_s / 3600
+
+    @property
+    def device_hours(self) -> float | None:
+        return None if self.trial_hours is None else self.trial_hours * self.devices
+
+    def node_hours(self, devices_per_node: float) -> float | None:
+        """At least this many node-hours on nodes of `devices_per_node`: the device-hours packed onto full nodes,
+        and never less than the longest trial (ignores start-up and the autoscaler's idle timeout)."""
+        if self.images_per_s is None:
+            return None
+        return max(self.device_hours / devices_per_node, self.longest / self.images_per_s / 3600)
+
+
+def cost(resolved: dict, trials: list[specs.Trial], measure: bool = True) -> Cost:
+    """The training cost of `trials`; `measure=False` takes the study file's images_per_s even where this machine
+    could measure (the README's cost table: the same figure on every machine)."""
+    res = resolved["resources"]
+    ips, source = images_per_s(resolved, trials[0].config, measure)
+    kind = "GPU" if res["gpus_per_worker"] else "CPU"
+    images = [t.config["steps"] * t.config["batch_size"] for t in trials]
+    return Cost(len(trials), sum(t.config["steps"] for t in trials), sum(images), max(images), ips, source, kind,
+                res["workers"] * (res["gpus_per_worker"] or res["cpus_per_worker"]))
+
+
+def _hours(h: float, what: str) -> str:
+    """'6.85 GPU-hours'; under 0.1 h in minutes ('2.8 CPU-minutes'), not '0.05'."""
+    return f"{h:.2f} {what}-hours" if h >= 0.1 else f"{h * 60:.1f} {what}-minutes"
+
+
 def dry_run(resolved: dict, trials: list[specs.Trial]) -> None:
     res = resolved["resources"]
     print(f"{'trial':40s} {'batch':>6s} {'bn':>5s} {'max_lr':>7s} {'schedule':>14s} {'steps':>7s} {'seed':>5s}")
-    images = steps = 0
     for t in trials:
         c = t.config
         print(f"{t.name[:40]:40s} {c['batch_size']:6d} {c['bn_batch'] or c['batch_size'] // res['workers']:5d} "
               f"{c['max_lr']:7g} {c['schedule']:>14s} {c['steps']:7d} {c['seed']:5d}")
-        steps += c["steps"]
-        images += c["steps"] * c["batch_size"]
-    ips, source = images_per_s(resolved, trials[0].config)
-    if ips is None:
-        print(f"\n{len(trials)} trials, {steps:,} optimizer steps, {images:,} training images; no cost estimate: "
-              f"{source}")
+    c = cost(resolved, trials)
+    print(f"\n{c.trials} trials, {c.steps:,} optimizer steps, {c.images:,} training images", end="")
+    if c.trial_hours is None:
+        print(f"; no cost estimate: {c.source}")
         return
-    devices = res["workers"] * (res["gpus_per_worker"] or res["cpus_per_worker"])
-    kind = "GPU" if res["gpus_per_worker"] else "CPU"
-    hours = images / ips / 3600
-    print(f"\n{len(trials)} trials, {steps:,} optimizer steps, {images:,} training images")
-    print(f"at {ips:,.0f} images/s per trial ({source}): {hours:.2f} trial-hours = "
-          f"{hours * devices:.2f} {kind}-hours ({res['workers']} workers x "
-          f"{res['gpus_per_worker'] or res['cpus_per_worker']:g} {kind} each); evaluation not included")
+    print(f"\nat {c.images_per_s:,.0f} images/s per trial ({c.source}): {_hours(c.trial_hours, 'trial')} = "
+          f"{_hours(c.device_hours, c.kind)} ({res['workers']} workers x "
+          f"{res['gpus_per_worker'] or res['cpus_per_worker']:g} {c.kind} each); evaluation not included")
 
 
 def print_plan(resolved: dict, trials: list[specs.Trial]) -> None:
@@ -334,21 +371,31 @@ def print_plan(resolved: dict, trials: list[specs.Trial]) -> None:
         print(f"  {c.line()}")
 
 
-def images_per_s(resolved: dict, config: dict) -> tuple[float | None, str]:
+def images_per_s(resolved: dict, config: dict, measure: bool = True) -> tuple[float | None, str]:
     """(images/s of one trial process, where the figure comes from): measured here when this machine has the
-    study's kind of device, else the study file's `images_per_s` labelled assumed, else (None, why not)."""
+    study's kind of device and its data, else the study file's `images_per_s` labelled assumed, else (None, why)."""
     import torch
+
+    from harness import data
     wants_gpu = resolved["resources"]["gpus_per_worker"] > 0
-    if wants_gpu == torch.cuda.is_available():
+    why = ("the study file's figure asked for" if not measure else "no usable GPU" if wants_gpu else
+           "the study runs on CPUs, this machine would use its GPU")
+    if measure and wants_gpu == torch.cuda.is_available():
         steps, warmup = 4, 2
-        ips = measure_images_per_s(config, steps, warmup)
-        device = torch.cuda.get_device_name(0) if wants_gpu else f"CPU, {torch.get_num_threads()} threads"
-        return ips, (f"measured on this machine ({device}): {steps} steps of the first trial after {warmup} "
-                     f"warm-up, one process")
+        try:
+            ips = measure_images_per_s(config, steps, warmup)
+        except data.DataNotFoundError:
+            why = f"dataset {config['dataset']} is not on this machine"
+        else:
+            device = torch.cuda.get_device_name(0) if wants_gpu else f"CPU, {torch.get_num_threads()} threads"
+            return ips, (f"measured on this machine ({device}): {steps} steps of the first trial after {warmup} "
+                         f"warm-up, one process")
     assumed = resolved.get("images_per_s")
     if assumed:
-        return assumed, "ASSUMED: configured in the study file (images_per_s), not measured here (no usable GPU)"
-    return None, "the study runs on GPUs, this machine has none, and the study file gives no images_per_s"
+        return assumed, f"ASSUMED: configured in the study file (images_per_s), not measured here ({why})"
+    if why == "no usable GPU":
+        return None, "the study runs on GPUs, this machine has none, and the study file gives no images_per_s"
+    return None, f"not measured here ({why}) and the study file gives no images_per_s"
 
 
 def measure_images_per_s(config: dict, steps: int = 4, warmup: int = 2) -> float:

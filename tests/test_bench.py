@@ -112,6 +112,21 @@ def test_dry_run_on_the_studys_hardware_measures_after_warm_up(workdir, capsys, 
     assert "ASSUMED" not in out
 
 
+def test_dry_run_without_the_studys_data_falls_back_to_the_files_figure(workdir, capsys, monkeypatch):
+    """A CPU study could be measured here, but its dataset is not on this machine: the study file's figure,
+    labelled with why (this used to end in a DataNotFoundError traceback)."""
+    from harness import data, study
+
+    def no_data(*a, **k):
+        raise data.DataNotFoundError("dataset 'mnist' not found")
+    monkeypatch.setattr(study, "measure_images_per_s", no_data)
+    assert study.main(["negative_mnist", "--scale", "paper", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "at 50,000 images/s per trial (ASSUMED: configured in the study file (images_per_s), not measured here " \
+           "(dataset mnist is not on this machine))" in out
+    assert "4.8 trial-minutes = 4.8 CPU-minutes" in out
+
+
 def test_dry_run_with_no_way_to_know_gives_no_estimate(workdir, capsys, monkeypatch):
     import yaml
 

@@ -270,3 +270,31 @@ def test_address_a_gpu_study_is_queued_for_the_autoscalers_gpu_node_type(ray_hea
     assert "no GPU up yet; the autoscaler can launch 2 (" in out, out[-3000:]
     assert "scale: paper" in out and "waiting for 2 GPUs from the autoscaler" in out, out[-3000:]
     assert "PENDING" in out and "error:" not in out
+
+
+# ------------------------------------------------------------------------------------------ README's cost table
+def cost_table() -> list[str]:
+    """The README's paper-scale cost rows, from the code --dry-run uses, at the study files' images_per_s."""
+    from harness import spec as specs
+    from harness.study import _hours, cost
+    config = yaml.safe_load(CLUSTER.read_text())
+    gpus_per_node = config["available_node_types"]["gpu_8x"]["resources"]["GPU"]
+    rows = []
+    for name, _ in specs.list_studies():
+        spec = specs.load_spec(name)
+        resolved = specs.resolve(spec, "paper")
+        c = cost(resolved, specs.trials(spec, "paper", where=name, workers=resolved["resources"]["workers"]),
+                 measure=False)
+        nodes = f"{c.node_hours(gpus_per_node):.2f}" if c.kind == "GPU" else "- (CPU only)"
+        rows.append(f"| `{name}` | {c.trials} | {c.images:,} | {c.images_per_s:,.0f} | "
+                    f"{_hours(c.device_hours, c.kind)} | {nodes} |")
+    return rows
+
+
+def test_readme_cost_table_is_what_dry_run_computes_for_every_study():
+    readme = (CLUSTER.parent / "README.md").read_text()
+    section = readme[readme.index("## Running on a cluster"):]
+    section = section[:section.index("\n## ", 1)]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    expected = cost_table()
+    assert rows == expected, "README's cost table is stale; replace its rows with:\n" + "\n".join(expected)
