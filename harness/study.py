@@ -76,6 +76,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "each trial logged as an MLflow run.")
     p.add_argument("name", nargs="?", help="study name (a file in studies/) or a path to a study YAML")
     p.add_argument("--list", action="store_true", help="list the studies and their questions")
+    p.add_argument("--job-env", action="store_true",
+                   help="print the runtime env (JSON) that carries this checkout's git commit and dirty files into "
+                        "a Ray job: ray job submit --working-dir . --runtime-env-json \"$(python -m harness.study "
+                        "--job-env)\" -- python -m harness.study NAME (Ray uploads the working dir without .git)")
     p.add_argument("--scale", choices=specs.SCALES,
                    help="smoke (CPU, offline, ~minutes), quick (CPU, tens of minutes), paper (the authors' "
                         "setup on GPUs); default: paper when the cluster has GPUs, else smoke")
@@ -99,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for name, question in specs.list_studies():
             print(f"{name:24s} {question}")
+        return 0
+    if args.job_env:
+        try:
+            print(json.dumps(tracking.job_env()))
+        except tracking.TrackingError as e:
+            return _fail(str(e))
         return 0
     if not args.name:
         return _fail("no study named; pass a NAME (python -m harness.study --list shows them)")
@@ -146,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     except tracking.TrackingError as e:
         return _fail(str(e))
 
+    if tracking._git_state()[0] == "unknown":
+        print("warning: no git checkout here and no HARNESS_GIT_COMMIT, so the runs record commit 'unknown'; a Ray "
+              "job's working dir has no .git: submit with --runtime-env-json \"$(python -m harness.study --job-env)\"",
+              file=sys.stderr, flush=True)
     import ray
     started_ray = _init_ray(address)
     try:

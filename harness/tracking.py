@@ -474,8 +474,22 @@ def system_tags(hostnames: list[str]) -> dict[str, str]:
     }
 
 
+# A Ray job's working dir is uploaded without .git (Ray leaves it out by default), so a study submitted with
+# `ray job submit --working-dir .` has no checkout to ask: the submitter passes the state in these variables
+# (`--runtime-env-json "$(python -m harness.study --job-env)"`, see job_env()).
+GIT_COMMIT_ENV, GIT_DIRTY_FILES_ENV = "HARNESS_GIT_COMMIT", "HARNESS_GIT_DIRTY_FILES"
+
+
 def _git_state() -> tuple[str, list[str]]:
-    """(HEAD commit, the tracked files that differ from it: an empty list means a clean tree)."""
+    """(HEAD commit, the tracked files that differ from it: an empty list means a clean tree); outside a git
+    checkout, what the submitter passed in HARNESS_GIT_COMMIT / HARNESS_GIT_DIRTY_FILES, else ("unknown", [])."""
+    commit, dirty = _git_checkout_state()
+    if commit == "unknown" and os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV], json.loads(os.environ.get(GIT_DIRTY_FILES_ENV) or "[]")
+    return commit, dirty
+
+
+def _git_checkout_state() -> tuple[str, list[str]]:
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -484,4 +498,12 @@ def _git_state() -> tuple[str, list[str]]:
                                 capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown", []
-    return commit, [line[3:] for line in status.splitlines() if line.strip()]
+    return commit, [line[3:] for line in status.splitlines() if line.strip()] if commit != "unknown" else []
+
+
+def job_env() -> dict:
+    """The runtime env that carries this checkout's git state into a Ray job (for `--runtime-env-json`)."""
+    commit, dirty = _git_checkout_state()
+    if commit == "unknown":
+        raise TrackingError("--job-env needs a git checkout (run it in the repository you submit)")
+    return {"env_vars": {GIT_COMMIT_ENV: commit, GIT_DIRTY_FILES_ENV: json.dumps(dirty)}}

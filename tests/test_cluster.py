@@ -1,5 +1,6 @@
 """cluster.yaml passes Ray's own cluster-config validation offline, and gives the head the driver resource."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from servers import free_port
 from harness.study import DRIVER_RESOURCE
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster.yaml"
+RAY_CLI = str(Path(sys.executable).parent / "ray")
 
 
 def test_cluster_yaml_is_valid_for_the_ray_autoscaler():
@@ -108,29 +110,24 @@ def test_a_head_local_folder_is_refused_when_trials_will_run_on_launched_nodes(t
 class RayHead:
     def __init__(self, resources: dict | None = None, num_cpus: int = 2):
         import json
-        import os
         import subprocess
-        import sys
         import tempfile
         import time
 
         self.temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: unix sockets max out at ~107 chars
         port = free_port()
-        cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+        self.dashboard = f"http://127.0.0.1:{free_port()}"  # the job API (`ray job submit --address`)
+        cmd = [RAY_CLI, "start", "--head", "--block", f"--port={port}",
                f"--num-cpus={num_cpus}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
-               "--include-dashboard=true", f"--dashboard-port={free_port()}",
+               "--include-dashboard=true", f"--dashboard-port={self.dashboard.rsplit(':', 1)[1]}",
                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
                f"--ray-client-server-port={free_port()}", f"--object-manager-port={free_port()}"]
         if resources:
             cmd.append(f"--resources={json.dumps(resources)}")
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        env.pop("RAY_ADDRESS", None)
-        # `ray start --head` turns token authentication on when ~/.ray/auth_token exists, but a driver connecting
-        # to an explicit address only uses it with RAY_AUTH_MODE=token: give the head this process's mode
-        env["RAY_AUTH_MODE"] = os.environ.get("RAY_AUTH_MODE") or "disabled"
         self.log = open(Path(self.temp_dir) / "start.log", "w")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, env=self.env(), stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         address_file = Path(self.temp_dir) / "ray_current_cluster"
         deadline = time.time() + 120
         while not address_file.exists() and self.proc.poll() is None and time.time() < deadline:
@@ -138,6 +135,17 @@ class RayHead:
         assert address_file.exists(), (Path(self.temp_dir) / "start.log").read_text()[-3000:]
         self.address = address_file.read_text().strip()
         assert self.address.endswith(f":{port}")
+
+    @staticmethod
+    def env() -> dict[str, str]:
+        """The environment of the head and of the `ray` commands that talk to it."""
+        import os
+        env = {**os.environ, "PYTHONPATH": str(CLUSTER.parent)}
+        env.pop("RAY_ADDRESS", None)
+        # `ray start --head` turns token authentication on when ~/.ray/auth_token exists, but a driver connecting
+        # to an explicit address only uses it with RAY_AUTH_MODE=token: give the head this process's mode
+        env["RAY_AUTH_MODE"] = os.environ.get("RAY_AUTH_MODE") or "disabled"
+        return env
 
     def processes(self) -> list[int]:
         """PIDs of the processes of this head (their command lines name its temp dir or its `ray start`)."""
@@ -207,6 +215,33 @@ def test_address_runs_a_study_on_a_separately_started_head(ray_head, tmp_path, m
     assert "scale: smoke (no GPU found)" in out
     from mlflow_checks import check_study_runs
     _, children = check_study_runs(f"sqlite:///{tmp_path}/mlflow.db", "tiny", n_trials=2)
+    assert all(c.data.metrics["world_size"] == 2 for c in children)
+    assert ray_head.proc.poll() is None
+
+
+def test_ray_job_submit_runs_a_study_as_the_readme_says(ray_head, tmp_path):
+    """The README's way onto a cluster: `ray job submit --working-dir . -- python -m harness.study ...` against
+    the head's job API. The job uploads the repository (what .gitignore leaves), its driver joins the cluster
+    through the RAY_ADDRESS that Ray sets for it, and the study's own runtime_env (environment variables) is merged
+    with the job's (the working dir), so the trials import the uploaded harness."""
+    import subprocess
+
+    from mlflow_checks import check_study_runs
+    uri = f"sqlite:///{tmp_path}/mlflow.db"  # not the default ./mlflow.db: a job's cwd is its unpacked working dir
+    # Ray uploads the working dir without .git: the checkout's commit travels in the job's runtime env
+    job_env = subprocess.run([sys.executable, "-m", "harness.study", "--job-env"], cwd=CLUSTER.parent, check=True,
+                             capture_output=True, text=True).stdout.strip()
+    cmd = [RAY_CLI, "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(CLUSTER.parent),
+           "--runtime-env-json", job_env, "--",
+           sys.executable, "-m", "harness.study", tiny_study(tmp_path), "--tracking-uri", uri,
+           "--storage", str(tmp_path / "ray_results")]
+    done = subprocess.run(cmd, env=ray_head.env(), cwd=tmp_path, capture_output=True, text=True, timeout=480)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert "scale: smoke (no GPU found)" in out and "succeeded" in out, out[-4000:]
+    assert "study tiny (smoke): 2 trials, 2 workers each" in out, out[-4000:]
+    assert "no git checkout here" not in out
+    _, children = check_study_runs(uri, "tiny", n_trials=2)  # incl. the parent's git commit == this checkout's HEAD
     assert all(c.data.metrics["world_size"] == 2 for c in children)
     assert ray_head.proc.poll() is None
 

@@ -65,3 +65,23 @@ def test_trial_run_carries_its_typed_config_and_a_title_in_words(tmp_path):
     assert row["cell_title"] == "batch 1000, multistep"
 
 
+
+
+def test_outside_a_checkout_the_git_state_comes_from_the_job_env(monkeypatch, tmp_path):
+    """A Ray job's working dir has no .git: the commit and dirty files the submitter put in the job's runtime env
+    (python -m harness.study --job-env) are recorded instead of 'unknown'."""
+    import json
+
+    from harness import tracking
+    commit, dirty = tracking._git_checkout_state()
+    env = tracking.job_env()["env_vars"]
+    assert env[tracking.GIT_COMMIT_ENV] == commit != "unknown"
+    assert json.loads(env[tracking.GIT_DIRTY_FILES_ENV]) == dirty
+    monkeypatch.setattr(tracking, "_git_checkout_state", lambda: ("unknown", []))
+    monkeypatch.delenv(tracking.GIT_COMMIT_ENV, raising=False)
+    assert tracking._git_state() == ("unknown", [])
+    monkeypatch.setenv(tracking.GIT_COMMIT_ENV, "abc123")
+    monkeypatch.setenv(tracking.GIT_DIRTY_FILES_ENV, json.dumps(["harness/study.py"]))
+    assert tracking._git_state() == ("abc123", ["harness/study.py"])
+    with pytest.raises(tracking.TrackingError, match="needs a git checkout"):
+        tracking.job_env()
