@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from harness import tracking
+from harness import cluster, tracking
 
 NONE_AS = -1  # the worker's final report writes None (steps_to_target never reached...) as -1; no summary
               # metric can be negative otherwise
@@ -32,31 +33,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                             "the tracking store was unreachable.")
     p.add_argument("name", help="study name (as given to harness.study)")
     p.add_argument("--scale", help="the study's scale (default: the most recent run of NAME in --storage)")
-    p.add_argument("--storage", default="ray_results", help="the study's --storage folder (default ray_results)")
+    p.add_argument("--storage", default=os.environ.get("HARNESS_STORAGE") or "ray_results",
+                   help="the study's --storage: a folder or s3://, gs:// URI (default $HARNESS_STORAGE, else "
+                        "./ray_results)")
     p.add_argument("--tracking-uri", help="MLflow store (default: the one the study logged to)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    storage = Path(args.storage).resolve()
+    storage = cluster.resolve_storage(args.storage)
     name = Path(args.name).stem  # a study path works too
-    pattern = f"{name}-{args.scale}*" if args.scale else f"{name}-*"
-    runs = [p for p in storage.glob(pattern) if (p / "tuner.pkl").exists()]
+    prefix = f"{name}-{args.scale}" if args.scale else f"{name}-"
+    runs = [cluster.storage_join(storage, e) for e in cluster.storage_list(storage)
+            if e.startswith(prefix) and cluster.storage_exists(cluster.storage_join(storage, e, "tuner.pkl"))]
     if not runs:
         print(f"error: no Ray results of study {name}{' at scale ' + args.scale if args.scale else ''} in "
               f"{storage}; pass the study's --storage and --scale", file=sys.stderr)
         return 2
-    exp_path = max(runs, key=lambda p: p.stat().st_mtime)
-    trials = [d for d in sorted(exp_path.iterdir()) if (d / "params.json").exists()]
+    exp_path = max(runs, key=lambda r: cluster.storage_mtime(cluster.storage_join(r, "tuner.pkl")))
+    trials = [cluster.storage_join(exp_path, e) for e in sorted(cluster.storage_list(exp_path))
+              if cluster.storage_exists(cluster.storage_join(exp_path, e, "params.json"))]
     print(f"back-filling MLflow from {exp_path}: {len(trials)} trials", flush=True)
     filled = complete = failed = 0
     parents: dict[tuple[str, str], bool] = {}
     for folder in trials:
-        config = json.loads((folder / "params.json").read_text())
+        config = json.loads(cluster.storage_read(cluster.storage_join(folder, "params.json")))
         track = config["tracking"]
         uri = tracking.resolve_tracking_uri(args.tracking_uri or track["uri"])
-        rows = _rows(folder / "result.json")
+        rows = _rows(cluster.storage_join(folder, "result.json"))
         final = next((r for r in rows if r.get("finished")), None)
         parents[(uri, track["parent_run_id"])] = parents.get((uri, track["parent_run_id"]), True) and bool(final)
         state = backfill_trial(uri, track, config, rows, final)
@@ -108,10 +113,10 @@ def _is_complete(uri: str, track: dict, trial: dict, records: list[dict], final:
     return done and steps == [r["step"] for r in records]
 
 
-def _rows(path: Path) -> list[dict]:
-    if not path.exists():
+def _rows(path: str) -> list[dict]:
+    if not cluster.storage_exists(path):
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in cluster.storage_read(path).splitlines() if line.strip()]
 
 
 if __name__ == "__main__":

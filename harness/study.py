@@ -23,21 +23,14 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from harness import lr_from_finder, tracking
+from harness import cluster, lr_from_finder, tracking
 from harness import spec as specs
 from harness.config import ConfigError
 
 EXIT_UNTRACKED = 3  # every trial ended, but MLflow misses some of it: run harness.backfill
-DRIVER_RESOURCE = "trial_driver"  # a custom resource for the Tune trial's own actor: it must not hold a CPU
-RAY_ENV = {
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",  # the Train controller polls reports every 2 s by default
-    "RAY_AIR_NEW_OUTPUT": "0",                   # Tune's classic live table with our columns
-    "RAY_TRAIN_V2_ENABLED": "1",
-}
 
 
 # Lines that are neither the harness's nor Tune's table go to <storage>/<experiment>/harness.log, not the terminal:
@@ -100,6 +93,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return _main(args)
+    except cluster.ClusterError as e:
+        return _fail(str(e))
+    finally:
+        cluster.end_our_ray()  # the connection this study made (to pick the scale or to run), never anyone else's
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.list:
         for name, question in specs.list_studies():
             print(f"{name:24s} {question}")
@@ -122,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
 
     address = args.address or os.environ.get("RAY_ADDRESS")
-    if address and (problem := _unreachable_address(address)):
+    if address and (problem := cluster.unreachable_address(address)):
         return _fail(problem)
     scale = args.scale
     if scale is None:
-        gpus = _cluster_gpus(address)
+        gpus = cluster.cluster_gpus(address)
         scale = "paper" if gpus else "smoke"
         why = f"{gpus:g} GPUs found" if gpus else "no GPU found"
         print(f"scale: {scale} ({why}); pick another with --scale smoke|quick|paper", flush=True)
@@ -161,48 +163,43 @@ def main(argv: list[str] | None = None) -> int:
               "job's working dir has no .git: submit with --runtime-env-json \"$(python -m harness.study --job-env)\"",
               file=sys.stderr, flush=True)
     import ray
-    started_ray = _init_ray(address)
-    try:
-        return run_study(args, resolved, trials, uri, ray.cluster_resources(), study_file=spec)
-    finally:
-        if started_ray:
-            ray.shutdown()
-            _OUR_RAY_JOB.clear()
+    cluster.init_ray(address)
+    return run_study(args, resolved, trials, uri, ray.cluster_resources(), study_file=spec)
 
 
-def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, cluster: dict,
+def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, up: dict,
               study_file: dict | None = None) -> int:
     from ray import tune
 
     res = resolved["resources"]
-    if cluster.get(DRIVER_RESOURCE, 0) < 1:
-        return _fail(f"the Ray cluster has no '{DRIVER_RESOURCE}' resource for the trial drivers; start Ray "
-                     f"with --resources '{{\"{DRIVER_RESOURCE}\": 100}}' (cluster.yaml does)")
-    node_types = _launchable_node_types(args.address or os.environ.get("RAY_ADDRESS"))
-    limit = min(int(cluster[DRIVER_RESOURCE]), args.max_concurrent or len(trials), len(trials))
-    plan = admit(node_types, cluster, _per_worker(res), res["workers"], limit)
+    if up.get(cluster.DRIVER_RESOURCE, 0) < 1:
+        return _fail(f"the Ray cluster has no '{cluster.DRIVER_RESOURCE}' resource for the trial drivers; start "
+                     f"Ray with --resources '{{\"{cluster.DRIVER_RESOURCE}\": 100}}' (cluster.yaml does)")
+    node_types = cluster.launchable_node_types(args.address or os.environ.get("RAY_ADDRESS"))
+    limit = min(int(up[cluster.DRIVER_RESOURCE]), args.max_concurrent or len(trials), len(trials))
+    plan = cluster.admit(node_types, up, cluster.per_worker(res), res["workers"], limit)
     if plan.error:
         return _fail(plan.error)
     concurrent = plan.concurrent
     if plan.waiting:
-        print(f"waiting for {_describe(plan.waiting)} from the autoscaler ({_describe_types(node_types)}); "
-              f"trials stay pending until their nodes are up", flush=True)
+        print(f"waiting for {cluster.describe(plan.waiting)} from the autoscaler "
+              f"({cluster.describe_types(node_types)}); trials stay pending until their nodes are up", flush=True)
 
-    storage = _resolve_storage(args.storage)
-    if (problem := preflight_storage(storage, node_types)) is not None:
+    storage = cluster.resolve_storage(args.storage)
+    if (problem := cluster.preflight_storage(storage, node_types)) is not None:
         return _fail(problem)
-    exp_path = _experiment_path(storage, f"{resolved['name']}-{resolved['scale']}", args.resume)
-    if args.resume and not storage_exists(exp_path):
+    exp_path = cluster.experiment_path(storage, f"{resolved['name']}-{resolved['scale']}", args.resume)
+    if args.resume and not cluster.storage_exists(exp_path):
         return _fail(f"nothing to resume: no earlier run of {resolved['name']} at scale {resolved['scale']} "
                      f"in {storage}; run it without --resume")
     log_file = _log_file(exp_path)
     quiet_console(log_file)
     print(f"Ray Train's per-report lines, Ray's and libraries' warnings: {log_file}", flush=True)
     command = "python -m harness.study " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    hardware = _hardware(cluster)
+    hardware = cluster.hardware(up)
     # the resolved scale the trials ran, and the whole study file (every scale: the report's paper-vs-this-run column)
     study_spec = {**resolved, "study_file": study_file}
-    resources = {k: v for k, v in cluster.items() if k in ("CPU", "GPU", "memory", DRIVER_RESOURCE)}
+    resources = {k: v for k, v in up.items() if k in ("CPU", "GPU", "memory", cluster.DRIVER_RESOURCE)}
     parent = tracking.start_study_run(uri, study_spec, resolved["scale"], str(exp_path), command,
                                       resources, hardware, resume=args.resume)
     exp_id = tracking.experiment_id(uri, resolved["name"])
@@ -215,14 +212,14 @@ def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, cluster
         "tracking": {"uri": uri, "experiment_id": exp_id, "parent_run_id": parent,
                      "grace_s": tracking.tracking_grace_s()},
         "resources": res,
-        "train_storage": _storage_join(exp_path, "train_runs"),
+        "train_storage": cluster.storage_join(exp_path, "train_runs"),
         "max_failures": args.max_failures,
         "harness_log": log_file,
     }
     param_space = {**base, "trial": tune.grid_search(
         [{**t.as_dict(), "study": resolved["name"], "scale": resolved["scale"]} for t in trials])}
     from harness.worker import trial_driver
-    trainable = tune.with_resources(trial_driver, {DRIVER_RESOURCE: 1})
+    trainable = tune.with_resources(trial_driver, {cluster.DRIVER_RESOURCE: 1})
 
     reporter = tune.CLIReporter(
         parameter_columns={"trial/config/batch_size": "batch", "trial/config/max_lr": "max LR",
@@ -240,7 +237,7 @@ def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, cluster
                 trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True,
                                             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-                run_config=tune.RunConfig(name=_storage_name(exp_path), storage_path=storage,
+                run_config=tune.RunConfig(name=cluster.storage_name(exp_path), storage_path=storage,
                                           progress_reporter=reporter, verbose=1,
                                           failure_config=tune.FailureConfig(max_failures=0)))
         results = tuner.fit()
@@ -423,63 +420,6 @@ def measure_images_per_s(config: dict, steps: int = 4, warmup: int = 2) -> float
     return rates[-1]
 
 
-# ----------------------------------------------------------------------------------------------------
-# (job ID, node ID) of the connection this module made, so main ends it and only it. Job IDs restart at 01000000 in
-# every new Ray, so the ID alone would take a later Ray started by someone else (a test fixture) for ours.
-_OUR_RAY_JOB: list = []
-
-
-def _connection_id() -> tuple[str, str]:
-    import ray
-    context = ray.get_runtime_context()
-    return context.get_job_id(), context.get_node_id()
-
-
-def _init_ray(address: str | None) -> bool:
-    """Connect (or start a local Ray); True when the connection is ours to shut down, even if an earlier call
-    (_cluster_gpus, picking the default scale) made it."""
-    import ray
-    for k, v in RAY_ENV.items():
-        os.environ.setdefault(k, v)
-    if ray.is_initialized():
-        return _OUR_RAY_JOB == [_connection_id()]
-    env = {**RAY_ENV, **_storage_credentials()}
-    if address:
-        try:
-            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
-        except (ConnectionError, ValueError, RuntimeError) as e:
-            raise SystemExit(_fail(f"cannot join the Ray cluster at {address}: {' '.join(str(e).split())[:300]}; "
-                                   f"start one (ray start --head, ray up cluster.yaml) or drop --address and "
-                                   f"RAY_ADDRESS to run on a local Ray")) from None
-    else:
-        ray.init(resources={DRIVER_RESOURCE: 64}, runtime_env={"env_vars": env}, include_dashboard=True)
-    _OUR_RAY_JOB[:] = [_connection_id()]
-    return True
-
-
-def _unreachable_address(address: str) -> str | None:
-    """Pre-flight for --address / RAY_ADDRESS host:port: one line when nothing listens there (ray.init would
-    retry for a minute and end in a traceback). 'auto' and 'local' are left to ray.init (see _init_ray)."""
-    import socket
-    import urllib.parse
-
-    if address in ("auto", "local"):
-        return None
-    split = urllib.parse.urlsplit(address if "://" in address else f"ray://{address}")
-    try:
-        host, port = split.hostname, split.port
-    except ValueError:
-        host = port = None
-    if not host or not port:
-        return f"--address {address!r} is not host:port; allowed: auto, host:port, ray://host:port (also RAY_ADDRESS)"
-    try:
-        socket.create_connection((host, port), timeout=5).close()
-    except OSError as e:
-        return (f"no Ray cluster answers at {address} ({type(e).__name__}: {e.strerror or e}); start one (ray start "
-                f"--head, ray up cluster.yaml) or drop --address and RAY_ADDRESS to run on a local Ray")
-    return None
-
-
 def _missing_data(trials: list[specs.Trial]) -> str | None:
     """Pre-flight: every dataset of the trials is on this machine or can be downloaded (nothing is downloaded
     here); otherwise the first one missing, in one line, instead of every trial failing inside Ray."""
@@ -499,271 +439,18 @@ class _OneLineErrors(argparse.ArgumentParser):
         raise SystemExit(_fail(f"{message} (python -m harness.study --help lists the options)"))
 
 
-def _cluster_gpus(address: str | None) -> float:
-    """GPUs up now, or else those the autoscaler can launch (a fresh `ray up` cluster has none up)."""
-    if address:
-        import ray
-        _init_ray(address)
-        gpus = ray.cluster_resources().get("GPU", 0)
-        types = _launchable_node_types(address)
-        launchable = _capacity(types).get("GPU", 0) if types else 0
-        if not gpus and launchable:
-            print(f"no GPU up yet; the autoscaler can launch {launchable:g} ({_describe_types(types)})", flush=True)
-            return launchable
-        return gpus
-    import torch
-    return torch.cuda.device_count()
-
-
-def _experiment_path(storage: str, name: str, resume: bool) -> str:
-    """storage/NAME for the first run; NAME-2, NAME-3... for later ones; --resume picks the latest.
-    `storage` is a local folder or a pyarrow URI (s3://bucket/path?endpoint_override=...); so is the result."""
-    existing = sorted((n for n in _storage_list(storage) if n == name or _run_number(n, name)),
-                      key=lambda n: _run_number(n, name))
-    if resume:
-        return _storage_join(storage, existing[-1] if existing else name)
-    if not existing:
-        return _storage_join(storage, name)
-    return _storage_join(storage, f"{name}-{_run_number(existing[-1], name) + 1 if existing[-1] != name else 2}")
-
-
-def _run_number(entry: str, name: str) -> int:
-    """N for an entry NAME-N, 0 for NAME itself or anything else."""
-    suffix = entry[len(name) + 1:] if entry.startswith(name + "-") else ""
-    return int(suffix) if suffix.isdigit() else 0
-
-
-def _trial_name(trial) -> str:
-    return trial.config["trial"]["name"]
-
-
-def _hardware(cluster: dict) -> str:
-    import torch
-    if cluster.get("GPU"):
-        model = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "GPU"
-        return f"{cluster['GPU']:g}x {model}"
-    return f"{cluster.get('CPU', 0):g}x CPU ({os.cpu_count()} cores on the driver host)"
-
-
-# ---------------------------------------------------------------------------------------------------- admission
-# What the cluster can launch, not only what is up: a fresh `ray up` cluster is a head and node *types*; Tune's
-# pending placement groups make the autoscaler launch the GPU nodes, so a study that fits a node type waits for
-# them instead of being refused. The arithmetic is a pure function of (node types, resources now, trial needs).
-@dataclass(frozen=True)
-class NodeType:
-    name: str
-    resources: dict[str, float]  # one node's resources, e.g. {"CPU": 96, "GPU": 8}
-    max_count: int               # how many the autoscaler may run at once; -1 = no limit
-
-
-@dataclass(frozen=True)
-class Admission:
-    concurrent: int = 0                                     # trials at once, once their nodes are up
-    waiting: dict[str, float] = field(default_factory=dict)  # beyond what is up now, for `concurrent` trials
-    error: str | None = None                                 # the study can never fit: the one-line refusal
-
-
-def admit(node_types: list[NodeType] | None, now: dict, per_worker: dict[str, float], workers: int,
-          limit: int) -> Admission:
-    """How many trials of `workers` x `per_worker` run at once (at most `limit`) on a cluster with `now`
-    resources up and `node_types` launchable (None: a fixed cluster, only `now` counts)."""
-    fits_now = _slots(now, per_worker) // workers
-    fits_later = 0
-    if node_types:
-        slots = [(t.max_count, _slots(t.resources, per_worker)) for t in node_types]
-        fits_later = math.inf if any(n < 0 and k for n, k in slots) else sum(n * k for n, k in slots) // workers
-    concurrent = min(max(fits_now, fits_later), limit)
-    if concurrent < 1:
-        need = _describe({k: v * workers for k, v in per_worker.items()})
-        where = (f"no node type can hold one worker ({_describe_types(node_types)})"
-                 if node_types and not any(k for _, k in slots) else
-                 f"the cluster can launch at most {_describe(_capacity(node_types))} ({_describe_types(node_types)})"
-                 if node_types else f"the cluster has {_describe({k: now.get(k, 0) for k in per_worker})}")
-        return Admission(error=f"one trial needs {need} ({workers} workers); {where}: lower --workers-per-trial "
-                               f"or resources in the study file, or add a larger node type")
-    waiting = {k: v * workers * concurrent - now.get(k, 0) for k, v in per_worker.items()}
-    return Admission(int(concurrent), {k: v for k, v in waiting.items() if v > 0})
-
-
-def _slots(resources: dict, per_worker: dict[str, float]) -> int:
-    """How many workers of shape `per_worker` `resources` hold."""
-    return int(min(resources.get(k, 0) // v for k, v in per_worker.items() if v > 0))
-
-
-def _per_worker(res: dict) -> dict[str, float]:
-    return {"GPU": res["gpus_per_worker"], "CPU": res["cpus_per_worker"]} if res["gpus_per_worker"] else \
-        {"CPU": res["cpus_per_worker"]}
-
-
-def _capacity(node_types: list[NodeType]) -> dict[str, float]:
-    total: dict[str, float] = {}
-    for t in node_types:
-        for k, v in t.resources.items():
-            total[k] = math.inf if t.max_count < 0 else total.get(k, 0) + v * t.max_count
-    return total
-
-
-def _describe(resources: dict[str, float]) -> str:
-    order = sorted(resources, key=lambda k: (k != "GPU", k != "CPU", k))
-    return ", ".join(f"{resources[k]:g} {k}{'s' if k in ('CPU', 'GPU') else ''}" for k in order)
-
-
-def _describe_types(node_types: list[NodeType] | None) -> str:
-    if not node_types:
-        return "no node types"
-    return "; ".join(f"{t.name}: up to {'any number' if t.max_count < 0 else t.max_count} x "
-                     f"{_describe({k: v for k, v in t.resources.items() if k in ('CPU', 'GPU')}) or 'nothing'}"
-                     for t in node_types)
-
-
-def node_types_from_autoscaler_config(config: dict) -> list[NodeType]:
-    """Node types of an autoscaler (`ray up`) config: its available_node_types, the head counted once."""
-    cap = config.get("max_workers", 0)
-    return [NodeType(name, {k: float(v) for k, v in (t.get("resources") or {}).items()},
-                     1 if name == config.get("head_node_type") else min(t.get("max_workers", cap), cap))
-            for name, t in config.get("available_node_types", {}).items()]
-
-
-def _launchable_node_types(address: str | None) -> list[NodeType] | None:
-    """The connected cluster's node types: Ray's own cluster config in the GCS (set by KubeRay and autoscaler v2),
-    else, on the head of a `ray up` cluster, the autoscaling config `ray up` wrote there; None for a fixed cluster."""
-    import ray._private.state
-    config = ray._private.state.state.get_cluster_config()
-    if config is not None and config.node_group_configs:
-        return [NodeType(g.name, dict(g.resources), g.max_count) for g in config.node_group_configs]
-    bootstrap = Path.home() / "ray_bootstrap_config.yaml"  # `ray up` --autoscaling-config, on the head only
-    if address and bootstrap.is_file():
-        import yaml
-        return node_types_from_autoscaler_config(yaml.safe_load(bootstrap.read_text()))
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------- storage
-# --storage is a local/shared folder or a pyarrow URI (s3://bucket/path?endpoint_override=host:port&scheme=http,
-# gs://bucket/path). Ray Train needs every node to see it; a preflight checks that before anything starts.
-CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                  "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS")
-NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre", "ceph", "gpfs", "glusterfs", "beegfs", "cifs", "smb3")
-
-
 def _log_file(exp_path: str) -> str:
     """The study's log file: in its experiment folder, or (cloud storage) in a local folder of the same name.
     Each node's processes append to that path on their own node."""
     folder = Path(tempfile.gettempdir()) / "harness-logs" / exp_path.split("?")[0].rstrip("/").rsplit("/", 1)[-1] \
-        if _is_uri(exp_path) else Path(exp_path)
+        if cluster.is_uri(exp_path) else Path(exp_path)
     folder.mkdir(parents=True, exist_ok=True)
     return str(folder / "harness.log")
 
 
-def _is_uri(storage: str) -> bool:
-    return "://" in storage
 
-
-def _resolve_storage(storage: str) -> str:
-    return storage if _is_uri(storage) else str(Path(storage).expanduser().resolve())
-
-
-def _storage_join(storage: str, *parts: str) -> str:
-    """storage/part/...; for a URI the query (endpoint options) stays at the end."""
-    if not _is_uri(storage):
-        return str(Path(storage, *parts))
-    base, _, query = storage.partition("?")
-    return "/".join([base.rstrip("/"), *parts]) + (f"?{query}" if query else "")
-
-
-def _storage_name(storage: str) -> str:
-    return storage.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
-
-
-def _storage_fs(storage: str):
-    import pyarrow.fs
-    if _is_uri(storage):
-        return pyarrow.fs.FileSystem.from_uri(storage)
-    return pyarrow.fs.LocalFileSystem(), storage
-
-
-def _storage_list(storage: str) -> list[str]:
-    import pyarrow.fs
-    fs, path = _storage_fs(storage)
-    return [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))]
-
-
-def storage_exists(storage: str) -> bool:
-    import pyarrow.fs
-    fs, path = _storage_fs(storage)
-    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
-
-
-
-def storage_touch(storage: str) -> None:
-    fs, path = _storage_fs(storage)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(b"")
-
-
-def _storage_credentials() -> dict[str, str]:
-    """Cloud credentials set in the driver's environment, for the trials' processes on every node (a cluster's
-    nodes normally have their own, from an IAM instance profile; then none are set and none are passed)."""
-    return {k: os.environ[k] for k in CREDENTIAL_ENV if os.environ.get(k)}
-
-
-def _network_mount(path: str) -> bool:
-    """Whether `path` lies on a network filesystem per this machine's mount table (the deepest mount wins)."""
-    try:
-        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
-    except OSError:
-        return False
-    best = max((m for m in mounts if path == m[0] or path.startswith(m[0].rstrip("/") + "/")),
-               key=lambda m: len(m[0]), default=None)
-    return best is not None and (best[1] in NETWORK_FILESYSTEMS or best[1].startswith("fuse."))
-
-
-def preflight_storage(storage: str, node_types: list[NodeType] | None) -> str | None:
-    """None when every node sees `storage`, else the one-line refusal (with the fix).
-
-    The driver writes a marker file; a zero-CPU task pinned to each alive node looks for it. Nodes the autoscaler
-    has not launched yet cannot be asked: a local path then passes only on a network filesystem."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    fix = ("pass --storage s3://BUCKET/PATH (or gs://BUCKET/PATH) or a folder on a filesystem mounted on every "
-           "node (NFS/EFS; see cluster.yaml)")
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    can_grow = bool(node_types) and sum(math.inf if t.max_count < 0 else t.max_count for t in node_types) > len(nodes)
-    if not _is_uri(storage) and len(nodes) < 2:
-        if can_grow and not _network_mount(storage):
-            return f"--storage {storage} is a folder on the head only, and trials run on nodes the autoscaler " \
-                   f"launches: {fix}"
-        return None
-    marker = _storage_join(storage, f".harness-preflight-{uuid.uuid4().hex}")
-    try:
-        storage_touch(marker)
-    except Exception as e:
-        return f"--storage {storage} cannot be written from the driver ({type(e).__name__}: " \
-               f"{' '.join(str(e).split())[:200]}): {fix}"
-    try:
-        sees = ray.remote(num_cpus=0, max_retries=0)(storage_exists)
-        refs = {n["NodeManagerAddress"] + " " + n["NodeID"][:8]: sees.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(marker)
-            for n in nodes}
-        blind = []
-        for node, ref in refs.items():
-            try:
-                if not ray.get(ref, timeout=180):
-                    blind.append(node)
-            except Exception as e:
-                blind.append(f"{node} ({type(e).__name__})")
-    finally:
-        try:
-            fs, path = _storage_fs(marker)
-            fs.delete_file(path)
-        except Exception:
-            pass
-    if blind:
-        return f"--storage {storage} is not shared: {len(blind)} of {len(nodes)} nodes do not see it " \
-               f"({', '.join(blind)}); Ray Train needs storage every node sees: {fix}"
-    return None
+def _trial_name(trial) -> str:
+    return trial.config["trial"]["name"]
 
 
 def _fail(message: str) -> int:

@@ -6,8 +6,8 @@ every Ray worker process and points $HARNESS_TEST_CRASH_PLAN at a JSON file, {"m
     window        rank `rank` is killed before optimizer step `step` + 1 (between two evaluations)
     eval          ... as it enters the evaluation after step `step`
 
-The process SIGKILLs itself, as a lost node looks to Ray Train. A plan fires once (`<plan>.fired` marks it),
-so the restarted worker carries on. With no plan file, nothing is patched.
+The process SIGKILLs itself (after SETTLE_S), as a lost node looks to Ray Train. A plan fires once
+(`<plan>.fired` marks it), so the restarted worker carries on. With no plan file, nothing is patched.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import functools
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 PLAN_ENV = "HARNESS_TEST_CRASH_PLAN"
+SETTLE_S = 2.0  # between the decision to die and the death: the last report is collected by then
 
 
 def install() -> None:
@@ -41,6 +43,10 @@ def install() -> None:
             os.close(os.open(f"{plan_path}.fired", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
+        # A real window or evaluation lasts seconds, and Train's controller has long collected the last report
+        # (polled every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) when a node goes; tiny test steps take milliseconds, so
+        # without this pause the loss could land before the step-10 checkpoint is registered (resume from 5).
+        time.sleep(SETTLE_S)
         os.kill(os.getpid(), signal.SIGKILL)
 
     original_get = trial.TrainBatches.get

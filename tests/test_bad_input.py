@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import data
-from harness import study as study_cli
+from harness import cluster, data
 from harness.study import main
 
 try:
@@ -117,7 +116,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(offline, capsys, monkey
     def no_ray(address):
         raise AssertionError("bad input reached Ray")
 
-    monkeypatch.setattr(study_cli, "_init_ray", no_ray)
+    monkeypatch.setattr(cluster, "init_ray", no_ray)
     extra = [a.format(not_mlflow=not_mlflow) for a in extra]
     try:
         rc = main([target, "--storage", str(storage), *extra])

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from servers import free_port
 
-from harness.study import DRIVER_RESOURCE
+from harness.cluster import DRIVER_RESOURCE
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster.yaml"
 RAY_CLI = str(Path(sys.executable).parent / "ray")
@@ -38,14 +38,14 @@ def test_a_misspelled_key_is_caught():
 def test_cluster_yaml_node_types_are_what_the_autoscaler_can_launch():
     from ray.autoscaler._private.util import prepare_config
 
-    from harness.study import node_types_from_autoscaler_config
+    from harness.cluster import node_types_from_autoscaler_config
     types = {t.name: t for t in node_types_from_autoscaler_config(prepare_config(yaml.safe_load(CLUSTER.read_text())))}
     assert types["head"].max_count == 1 and types["head"].resources.get("GPU", 0) == 0
     assert types["gpu_8x"].resources["GPU"] == 8 and types["gpu_8x"].max_count == 2
 
 
 def test_a_gpu_study_on_a_fresh_ray_up_cluster_waits_for_the_autoscaler():
-    from harness.study import NodeType, admit
+    from harness.cluster import NodeType, admit
     types = [NodeType("head", {"CPU": 8, DRIVER_RESOURCE: 100}, 1), NodeType("gpu_8x", {"CPU": 96, "GPU": 8}, 2)]
     now = {"CPU": 8, DRIVER_RESOURCE: 100}  # only the head is up
     plan = admit(types, now, {"GPU": 1, "CPU": 8}, workers=1, limit=72)
@@ -61,7 +61,7 @@ def test_a_gpu_study_on_a_fresh_ray_up_cluster_waits_for_the_autoscaler():
 
 
 def test_a_study_that_can_never_fit_is_refused_in_one_line():
-    from harness.study import NodeType, admit
+    from harness.cluster import NodeType, admit
     types = [NodeType("head", {"CPU": 8}, 1), NodeType("gpu_8x", {"CPU": 96, "GPU": 8}, 2)]
     plan = admit(types, {"CPU": 8}, {"GPU": 16, "CPU": 1}, workers=1, limit=4)  # 16 GPUs per worker
     assert plan.concurrent == 0 and "no node type can hold one worker" in plan.error
@@ -78,29 +78,29 @@ def test_a_study_that_can_never_fit_is_refused_in_one_line():
 
 # ------------------------------------------------------------------------------------------ storage
 def test_storage_uris_keep_their_query_and_runs_are_numbered(tmp_path):
-    from harness.study import _experiment_path, _storage_join, _storage_name
+    from harness.cluster import experiment_path, storage_join, storage_name
     uri = "s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http"
-    assert _storage_join(uri, "tiny-smoke", "train_runs") == \
+    assert storage_join(uri, "tiny-smoke", "train_runs") == \
         "s3://bucket/runs/tiny-smoke/train_runs?endpoint_override=127.0.0.1:9000&scheme=http"
-    assert _storage_name(_storage_join(uri, "tiny-smoke")) == "tiny-smoke"
-    assert _experiment_path(str(tmp_path), "tiny-smoke", resume=False) == str(tmp_path / "tiny-smoke")
+    assert storage_name(storage_join(uri, "tiny-smoke")) == "tiny-smoke"
+    assert experiment_path(str(tmp_path), "tiny-smoke", resume=False) == str(tmp_path / "tiny-smoke")
     for name in ("tiny-smoke", "tiny-smoke-2", "tiny-smoke-10", "tiny-smoke-x", "tiny-smoker"):
         (tmp_path / name).mkdir()
-    assert _experiment_path(str(tmp_path), "tiny-smoke", resume=False) == str(tmp_path / "tiny-smoke-11")
-    assert _experiment_path(str(tmp_path), "tiny-smoke", resume=True) == str(tmp_path / "tiny-smoke-10")
+    assert experiment_path(str(tmp_path), "tiny-smoke", resume=False) == str(tmp_path / "tiny-smoke-11")
+    assert experiment_path(str(tmp_path), "tiny-smoke", resume=True) == str(tmp_path / "tiny-smoke-10")
 
 
 def test_a_head_local_folder_is_refused_when_trials_will_run_on_launched_nodes(tmp_path, monkeypatch):
     import ray
 
-    from harness import study
+    from harness import cluster
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeID": "a" * 56, "NodeManagerAddress": "10.0.0.1"}])
-    types = [study.NodeType("head", {"CPU": 8}, 1), study.NodeType("gpu_8x", {"CPU": 96, "GPU": 8}, 2)]
-    problem = study.preflight_storage(str(tmp_path), types)
+    types = [cluster.NodeType("head", {"CPU": 8}, 1), cluster.NodeType("gpu_8x", {"CPU": 96, "GPU": 8}, 2)]
+    problem = cluster.preflight_storage(str(tmp_path), types)
     assert "folder on the head only" in problem and "--storage s3://BUCKET/PATH" in problem and "\n" not in problem
-    assert study.preflight_storage(str(tmp_path), None) is None  # one fixed node: a local folder is shared
-    monkeypatch.setattr(study, "_network_mount", lambda path: True)  # an NFS/EFS mount on every node
-    assert study.preflight_storage(str(tmp_path), types) is None
+    assert cluster.preflight_storage(str(tmp_path), None) is None  # one fixed node: a local folder is shared
+    monkeypatch.setattr(cluster, "network_mount", lambda path: True)  # an NFS/EFS mount on every node
+    assert cluster.preflight_storage(str(tmp_path), types) is None
 
 
 # ------------------------------------------------------------------------------------------ --address

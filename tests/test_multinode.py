@@ -25,7 +25,8 @@ from mlflow_checks import check_study_runs
 from servers import MlflowServer, free_port
 from test_study import TINY, write_study
 
-from harness.study import DRIVER_RESOURCE, main
+from harness.cluster import DRIVER_RESOURCE
+from harness.study import main
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "harness-test"
@@ -134,6 +135,12 @@ def test_multinode_study_spreads_ranks_logs_over_http_and_stores_in_s3(cluster, 
     assert any(k.endswith("result.json") for k in keys)
 
     check_study_runs(mlflow_server, "multinode", n_trials=2)
+    # the back-fill a tracking outage would print reads the same bucket: both trials found there, already complete
+    from harness import backfill
+    assert backfill.main(["multinode", "--storage", storage]) == 0
+    out = capsys.readouterr().out
+    assert "from s3://harness-test/runs/multinode-smoke?endpoint_override=" in out and ": 2 trials" in out, out
+    assert "0 trials back-filled, 2 already complete, 0 failed" in out, out
     nodes = train_worker_nodes(c.address)
     assert set(nodes) == {w.node_id for w in workers}  # the ranks ran on both worker nodes, none on the head
     for node in nodes.values():

@@ -8,15 +8,15 @@ def test_a_ray_that_someone_else_started_after_ours_is_not_ours_to_shut_down():
     the caller (here a test fixture) must not be taken for the study's own and shut down at the study's end."""
     import ray
 
-    from harness import study as study_mod
+    from harness import cluster
     assert not ray.is_initialized()
-    assert study_mod._init_ray(None) is True          # the study starts its own local Ray: its to end
-    first = study_mod._connection_id()
+    assert cluster.init_ray(None) is True          # the study starts its own local Ray: its to end
+    first = cluster.connection_id()
     ray.shutdown()                                     # ended without main's bookkeeping, as after a crash
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        assert study_mod._connection_id()[0] == first[0]   # the same job ID in the new Ray
-        assert study_mod._init_ray(None) is False          # but not the study's connection
+        assert cluster.connection_id()[0] == first[0]   # the same job ID in the new Ray
+        assert cluster.init_ray(None) is False          # but not the study's connection
     finally:
         ray.shutdown()
-        study_mod._OUR_RAY_JOB.clear()
+        cluster.OUR_RAY_JOB.clear()
