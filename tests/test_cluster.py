@@ -157,10 +157,15 @@ class RayHead:
         import os
         import shutil
         import signal
+        import subprocess
         import time
 
         os.killpg(self.proc.pid, signal.SIGTERM)  # ray start --block and its children: the GCS, raylet, ...
-        self.proc.wait(timeout=60)
+        try:  # they drain for about 30 s before exiting; nothing of this throw-away head is worth the wait
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
         deadline = time.time() + 30
         while self.processes() and time.time() < deadline:
             time.sleep(1)
