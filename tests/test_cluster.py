@@ -251,10 +251,12 @@ def test_ray_job_submit_runs_a_study_as_the_readme_says(ray_head, tmp_path):
     assert ray_head.proc.poll() is None
 
 
-def test_address_a_gpu_study_is_queued_for_the_autoscalers_gpu_node_type(ray_head, tmp_path):
-    """The head's cluster config (Ray's own, in the GCS: what KubeRay and autoscaler v2 publish) says a 1-GPU node
-    type can be launched: the GPU study defaults to scale paper, waits for the GPUs, and its trials stay PENDING
-    instead of being refused."""
+@pytest.mark.parametrize("source", ["gcs", "ray_up"])
+def test_address_a_gpu_study_is_queued_for_the_autoscalers_gpu_node_type(ray_head, tmp_path, source):
+    """The cluster can launch GPU nodes, none is up: the GPU study defaults to scale paper, waits for the GPUs, and
+    its trials stay PENDING instead of being refused. The node types come from Ray's own cluster config in the GCS
+    (what KubeRay and autoscaler v2 publish; here a 1-GPU type), or from the ~/ray_bootstrap_config.yaml that
+    `ray up` writes on the head (here built from this repository's cluster.yaml: up to 2 x 8 GPUs)."""
     import os
     import signal
     import subprocess
@@ -262,15 +264,23 @@ def test_address_a_gpu_study_is_queued_for_the_autoscalers_gpu_node_type(ray_hea
     import time
 
     import ray._raylet
+    from ray.autoscaler._private.util import prepare_config
     from ray.core.generated import autoscaler_pb2
 
-    config = autoscaler_pb2.ClusterConfig(node_group_configs=[
-        autoscaler_pb2.NodeGroupConfig(name="head", resources={"CPU": 2, DRIVER_RESOURCE: 8}, min_count=1,
-                                       max_count=1),
-        autoscaler_pb2.NodeGroupConfig(name="gpu_1x", resources={"CPU": 4, "GPU": 1}, min_count=0, max_count=2)])
+    home = tmp_path / "home"  # the driver's home: where a `ray up` head has its bootstrap config
+    home.mkdir()
     gcs = ray._raylet.GcsClient(address=ray_head.address)
-    gcs.internal_kv_put(ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), config.SerializeToString(), True,
-                        ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode())
+    if source == "gcs":
+        config = autoscaler_pb2.ClusterConfig(node_group_configs=[
+            autoscaler_pb2.NodeGroupConfig(name="head", resources={"CPU": 2, DRIVER_RESOURCE: 8}, min_count=1,
+                                           max_count=1),
+            autoscaler_pb2.NodeGroupConfig(name="gpu_1x", resources={"CPU": 4, "GPU": 1}, min_count=0,
+                                           max_count=2)])
+        gcs.internal_kv_put(ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), config.SerializeToString(),
+                            True, ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode())
+    else:
+        (home / "ray_bootstrap_config.yaml").write_text(
+            yaml.safe_dump(prepare_config(yaml.safe_load(CLUSTER.read_text()))))
     # the trials will run on nodes not up yet: a folder on the head is refused, so the storage is an S3 endpoint
     import boto3
     from moto.server import ThreadedMotoServer
@@ -284,8 +294,8 @@ def test_address_a_gpu_study_is_queued_for_the_autoscalers_gpu_node_type(ray_hea
             "aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"},
         ).create_bucket(Bucket="queued")
         study = tiny_study(tmp_path, scales={"paper": {}}, gpus_per_worker=1, workers=1)
-        env = {**os.environ, **credentials, "PYTHONPATH": str(CLUSTER.parent), "RAY_ADDRESS": ray_head.address,
-               "PYTHONUNBUFFERED": "1"}
+        env = {**ray_head.env(), **credentials, "RAY_ADDRESS": ray_head.address, "PYTHONUNBUFFERED": "1",
+               "HOME": str(home)}
         storage = f"s3://queued/runs?endpoint_override={host}:{port}&scheme=http"
         proc = subprocess.Popen([sys.executable, "-m", "harness.study", study, "--storage", storage], cwd=tmp_path,
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -307,7 +317,9 @@ def test_address_a_gpu_study_is_queued_for_the_autoscalers_gpu_node_type(ray_hea
         s3.stop()
         gcs.internal_kv_del(ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), False,
                             ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode())
-    assert "no GPU up yet; the autoscaler can launch 2 (" in out, out[-3000:]
+    launchable, types = (("2", "gpu_1x: up to 2 x 1 GPUs, 4 CPUs") if source == "gcs" else
+                         ("16", "gpu_8x: up to 2 x 8 GPUs, 96 CPUs"))  # cluster.yaml's GPU node type
+    assert f"no GPU up yet; the autoscaler can launch {launchable} (" in out and types in out, out[-3000:]
     assert "scale: paper" in out and "waiting for 2 GPUs from the autoscaler" in out, out[-3000:]
     assert "PENDING" in out and "error:" not in out
 
