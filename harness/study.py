@@ -158,7 +158,7 @@ def _main(args: argparse.Namespace) -> int:
     except tracking.TrackingError as e:
         return _fail(str(e))
 
-    if tracking._git_state()[0] == "unknown":
+    if tracking.git_state()[0] == "unknown":
         print("warning: no git checkout here and no HARNESS_GIT_COMMIT, so the runs record commit 'unknown'; a Ray "
               "job's working dir has no .git: submit with --runtime-env-json \"$(python -m harness.study --job-env)\"",
               file=sys.stderr, flush=True)

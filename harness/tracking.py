@@ -148,7 +148,7 @@ def start_study_run(uri: str, spec: dict, scale: str, tune_path: str, command: s
             run_id = found[0].info.run_id
             client.update_run(run_id, status="RUNNING")
             return run_id
-    commit, dirty_files = _git_state()
+    commit, dirty_files = git_state()
     tags = {
         names.ROLE: names.ROLE_STUDY, names.STUDY: spec["name"], names.SCALE: scale,
         names.CLAIMS: ",".join(spec.get("claims", [])), names.QUESTION: spec.get("question", ""),
@@ -480,7 +480,7 @@ def system_tags(hostnames: list[str]) -> dict[str, str]:
 GIT_COMMIT_ENV, GIT_DIRTY_FILES_ENV = "HARNESS_GIT_COMMIT", "HARNESS_GIT_DIRTY_FILES"
 
 
-def _git_state() -> tuple[str, list[str]]:
+def git_state() -> tuple[str, list[str]]:
     """(HEAD commit, the tracked files that differ from it: an empty list means a clean tree); outside a git
     checkout, what the submitter passed in HARNESS_GIT_COMMIT / HARNESS_GIT_DIRTY_FILES, else ("unknown", [])."""
     commit, dirty = _git_checkout_state()

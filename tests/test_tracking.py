@@ -79,9 +79,9 @@ def test_outside_a_checkout_the_git_state_comes_from_the_job_env(monkeypatch, tm
     assert json.loads(env[tracking.GIT_DIRTY_FILES_ENV]) == dirty
     monkeypatch.setattr(tracking, "_git_checkout_state", lambda: ("unknown", []))
     monkeypatch.delenv(tracking.GIT_COMMIT_ENV, raising=False)
-    assert tracking._git_state() == ("unknown", [])
+    assert tracking.git_state() == ("unknown", [])
     monkeypatch.setenv(tracking.GIT_COMMIT_ENV, "abc123")
     monkeypatch.setenv(tracking.GIT_DIRTY_FILES_ENV, json.dumps(["harness/study.py"]))
-    assert tracking._git_state() == ("abc123", ["harness/study.py"])
+    assert tracking.git_state() == ("abc123", ["harness/study.py"])
     with pytest.raises(tracking.TrackingError, match="needs a git checkout"):
         tracking.job_env()
