@@ -267,7 +267,7 @@ def test_address_a_gpu_study_is_queued_for_the_autoscalers_gpu_node_type(ray_hea
     from ray.autoscaler._private.util import prepare_config
     from ray.core.generated import autoscaler_pb2
 
-    home = tmp_path / "home"  # the driver's home: where a `ray up` head has its bootstrap config
+    home = tmp_path / "home"  # the driver's home in case ray_up: where a `ray up` head has its bootstrap config
     home.mkdir()
     gcs = ray._raylet.GcsClient(address=ray_head.address)
     if source == "gcs":
@@ -294,8 +294,12 @@ def test_address_a_gpu_study_is_queued_for_the_autoscalers_gpu_node_type(ray_hea
             "aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"},
         ).create_bucket(Bucket="queued")
         study = tiny_study(tmp_path, scales={"paper": {}}, gpus_per_worker=1, workers=1)
-        env = {**ray_head.env(), **credentials, "RAY_ADDRESS": ray_head.address, "PYTHONUNBUFFERED": "1",
-               "HOME": str(home)}
+        env = {**ray_head.env(), **credentials, "RAY_ADDRESS": ray_head.address, "PYTHONUNBUFFERED": "1"}
+        if source == "ray_up":
+            env["HOME"] = str(home)
+            token = Path.home() / ".ray" / "auth_token"  # a head with token authentication: the driver's token
+            if token.exists():
+                env["RAY_AUTH_TOKEN_PATH"] = str(token)
         storage = f"s3://queued/runs?endpoint_override={host}:{port}&scheme=http"
         proc = subprocess.Popen([sys.executable, "-m", "harness.study", study, "--storage", storage], cwd=tmp_path,
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
