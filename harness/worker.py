@@ -168,4 +168,28 @@ def trial_driver(config: dict) -> None:
             detail = "".join(traceback.format_exception_only(type(e), e)).strip()
             tracking.mark_trial_error(track["uri"], track["experiment_id"], track["parent_run_id"], trial, detail)
         raise
+    _wait_for_relayed_reports()
     ray.tune.report(result.return_value)  # the trial's final result: straight to Tune, from the Tune function
+
+
+def _wait_for_relayed_reports(timeout_s: float = 30.0) -> None:
+    """Let Tune take the evaluations Train's TuneReportCallback relayed before the final result goes in.
+
+    The callback relays each report through a one-item queue actor that the trial's Tune session drains on its
+    own thread; the last relay can still sit there when trainer.fit() returns. Reported on top of it, the final
+    result overtook it (the last evaluation was missing from Tune's results) and, now and then, the session's
+    thread blocked for good on its full result queue: the trial stayed RUNNING with no workers (Ray 2.60)."""
+    from ray.train._internal.session import get_session
+    try:
+        relay = get_session()._inter_actor_queue  # Ray's own queue, created by TuneReportCallback
+    except Exception:
+        return
+    deadline = time.time() + timeout_s
+    while relay is not None and time.time() < deadline:
+        try:
+            if relay.empty():
+                break
+        except Exception:
+            return
+        time.sleep(0.05)
+    time.sleep(0.3)  # the session's thread hands the item it took to Tune (its fetch timeout is 0.2 s)
