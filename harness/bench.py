@@ -34,12 +34,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from harness import REPO_ROOT
 from harness.config import TrialConfig
-from harness.data import DataNotFoundError, TrainBatches, load_dataset
-from harness.models import build_model
-from harness.trial import FastPath, run_trial
+from harness.trial.data import DataNotFoundError, TrainBatches, load_dataset
+from harness.trial.loop import run_trial
+from harness.trial.models import build_model
+from harness.trial.step import FastPath
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = REPO_ROOT
 SC1_IMAGES = 10_000 * 1000  # the SC1 CLR trial: 10k iterations at batch 1000
 
 
@@ -288,7 +290,7 @@ def p5_quick(uri: str | None, run_id: str | None) -> Figure:
     if not run_id:
         return Figure("P5q", what, None, "", "<= 1.25", "not measured: run the quick study first "
                       "(python -m harness.study batch_size_effect --scale quick), then pass --quick-run RUN_ID")
-    from harness import tracking
+    from harness.study import tracking
     uri = tracking.resolve_tracking_uri(uri)
     try:
         t = study_timing(uri, run_id)
@@ -365,7 +367,7 @@ def write_csv(figures: list[Figure], path: Path, machine_line: str) -> None:
 # ----------------------------------------------------------------------------------------------- logging (older)
 def bench_logging(steps: int, eval_every: int, repeats: int) -> None:
     """Training throughput of one trial with MLflow logging (a TrialLogger on a fresh sqlite store) vs none."""
-    from harness import tracking
+    from harness.study import tracking
     config = {"dataset": "digits", "model": "resnet20", "preprocess": "paper", "batch_size": 125, "bn_batch": 125,
               "steps": steps, "eval_every": eval_every, "schedule": "one_cycle", "max_lr": 0.5, "base_lr": 0.05,
               "device": "cpu"}
@@ -378,7 +380,7 @@ def bench_logging(steps: int, eval_every: int, repeats: int) -> None:
                 d = tempfile.mkdtemp()
                 uri = f"sqlite:///{d}/mlflow.db"
                 exp = tracking.experiment_id(uri, "bench")
-                parent = tracking._client(uri).create_run(exp).info.run_id
+                parent = tracking.mlflow_client(uri).create_run(exp).info.run_id
                 run_id = tracking.find_or_create_trial_run(uri, exp, parent, {"key": "k", "name": "bench",
                                                                                 "study": "bench", "scale": "smoke",
                                                                                 "cell": "all"})

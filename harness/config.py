@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import typing
 from dataclasses import dataclass
 
@@ -109,6 +110,15 @@ class TrialConfig:
 
     def to_dict(self) -> dict[str, typing.Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def to_json(self) -> str:
+        """The canonical JSON of the config (sorted keys): what Tune's param_space and MLflow's
+        `harness.trial_config` tag carry, and what `from_json` alone decodes."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrialConfig:
+        return cls.from_dict(json.loads(text))
 
     def replace(self, **changes) -> TrialConfig:
         return TrialConfig.from_dict({**self.to_dict(), **changes})

@@ -47,7 +47,8 @@ TUNE_PATH = "harness.tune_path"           # Ray's experiment folder: finds the p
 
 # ---- tags of a trial (child) run
 TRIAL_KEY = "harness.trial_key"           # finds the run again after a restart
-CELL = "harness.cell"
+CELL = "harness.cell"                     # the cell as field=value,...: a grouping key, never parsed
+CELL_FIELDS = "harness.cell_fields"       # JSON list: the config fields that name the trial's cell (its words)
 TRIAL_CONFIG = "harness.trial_config"     # json.dumps(TrialConfig.to_dict()): the typed config the report reads
 STATUS = "harness.status"                 # one of TRIAL_STATUSES
 ERROR = "harness.error"
@@ -83,7 +84,7 @@ ACTIVATION_WORDS = {"relu": "ReLU", "tanh": "tanh", "sigmoid": "sigmoid", "squar
 BOOL_WORDS = {"invert_images": ("inverted images", "plain images"), "mlp_final_relu": ("final ReLU", "no final ReLU"),
               "cycle_momentum": ("cyclical momentum", "constant momentum")}   # (True, False) in words
 TITLE_ORDER = ("dataset", "model", "optimizer", "batch_size", "bn_batch", "schedule", "train_size", "weight_decay",
-               "momentum", "cycle_momentum", "stepsize", "steps", "max_lr", "base_lr", "seed", "lr_scale")
+               "momentum", "cycle_momentum", "stepsize", "steps", "max_lr", "base_lr", "lr_scale", "seed")
 
 
 def value_words(field: str, value) -> str:
@@ -106,8 +107,11 @@ def value_words(field: str, value) -> str:
     return FIELD_WORDS.get(field, f"{field.replace('_', ' ')} {{}}").format(text)
 
 
-def title(config: dict, fields) -> str:
-    """The named fields of a config in words, in a fixed order: 'batch 1000, one-cycle, seed 0, LR x0.5'."""
+def title(config, fields, empty: str = "all trials") -> str:
+    """The named fields of a config (a TrialConfig, or its dict) in words, in a fixed order: 'batch 1000,
+    one-cycle, LR x0.5, seed 0'. The one vocabulary of run names in MLflow, cells in the report and the console."""
+    config = config if isinstance(config, dict) else config.to_dict()
     fields = list(dict.fromkeys(fields))
     order = [f for f in TITLE_ORDER if f in fields] + [f for f in fields if f not in TITLE_ORDER]
-    return ", ".join(value_words(f, config.get(f)) for f in order if f in config) or "all trials"
+    order = [f for f in order if f != "seed"] + [f for f in order if f == "seed"]  # the seed last
+    return ", ".join(value_words(f, config.get(f)) for f in order if f in config) or empty

@@ -28,10 +28,10 @@ from typing import Any
 
 import yaml
 
-from harness import plan
+from harness import REPO_ROOT, names, plan
 from harness.config import FIELDS, ConfigError, TrialConfig, coerce
 
-STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+STUDIES_DIR = REPO_ROOT / "studies"
 SCALES = ("smoke", "quick", "paper")
 TOP_KEYS = ("name", "question", "claims", "target_acc", "resources", "base", "grid", "paired", "lr_scales", "analysis",
             "scales")
@@ -42,11 +42,6 @@ SHORT = {"batch_size": "bs", "max_lr": "lr", "seed": "s", "weight_decay": "wd", 
          "train_size": "n", "bn_batch": "bn", "steps": "it", "stepsize": "ss", "base_lr": "blr", "lr_scale": "x"}
 IDENTITY = ("dataset", "model", "optimizer", "batch_size", "schedule", "train_size", "weight_decay", "momentum",
             "cycle_momentum", "stepsize", "steps", "max_lr", "lr_scale", "seed")
-WORDS = {"batch_size": "batch", "max_lr": "max LR", "lr_scale": "LR x", "train_size": "train size",
-         "weight_decay": "weight decay", "cycle_momentum": "cyclical momentum", "mlp_activation": "activation"}
-SCHEDULE_WORDS = {"one_cycle": "one-cycle", "one_cycle_cos": "one-cycle (cos)", "multistep": "multistep",
-                  "triangular": "triangular CLR", "constant": "constant LR", "cosine": "cosine",
-                  "range_test": "LR range test"}
 KNOWN_CLAIMS = ("SC1", "SC2", "SC3", "SC4", "SC5", "SC6", "SC7", "SC8", "SC9", "SC10",
                 "DA1", "DA2", "DA3", "DA4", "CLR1")
 
@@ -57,16 +52,62 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class Trial:
-    name: str          # stable, filesystem-safe, unique in the study: the Tune trial name
-    key: str           # deterministic hash of study, scale and config: finds the MLflow run again
-    cell: str          # the varying fields except seed: trials of one cell differ only by seed (display only)
-    config: dict       # a validated TrialConfig as a dict: the typed design the analysis reads
-    title: str = ""    # the varying fields in words: the MLflow run name ("batch 1000, one-cycle, seed 0")
-    cell_title: str = ""  # the cell in words, seed aside: the study's console summary ("batch 1000, one-cycle")
+    """One trial of a study: its typed config, and everything else derived from it here, once.
 
-    def as_dict(self) -> dict:
-        return {"name": self.name, "key": self.key, "cell": self.cell, "config": self.config, "title": self.title,
-                "cell_title": self.cell_title}
+    `naming` lists the fields that tell the study's trials apart (seed included when it varies), in the order
+    that names them; the name, key, cell and titles below are computed from the config and those fields only."""
+    study: str
+    scale: str
+    workers: int
+    config: TrialConfig                  # what the trial runs
+    naming: tuple[str, ...] = ()
+    declared: TrialConfig | None = None  # the study file's config where the runner resolved part of it (a max LR
+                                         # from a finder study): the name and key follow it, so they stay put
+
+    @property
+    def cell_fields(self) -> tuple[str, ...]:
+        """The fields that name the trial's cell: trials of one cell differ only by seed."""
+        return tuple(f for f in self.naming if f != "seed")
+
+    @property
+    def name(self) -> str:
+        """Stable, filesystem-safe, unique in the study: the Tune trial name."""
+        return _name((self.declared or self.config).to_dict(), list(self.naming))
+
+    @property
+    def key(self) -> str:
+        """Deterministic hash of study, scale, world size and config: finds the MLflow run again."""
+        ident = [self.study, self.scale, self.workers, (self.declared or self.config).to_dict()]
+        return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def cell(self) -> str:
+        """The cell as `field=value,...`: an identifier (the one-trial command's --cell, a grouping key)."""
+        config = (self.declared or self.config).to_dict()
+        return ",".join(f"{k}={config[k]}" for k in self.cell_fields) or "all"
+
+    @property
+    def title(self) -> str:
+        """The trial in words: its MLflow run name and its label in the report ("batch 1000, one-cycle, seed 0")."""
+        return names.title(self.config, self.naming, empty="the only trial")
+
+    @property
+    def cell_title(self) -> str:
+        """The cell in words, seed aside ("batch 1000, one-cycle")."""
+        return names.title(self.config, self.cell_fields)
+
+    def to_tune(self) -> dict:
+        """What Tune's param_space carries: the config as its canonical JSON, plus the name and title that Tune's
+        trial folders and progress table show."""
+        return {"study": self.study, "scale": self.scale, "workers": self.workers, "naming": list(self.naming),
+                "config": self.config.to_json(), "declared": self.declared and self.declared.to_json(),
+                "name": self.name, "title": self.title}
+
+    @classmethod
+    def from_tune(cls, d: dict) -> Trial:
+        declared = TrialConfig.from_json(d["declared"]) if d.get("declared") else None
+        return cls(d["study"], d["scale"], int(d["workers"]), TrialConfig.from_json(d["config"]),
+                   tuple(d["naming"]), declared)
 
 
 def study_path(name: str) -> Path:
@@ -151,7 +192,7 @@ def validate_spec(spec: Any, where: str) -> None:
             built = trials(spec, scale, where=where)  # expands and validates every trial config
             if "analysis" in spec:
                 try:
-                    plan.expand(spec["analysis"], [t.config for t in built], where=f"{where}: scale {scale}")
+                    plan.expand(spec["analysis"], [t.config.to_dict() for t in built], where=f"{where}: scale {scale}")
                 except plan.PlanError as e:
                     raise SpecError(str(e)) from None
 
@@ -249,11 +290,11 @@ def trials(spec: dict, scale: str, where: str = "study", workers: int | None = N
         except ConfigError as e:
             label = ",".join(f"{k}={fields.get(k)}" for k in varying) or "base"
             raise SpecError(f"{where}: scale {scale}, trial {label}: {e}") from None
-        built.append(cfg.to_dict())
+        built.append(cfg)
     # Name and cell by the fewest varying fields that tell trials apart, in IDENTITY order, then the rest.
     ident = [k for k in IDENTITY if k in varying] + [k for k in varying if k not in IDENTITY]
     def distinct(fields: list[str]) -> int:
-        return len({_name(c, fields) for c in built})
+        return len({_name(c.to_dict(), fields) for c in built})
     used: list[str] = []
     for k in ident:
         if distinct(used) == len(built):
@@ -262,13 +303,7 @@ def trials(spec: dict, scale: str, where: str = "study", workers: int | None = N
             used.append(k)
     if distinct(used) < len(built):
         raise SpecError(f"{where}: scale {scale}: two trials have the same config (duplicate grid values)")
-    out = []
-    for config in built:
-        cell = ",".join(f"{k}={config[k]}" for k in used if k != "seed") or "all"
-        key = hashlib.sha1(json.dumps([spec["name"], scale, world, config], sort_keys=True).encode()).hexdigest()[:16]
-        out.append(Trial(name=_name(config, used), key=key, cell=cell, config=config, title=_title(config, used),
-                         cell_title=_title(config, [k for k in used if k != "seed"]) or "all trials"))
-    return out
+    return [Trial(spec["name"], scale, world, cfg, tuple(used)) for cfg in built]
 
 
 def _varying_fields(axes: list[list[dict]]) -> list[str]:
@@ -291,24 +326,6 @@ def _name(config: dict, varying: list[str]) -> str:
         text = _text(config[k])
         parts.append(text if k in ("schedule", "model", "dataset", "optimizer") else f"{SHORT.get(k, k)}{text}")
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", "-".join(parts)) or "trial"
-
-
-def _title(config: dict, varying: list[str]) -> str:
-    """The trial in words, for people: "batch 1000, one-cycle, LR x0.5, seed 0"."""
-    parts = []
-    for k in [k for k in varying if k != "seed"] + (["seed"] if "seed" in varying else []):
-        v = config[k]
-        if k == "schedule":
-            parts.append(SCHEDULE_WORDS.get(v, str(v)))
-        elif k in ("model", "dataset", "optimizer"):
-            parts.append(str(v))
-        elif k == "lr_scale":
-            parts.append(f"LR x{v:g}")
-        elif isinstance(v, bool):
-            parts.append(f"{'with' if v else 'no'} {WORDS.get(k, k.replace('_', ' '))}")
-        else:
-            parts.append(f"{WORDS.get(k, k.replace('_', ' '))} {_text(v)}")
-    return ", ".join(parts) or "the only trial"
 
 
 def _keys(d: dict, allowed, where: str) -> None:

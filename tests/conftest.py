@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from harness.cluster import DRIVER_RESOURCE, RAY_ENV
+from harness.study.cluster import DRIVER_RESOURCE, RAY_ENV
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ def install() -> None:
     if not plan_path:
         return
 
-    import harness.trial as trial
+    import harness.trial.loop as trial
 
     last_step = {"index": -1}
 

@@ -210,7 +210,7 @@ def derive(shared: Path, out: Path) -> None:
 def check(shared: Path) -> list[str]:
     """Files that differ between tests/fixtures and a fresh derivation (empty: the fixtures are current)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from harness import caffe_logs
+    from harness.analysis import caffe_logs
     problems = []
     with tempfile.TemporaryDirectory() as d:
         derive(shared, Path(d))

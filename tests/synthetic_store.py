@@ -31,8 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import schedules, spec, tracking
+from harness import spec
 from harness.config import TrialConfig
+from harness.study import tracking
+from harness.trial import schedules
 
 EVAL_POINTS = 6
 IMAGES_PER_S = 5000.0

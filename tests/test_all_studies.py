@@ -12,7 +12,7 @@ from mlflow_checks import check_study_runs
 from servers import MlflowServer
 
 from harness import spec as specs
-from harness.study import main
+from harness.study.cli import main
 
 FINDERS = ("activation_mystery_finder",)
 STUDIES = [*FINDERS, *(n for n, _ in specs.list_studies() if n not in FINDERS)]

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import cluster, data
-from harness.study import main
+from harness.study import cluster
+from harness.study.cli import main
+from harness.trial import data
 
 try:
     from tests.test_study import TINY

@@ -95,7 +95,7 @@ def test_unknown_figure_is_one_line_and_exit_2(capsys):
 
 # ----------------------------------------------------------------------------------------- measured costs (--dry-run)
 def test_dry_run_without_the_studys_gpus_labels_the_files_figure_assumed(workdir, capsys, monkeypatch):
-    from harness.study import main as study_main
+    from harness.study.cli import main as study_main
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert study_main(["batch_size_effect", "--scale", "paper", "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -104,7 +104,7 @@ def test_dry_run_without_the_studys_gpus_labels_the_files_figure_assumed(workdir
 
 
 def test_dry_run_on_the_studys_hardware_measures_after_warm_up(workdir, capsys, monkeypatch):
-    from harness.study import main as study_main
+    from harness.study.cli import main as study_main
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert study_main(["batch_size_effect", "--scale", "smoke", "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -115,7 +115,8 @@ def test_dry_run_on_the_studys_hardware_measures_after_warm_up(workdir, capsys, 
 def test_dry_run_without_the_studys_data_falls_back_to_the_files_figure(workdir, capsys, monkeypatch):
     """A CPU study could be measured here, but its dataset is not on this machine: the study file's figure,
     labelled with why (this used to end in a DataNotFoundError traceback)."""
-    from harness import data, study
+    from harness.study import cli as study
+    from harness.trial import data
 
     def no_data(*a, **k):
         raise data.DataNotFoundError("dataset 'mnist' not found")
@@ -130,7 +131,7 @@ def test_dry_run_without_the_studys_data_falls_back_to_the_files_figure(workdir,
 def test_dry_run_with_no_way_to_know_gives_no_estimate(workdir, capsys, monkeypatch):
     import yaml
 
-    from harness.study import main as study_main
+    from harness.study.cli import main as study_main
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     spec = yaml.safe_load((bench.REPO / "studies" / "batch_size_effect.yaml").read_text())
     del spec["scales"]["paper"]["images_per_s"]

@@ -6,7 +6,7 @@ import gzip
 
 import pytest
 
-from harness import caffe_logs
+from harness.analysis import caffe_logs
 
 try:
     from tests.paper_material import FIXTURES, LOG_EXCERPTS, caffe_logs_dir
@@ -100,7 +100,7 @@ def test_super_convergence_paper_cells_match_their_authors_logs():
     import pandas as pd
 
     from harness import spec
-    from harness.report_figures import reference_for_cells
+    from harness.report.figures import reference_for_cells
     trials = spec.trials(spec.load_spec("super_convergence"), "paper")
     assert {t.config["optimizer"] for t in trials} == {"caffe_sgd"}
     found = {(t.config["schedule"], t.config["stepsize"]): caffe_logs.match_reference(t.config) for t in trials}

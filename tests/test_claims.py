@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import claims, plan
+from harness import plan
 from harness import spec as specs
+from harness.analysis import claims
 
 try:
     from tests.paper_material import claims_md
@@ -110,7 +111,7 @@ def test_every_shipped_study_declares_a_plan_that_expands_at_every_scale():
 
 
 def test_dry_run_prints_the_plan(capsys):
-    from harness.study import main
+    from harness.study.cli import main
     assert main(["batch_size_effect", "--dry-run", "--scale", "paper"]) == 0
     out = capsys.readouterr().out
     plan_lines = out[out.index("analysis plan"):].splitlines()[1:]

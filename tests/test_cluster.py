@@ -7,7 +7,7 @@ import pytest
 import yaml
 from servers import free_port
 
-from harness.cluster import DRIVER_RESOURCE
+from harness.study.cluster import DRIVER_RESOURCE
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster.yaml"
 RAY_CLI = str(Path(sys.executable).parent / "ray")
@@ -38,14 +38,14 @@ def test_a_misspelled_key_is_caught():
 def test_cluster_yaml_node_types_are_what_the_autoscaler_can_launch():
     from ray.autoscaler._private.util import prepare_config
 
-    from harness.cluster import node_types_from_autoscaler_config
+    from harness.study.cluster import node_types_from_autoscaler_config
     types = {t.name: t for t in node_types_from_autoscaler_config(prepare_config(yaml.safe_load(CLUSTER.read_text())))}
     assert types["head"].max_count == 1 and types["head"].resources.get("GPU", 0) == 0
     assert types["gpu_8x"].resources["GPU"] == 8 and types["gpu_8x"].max_count == 2
 
 
 def test_a_gpu_study_on_a_fresh_ray_up_cluster_waits_for_the_autoscaler():
-    from harness.cluster import NodeType, admit
+    from harness.study.cluster import NodeType, admit
     types = [NodeType("head", {"CPU": 8, DRIVER_RESOURCE: 100}, 1), NodeType("gpu_8x", {"CPU": 96, "GPU": 8}, 2)]
     now = {"CPU": 8, DRIVER_RESOURCE: 100}  # only the head is up
     plan = admit(types, now, {"GPU": 1, "CPU": 8}, workers=1, limit=72)
@@ -61,7 +61,7 @@ def test_a_gpu_study_on_a_fresh_ray_up_cluster_waits_for_the_autoscaler():
 
 
 def test_a_study_that_can_never_fit_is_refused_in_one_line():
-    from harness.cluster import NodeType, admit
+    from harness.study.cluster import NodeType, admit
     types = [NodeType("head", {"CPU": 8}, 1), NodeType("gpu_8x", {"CPU": 96, "GPU": 8}, 2)]
     plan = admit(types, {"CPU": 8}, {"GPU": 16, "CPU": 1}, workers=1, limit=4)  # 16 GPUs per worker
     assert plan.concurrent == 0 and "no node type can hold one worker" in plan.error
@@ -78,7 +78,7 @@ def test_a_study_that_can_never_fit_is_refused_in_one_line():
 
 # ------------------------------------------------------------------------------------------ storage
 def test_storage_uris_keep_their_query_and_runs_are_numbered(tmp_path):
-    from harness.cluster import experiment_path, storage_join, storage_name
+    from harness.study.cluster import experiment_path, storage_join, storage_name
     uri = "s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http"
     assert storage_join(uri, "tiny-smoke", "train_runs") == \
         "s3://bucket/runs/tiny-smoke/train_runs?endpoint_override=127.0.0.1:9000&scheme=http"
@@ -93,7 +93,7 @@ def test_storage_uris_keep_their_query_and_runs_are_numbered(tmp_path):
 def test_a_head_local_folder_is_refused_when_trials_will_run_on_launched_nodes(tmp_path, monkeypatch):
     import ray
 
-    from harness import cluster
+    from harness.study import cluster
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeID": "a" * 56, "NodeManagerAddress": "10.0.0.1"}])
     types = [cluster.NodeType("head", {"CPU": 8}, 1), cluster.NodeType("gpu_8x", {"CPU": 96, "GPU": 8}, 2)]
     problem = cluster.preflight_storage(str(tmp_path), types)
@@ -191,7 +191,7 @@ def tiny_study(folder: Path, scales: dict | None = None, **resources) -> str:
 
 
 def test_address_a_cluster_without_the_driver_resource_is_refused(tmp_path, monkeypatch, capsys):
-    from harness.study import main
+    from harness.study.cli import main
     monkeypatch.chdir(tmp_path)
     head = RayHead()
     try:
@@ -209,7 +209,7 @@ def test_address_a_cluster_without_the_driver_resource_is_refused(tmp_path, monk
 def test_address_runs_a_study_on_a_separately_started_head(ray_head, tmp_path, monkeypatch, capsys):
     import ray
 
-    from harness.study import main
+    from harness.study.cli import main
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("RAY_ADDRESS", ray_head.address)  # the environment variable form of --address
@@ -332,7 +332,7 @@ def test_address_a_gpu_study_is_queued_for_the_autoscalers_gpu_node_type(ray_hea
 def cost_table() -> list[str]:
     """The README's paper-scale cost rows, from the code --dry-run uses, at the study files' images_per_s."""
     from harness import spec as specs
-    from harness.study import _hours, cost
+    from harness.study.cli import _hours, cost
     config = yaml.safe_load(CLUSTER.read_text())
     gpus_per_node = config["available_node_types"]["gpu_8x"]["resources"]["GPU"]
     rows = []

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness import data
+from harness.trial import data
 
 try:
     from tests.paper_material import FIXTURES, MNIST_TEST, MNIST_TRAIN, mnist_dir

@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
-from harness import trial as trial_module
 from harness.config import ConfigError, TrialConfig
-from harness.data import TrainBatches
-from harness.trial import FastPath, run_trial
+from harness.trial import loop as trial_module
+from harness.trial.data import TrainBatches
+from harness.trial.loop import FastPath, run_trial
 
 # ResNet-20 on digits at a gentle constant LR: the curve falls from ~2.8 to ~0.3 in 20 steps without the chaotic
 # jumps of a large LR (which would amplify any rounding difference into a different trajectory).
@@ -100,7 +100,7 @@ def test_throughput_window_leaves_out_the_warm_up(monkeypatch):
 def test_a_shared_raw_dataset_gives_the_same_trial_and_stays_unchanged(monkeypatch):
     """The trial driver reads a dataset once per node and shares it (a Ray object); a trial given it must not touch
     the files, must train exactly as if it had read them, and must not change the shared copy."""
-    from harness import data
+    from harness.trial import data
     raw = data.load_raw("digits")
     before = raw.train_x.clone()
     config = {"dataset": "digits", "model": "small_cnn", "batch_size": 250, "steps": 4, "eval_every": 2,

@@ -10,9 +10,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from harness.config import ConfigError, TrialConfig
-from harness.lr_finder import smoothed, suggestions, sweep, sweep_lrs
-from harness.schedules import curve
-from harness.trial import run_trial
+from harness.trial.finder import smoothed, suggestions, sweep, sweep_lrs
+from harness.trial.loop import run_trial
+from harness.trial.schedules import curve
 
 FINDER = {"kind": "lr_finder", "dataset": "digits", "model": "small_cnn", "preprocess": "paper", "batch_size": 250,
           "bn_batch": 125, "steps": 40, "base_lr": 1e-4, "max_lr": 1e4, "momentum": 0.9, "device": "cpu"}
@@ -152,7 +152,7 @@ def test_finder_figure_draws_loss_against_log_lr_with_the_suggestions():
     import pandas as pd
     from matplotlib.figure import Figure
 
-    from harness.report_finder import draw_finder
+    from harness.report.finder import draw_finder
     lrs = sweep_lrs(1e-4, 1.0, 30)
     loss = smoothed(2.0 - np.tanh(np.log10(lrs) + 2) + np.linspace(0, 0.1, 30), 0.9)
     sweeps = pd.DataFrame({"run_id": "r", "step": np.arange(1, 31), "lr": lrs, "smoothed_loss": loss})
@@ -169,7 +169,7 @@ def test_finder_figure_draws_loss_against_log_lr_with_the_suggestions():
 
 
 def test_finder_runs_are_labelled_in_words_from_their_typed_configs():
-    from harness.report_finder import _label_in_words
+    from harness.report.finder import _label_in_words
     rows = [{"config": {"mlp_activation": a, "seed": s, "max_lr": 1.0}} for a in ("relu", "square400") for s in (0, 1)]
     _label_in_words(rows)
     assert [r["label"] for r in rows] == ["ReLU activation"] * 2 + ["x*x*400 activation"] * 2

@@ -7,9 +7,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from harness import data, lr_from_finder, tracking
 from harness.spec import Trial
-from harness.trial import dead_output_fraction, run_trial
+from harness.study import lr_from_finder, tracking
+from harness.trial import data
+from harness.trial.loop import dead_output_fraction, run_trial
 
 
 def _finder_store(uri: str, study: str, runs: list[tuple[dict, dict]], scale: str = "quick",

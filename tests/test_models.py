@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.config import MODELS, TrialConfig
-from harness.models import (
+from harness.trial.models import (
     CaffeBatchNorm2d,
     CaffeBlock,
     CaffeResNet,

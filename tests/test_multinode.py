@@ -25,8 +25,8 @@ from mlflow_checks import check_study_runs
 from servers import MlflowServer, free_port
 from test_study import TINY, write_study
 
-from harness.cluster import DRIVER_RESOURCE
-from harness.study import main
+from harness.study.cli import main
+from harness.study.cluster import DRIVER_RESOURCE
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "harness-test"
@@ -136,7 +136,7 @@ def test_multinode_study_spreads_ranks_logs_over_http_and_stores_in_s3(cluster, 
 
     check_study_runs(mlflow_server, "multinode", n_trials=2)
     # the back-fill a tracking outage would print reads the same bucket: both trials found there, already complete
-    from harness import backfill
+    from harness.study import backfill
     assert backfill.main(["multinode", "--storage", storage]) == 0
     out = capsys.readouterr().out
     assert "from s3://harness-test/runs/multinode-smoke?endpoint_override=" in out and ": 2 trials" in out, out

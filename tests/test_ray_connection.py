@@ -8,7 +8,7 @@ def test_a_ray_that_someone_else_started_after_ours_is_not_ours_to_shut_down():
     the caller (here a test fixture) must not be taken for the study's own and shut down at the study's end."""
     import ray
 
-    from harness import cluster
+    from harness.study import cluster
     assert not ray.is_initialized()
     assert cluster.init_ray(None) is True          # the study starts its own local Ray: its to end
     first = cluster.connection_id()

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from pypdf import PdfReader
 
-from harness import report
-from harness.results import load_study
+from harness.analysis.results import load_study
+from harness.report import build as report
 
 try:
     from tests.synthetic_store import synthetic_uri
@@ -179,7 +179,7 @@ def test_first_page_compares_the_papers_setup_with_this_run(uri, tmp_path):
 
 
 def test_paper_side_and_provenance_units():
-    from harness import report_setup as rs
+    from harness.report import setup as rs
     side = rs.paper_side("batch_size_effect", {"name": "batch_size_effect", "scale": "quick"})
     assert "studies/batch_size_effect.yaml" in side.source and len(side.configs) == 8 * 3 * 3
     assert rs.paper_side("no_such_study", None).configs == []
@@ -229,7 +229,7 @@ def test_no_text_under_8_points_and_cells_in_words(uri, tmp_path, study):
 
 
 def test_the_font_check_catches_small_text(tmp_path):
-    from harness.report_pdf import FlowPdf
+    from harness.report.pdf import FlowPdf
     with FlowPdf(tmp_path / "x.pdf") as pdf:
         pdf.new_page()
         pdf.paragraph("legible", size=8)

@@ -27,9 +27,9 @@ from mlflow.tracking import MlflowClient
 from mlflow_checks import EVAL, check_study_runs
 from servers import MlflowServer, kill_group
 
-from harness import backfill, tracking
-from harness.cluster import DRIVER_RESOURCE, RAY_ENV
-from harness.study import main
+from harness.study import backfill, tracking
+from harness.study.cli import main
+from harness.study.cluster import DRIVER_RESOURCE, RAY_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from harness.config import SCHEDULES, TrialConfig
-from harness.schedules import build_scheduler, curve, lr_momentum
+from harness.trial.schedules import build_scheduler, curve, lr_momentum
 
 try:
     from tests.paper_material import FIXTURES, LOG_EXCERPTS, caffe_logs_dir

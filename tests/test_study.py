@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_checks import check_study_runs
 
 from harness import spec as specs
-from harness.study import main, parse_args
+from harness.study.cli import main, parse_args
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from harness import names, tracking
+from harness import names
+from harness.analysis.results import load_study
 from harness.config import TrialConfig
-from harness.results import load_study
+from harness.study import tracking
 
 
 def test_uri_resolution_order_and_absolute_paths(tmp_path, monkeypatch):
@@ -72,7 +73,7 @@ def test_outside_a_checkout_the_git_state_comes_from_the_job_env(monkeypatch, tm
     (python -m harness.study --job-env) are recorded instead of 'unknown'."""
     import json
 
-    from harness import tracking
+    from harness.study import tracking
     commit, dirty = tracking._git_checkout_state()
     env = tracking.job_env()["env_vars"]
     assert env[tracking.GIT_COMMIT_ENV] == commit != "unknown"

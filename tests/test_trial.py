@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from harness.config import ConfigError, TrialConfig
-from harness.trial import build_optimizer, run_trial
+from harness.trial.loop import build_optimizer, run_trial
 
 SMALL = {"dataset": "digits", "model": "small_cnn", "preprocess": "paper", "batch_size": 250, "bn_batch": 125,
          "bn_momentum": 0.5,
@@ -88,7 +88,7 @@ def test_batch_not_divisible_by_world_size():
 
 
 def test_weight_decay_exemptions_follow_the_caffe_prototxt():
-    from harness.models import build_model
+    from harness.trial.models import build_model
     cfg = TrialConfig.from_dict({**SMALL, "model": "resnet20"})
     model = build_model(cfg, 3, 10, 32)
     opt = build_optimizer(model, cfg)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.trial import run_trial
-from harness.trial_cli import main, pick_trial
+from harness.trial.cli import main, pick_trial
+from harness.trial.loop import run_trial
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {

@@ -165,7 +165,7 @@ def _dummy_optimizer(cfg: TrialConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adadelta":
         return torch.optim.Adadelta(params, lr=cfg.max_lr)
     if cfg.optimizer == "caffe_sgd":  # Caffe's SGD: its param groups hold lr and momentum as torch's SGD does
-        from harness.optim import CaffeSGD
+        from harness.trial.optim import CaffeSGD
         return CaffeSGD(params, lr=cfg.max_lr, momentum=cfg.momentum)
     raise ValueError(f"optimizer '{cfg.optimizer}' is not known; allowed: sgd, nesterov, adam, adagrad, adadelta, "
                      f"caffe_sgd")

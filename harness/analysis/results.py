@@ -306,8 +306,8 @@ def cell_title(cell: str, config: dict | None) -> str:
 def schedule_curves(trials: pd.DataFrame) -> pd.DataFrame:
     """Columns cell, step, lr, momentum: every optimizer step of each cell's schedule, computed by
     harness.schedules from the cell's typed config (the seeds of a cell share it), not sampled at evaluations."""
-    from harness import schedules
     from harness.config import ConfigError, TrialConfig
+    from harness.trial import schedules
 
     parts = []
     for cell, rows in trials.groupby("cell", sort=False):

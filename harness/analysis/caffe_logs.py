@@ -33,8 +33,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import REPO_ROOT
+
 LOGS_DIR = Path(os.environ.get("HARNESS_CAFFE_LOGS",
-                               Path(__file__).resolve().parents[2] / "shared/paper/caffe-logs"))
+                               REPO_ROOT.parent / "shared/paper/caffe-logs"))
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 CURVE_COLUMNS = ("iteration", "lr", "test_acc", "train_loss")
 INDEX_COLUMNS = ("file", "claims", "dataset", "model", "schedule", "optimizer", "batch", "gpus", "base_lr", "max_lr",

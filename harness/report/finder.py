@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", help="the scale's latest invocation (default: the latest of any scale)")
     p.add_argument("--out", help="PDF path (default reports/STUDY-finder.pdf)")
     args = p.parse_args(argv)
-    from harness.tracking import resolve_tracking_uri
+    from harness.study.tracking import resolve_tracking_uri
     try:
         runs, sweeps = load_finder(resolve_tracking_uri(args.tracking_uri), args.study, args.scale)
     except LookupError as e:

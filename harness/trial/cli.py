@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from harness.data import DataNotFoundError
-    from harness.trial import run_trial
+    from harness.trial.data import DataNotFoundError
+    from harness.trial.loop import run_trial
 
     device = None
     if world > 1:

@@ -21,7 +21,9 @@ import os
 import sys
 from pathlib import Path
 
-from harness import cluster, tracking
+from harness import names
+from harness.spec import Trial
+from harness.study import cluster, tracking
 
 NONE_AS = -1  # the worker's final report writes None (steps_to_target never reached...) as -1; no summary
               # metric can be negative otherwise
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def backfill_trial(uri: str, track: dict, config: dict, rows: list[dict], final: dict | None) -> str:
     """Deliver one trial's rows; 'complete' (nothing to do), 'filled' or 'failed'."""
-    trial = config["trial"]
+    trial = Trial.from_tune(config["trial"])
     records, seen = [], set()
     for r in rows:
         if not r.get("finished") and "test_acc" in r and r["step"] not in seen:  # a restarted worker repeats steps
@@ -87,7 +89,7 @@ def backfill_trial(uri: str, track: dict, config: dict, rows: list[dict], final:
         return "complete"
     logger = tracking.TrialLogger(uri, experiment_id=track["experiment_id"], parent_run_id=track["parent_run_id"],
                                   trial=trial, history=records, grace_s=0, mark_running=False)
-    logger.start(trial["config"], config["resources"]["workers"], (final or {}).get("system_tags", {}))
+    logger.start(config["resources"]["workers"], (final or {}).get("system_tags", {}))
     if final is None:  # an unfinished or errored trial: its curves, not a status
         return "filled" if logger.drain() else "failed"
     summary = {k: (None if v == NONE_AS else v) for k, v in final.items()
@@ -96,13 +98,13 @@ def backfill_trial(uri: str, track: dict, config: dict, rows: list[dict], final:
     return "filled" if logger.finish(summary, records) else "failed"
 
 
-def _is_complete(uri: str, track: dict, trial: dict, records: list[dict], final: dict | None) -> bool:
+def _is_complete(uri: str, track: dict, trial: Trial, records: list[dict], final: dict | None) -> bool:
     try:
         with tracking.short_http_retries():
-            client = tracking._client(uri)
+            client = tracking.mlflow_client(uri)
             found = client.search_runs([track["experiment_id"]], filter_string=(
-                f"tags.`harness.trial_key` = '{trial['key']}' and "
-                f"tags.`mlflow.parentRunId` = '{track['parent_run_id']}'"), max_results=1)
+                f"tags.`{names.TRIAL_KEY}` = '{trial.key}' and "
+                f"tags.`{names.PARENT_RUN_ID}` = '{track['parent_run_id']}'"), max_results=1)
             if not found:
                 return False
             run = found[0]

@@ -43,6 +43,8 @@ from typing import Any
 
 import harness
 from harness import names
+from harness.config import TrialConfig
+from harness.spec import Trial
 
 EVAL_METRICS = names.EVAL_METRICS
 SUMMARY_METRICS = names.SUMMARY_METRICS
@@ -91,15 +93,57 @@ def check_store(uri: str, timeout_s: float = 10.0) -> None:
             raise TrackingError(f"cannot write the MLflow sqlite store in {folder} (no such writable folder); "
                                 f"pass --tracking-uri sqlite:///<writable path>/mlflow.db")
     try:
-        _client(uri).search_experiments(max_results=1)
+        mlflow_client(uri).search_experiments(max_results=1)
     except Exception as e:
         raise TrackingError(f"MLflow store {uri} does not answer: {type(e).__name__}: {str(e).splitlines()[0]}") \
             from None
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
     from mlflow.tracking import MlflowClient
     return MlflowClient(tracking_uri=uri)
+
+
+def latest_study_run(uri: str, study: str, scale: str | None = None, finished: bool = False) -> str:
+    """The newest study (parent) run of `study` (at `scale`; FINISHED only if asked): its run id, or
+    TrackingError (one line) when there is none."""
+    c = mlflow_client(uri)
+    exp = c.get_experiment_by_name(study)
+    if exp is None:
+        raise TrackingError(f"no study '{study}' in the MLflow store {uri}")
+    where = [f"tags.`{names.ROLE}` = '{names.ROLE_STUDY}'"]
+    if scale:
+        where.append(f"tags.`{names.SCALE}` = '{scale}'")
+    if finished:
+        where.append("attributes.status = 'FINISHED'")
+    found = c.search_runs([exp.experiment_id], filter_string=" and ".join(where),
+                          order_by=["attributes.start_time DESC"], max_results=1)
+    if not found:
+        what = " finished" if finished else ""
+        raise TrackingError(f"study '{study}' has no{what} run{f' at scale {scale}' if scale else ''} in {uri}")
+    return found[0].info.run_id
+
+
+def trial_runs(uri: str, parent_id: str, status: str | None = None) -> list:
+    """The trial (child) runs of one study run, every page of them (harness.status = `status` if given)."""
+    c = mlflow_client(uri)
+    exp_id = c.get_run(parent_id).info.experiment_id
+    where = f"tags.`{names.PARENT_RUN_ID}` = '{parent_id}' and tags.`{names.ROLE}` = '{names.ROLE_TRIAL}'"
+    if status:
+        where += f" and tags.`{names.STATUS}` = '{status}'"
+    out, token = [], None
+    while True:
+        page = c.search_runs([exp_id], filter_string=where, max_results=1000, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def run_config(run) -> TrialConfig | None:
+    """A trial run's typed config, from its `harness.trial_config` tag (None when the run has none)."""
+    text = run.data.tags.get(names.TRIAL_CONFIG)
+    return TrialConfig.from_json(text) if text else None
 
 
 def _artifact_location(uri: str, study: str) -> str | None:
@@ -110,7 +154,7 @@ def _artifact_location(uri: str, study: str) -> str | None:
 
 def experiment_id(uri: str, study: str) -> str:
     """The study's experiment, created in MLflow's model-training view (an older one is switched to it)."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(study)
     if exp is not None:
         if exp.tags.get(names.EXPERIMENT_KIND) != names.KIND_TRAINING:
@@ -126,7 +170,7 @@ def set_runs_view(uri: str, exp_id: str, param_columns: list[str]) -> None:
                "startup_seconds")
     columns = [f"metrics.`{m}`" for m in metrics] + [f"params.`{p}`" for p in param_columns]
     state = {"selectedColumns": ["attributes.`Duration`", *columns]}
-    _client(uri).set_experiment_tag(exp_id, names.VIEW_TAG_PREFIX + names.VIEW_KEY, json.dumps(state))
+    mlflow_client(uri).set_experiment_tag(exp_id, names.VIEW_TAG_PREFIX + names.VIEW_KEY, json.dumps(state))
 
 
 def runs_view_url(exp_id: str, ui: str = "http://127.0.0.1:5000/") -> str:
@@ -138,7 +182,7 @@ def runs_view_url(exp_id: str, ui: str = "http://127.0.0.1:5000/") -> str:
 def start_study_run(uri: str, spec: dict, scale: str, tune_path: str, command: str,
                     resources: dict, hardware: str, resume: bool) -> str:
     """Create the parent run of this invocation, or (resume) reuse the one that owns `tune_path`."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp_id = experiment_id(uri, spec["name"])
     if resume:
         found = client.search_runs([exp_id], filter_string=f"tags.`{names.TUNE_PATH}` = '{tune_path}' "
@@ -179,7 +223,7 @@ def end_study_run(uri: str, run_id: str, status: str) -> bool:
     sees): a failure is one warning line and False."""
     try:
         with short_http_retries():
-            _client(uri).set_terminated(run_id, status=status)
+            mlflow_client(uri).set_terminated(run_id, status=status)
         return True
     except Exception as e:
         _warn(f"could not mark the study run {run_id} {status} ({type(e).__name__}: "
@@ -188,35 +232,25 @@ def end_study_run(uri: str, run_id: str, status: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- child
-def find_or_create_trial_run(uri: str, exp_id: str, parent_id: str, trial: dict) -> str:
-    """The trial's child run: found by (parent, trial key), else created with its typed config as a JSON tag."""
-    client = _client(uri)
-    found = client.search_runs([exp_id], filter_string=(f"tags.`{names.TRIAL_KEY}` = '{trial['key']}' and "
+def find_or_create_trial_run(uri: str, exp_id: str, parent_id: str, trial: Trial) -> str:
+    """The trial's child run: found by (parent, trial key), else created, named by the trial's title, with its
+    typed config as a JSON tag (TrialConfig.to_json) and the fields that name its cell."""
+    client = mlflow_client(uri)
+    found = client.search_runs([exp_id], filter_string=(f"tags.`{names.TRIAL_KEY}` = '{trial.key}' and "
                                                         f"tags.`{names.PARENT_RUN_ID}` = '{parent_id}'"),
                                max_results=2)
     if found:
         return found[0].info.run_id
-    config = json.dumps(trial["config"], sort_keys=True)
+    config = trial.config.to_json()
     if len(config) > names.MAX_TAG_CHARS:   # never for a TrialConfig (~1,500 chars); the artifact has it anyway
-        raise TrackingError(f"trial {trial['name']}: config is {len(config)} characters as JSON, more than an "
+        raise TrackingError(f"trial {trial.name}: config is {len(config)} characters as JSON, more than an "
                             f"MLflow tag holds ({names.MAX_TAG_CHARS})")
-    tags = {names.PARENT_RUN_ID: parent_id, names.ROLE: names.ROLE_TRIAL, names.STUDY: trial["study"],
-            names.SCALE: trial["scale"], names.TRIAL_KEY: trial["key"], names.CELL: trial["cell"],
-            names.TRIAL_CONFIG: config}
-    run_id = client.create_run(exp_id, run_name=run_title(trial), tags=tags).info.run_id
-    client.log_text(run_id, json.dumps(trial["config"], indent=2, sort_keys=True), names.CONFIG_ARTIFACT)
+    tags = {names.PARENT_RUN_ID: parent_id, names.ROLE: names.ROLE_TRIAL, names.STUDY: trial.study,
+            names.SCALE: trial.scale, names.TRIAL_KEY: trial.key, names.CELL: trial.cell,
+            names.CELL_FIELDS: json.dumps(list(trial.cell_fields)), names.TRIAL_CONFIG: config}
+    run_id = client.create_run(exp_id, run_name=trial.title, tags=tags).info.run_id
+    client.log_text(run_id, json.dumps(trial.config.to_dict(), indent=2, sort_keys=True), names.CONFIG_ARTIFACT)
     return run_id
-
-
-def run_title(trial: dict) -> str:
-    """The run's name in the UI: the trial's title in words, else the cell's fields, seed and LR scale in words."""
-    if trial.get("title"):
-        return trial["title"]
-    fields = [part.partition("=")[0].strip() for part in str(trial.get("cell", "")).split(",") if "=" in part]
-    config = dict(trial["config"])
-    if "lr_scale=" in str(trial.get("cell", "")) and "lr_scale" not in config:   # before lr_scale was a field
-        config["lr_scale"] = float(str(trial["cell"]).split("lr_scale=")[1].split(",")[0])
-    return names.title(config, [*fields, "seed"])
 
 
 class TrialLogger:
@@ -237,11 +271,11 @@ class TrialLogger:
     """
 
     def __init__(self, uri: str, run_id: str | None = None, *, experiment_id: str | None = None,
-                 parent_run_id: str | None = None, trial: dict | None = None, history: list[dict] = (),
+                 parent_run_id: str | None = None, trial: Trial | None = None, history: list[dict] = (),
                  grace_s: float | None = None, mark_running: bool = True):
         from mlflow.entities import Metric, Param, RunTag
         self._Metric, self._Param, self._RunTag = Metric, Param, RunTag
-        self.uri, self.client = uri, _client(uri)
+        self.uri, self.client = uri, mlflow_client(uri)
         self.run_id = run_id  # None: found or created (by trial key) at the first delivery
         self._where = (experiment_id, parent_run_id, trial)
         self.grace_s = tracking_grace_s() if grace_s is None else grace_s
@@ -257,13 +291,12 @@ class TrialLogger:
         self.flush()
 
     # ------------------------------------------------------------------ what callers buffer
-    def start(self, config: dict, workers: int, system_tags: dict[str, str]) -> None:
-        """Params (the flattened config and `workers`), system tags and trial_config.json; idempotent, so a
+    def start(self, workers: int, system_tags: dict[str, str]) -> None:
+        """Params (the config's fields, for the UI's columns, and `workers`) and system tags; idempotent, so a
         restarted worker sends them again."""
-        params = {k: _param_str(v) for k, v in flatten(config).items()}
-        params["workers"] = str(workers)
-        self._ops += [("params", params), ("tags", dict(system_tags)),
-                      ("text", json.dumps(config, indent=2, sort_keys=True), "trial_config.json")]
+        params = {k: _param_str(v) for k, v in self._where[2].config.to_dict().items()}
+        params[names.WORKERS_PARAM] = str(workers)
+        self._ops += [("params", params), ("tags", dict(system_tags))]
         self.flush()
 
     def set_tag(self, key: str, value: str) -> None:
@@ -357,7 +390,7 @@ class TrialLogger:
                                           for k in SUMMARY_METRICS + FINDER_SUMMARY_METRICS
                                           if summary.get(k) is not None]
             client.log_batch(self.run_id, metrics=metrics, tags=[self._RunTag(names.STATUS, summary["status"])])
-            client.log_text(self.run_id, history_csv(history), "history.csv")
+            client.log_text(self.run_id, history_csv(history), names.HISTORY_ARTIFACT)
             client.set_terminated(self.run_id, status="FINISHED")
             self._final = None
 
@@ -372,11 +405,11 @@ class TrialLogger:
         self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
 
 
-def mark_trial_error(uri: str, exp_id: str, parent_id: str, trial: dict, error: str) -> None:
+def mark_trial_error(uri: str, exp_id: str, parent_id: str, trial: Trial, error: str) -> None:
     """Record a trial's error in its run. Never raises: a store that fails here must not hide `error`."""
     try:
         with short_http_retries():
-            client = _client(uri)
+            client = mlflow_client(uri)
             run_id = find_or_create_trial_run(uri, exp_id, parent_id, trial)
             client.log_batch(run_id, tags=[_tag(names.STATUS, "error"), _tag(names.ERROR, error[:4000])])
             client.set_terminated(run_id, status="FAILED")
@@ -387,7 +420,7 @@ def mark_trial_error(uri: str, exp_id: str, parent_id: str, trial: dict, error: 
 
 def mark_unfinished_trials_killed(uri: str, exp_id: str, parent_id: str) -> int:
     """Interrupted study: the parent's child runs still RUNNING become KILLED. Returns how many."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     runs = client.search_runs([exp_id], filter_string=f"tags.`{names.PARENT_RUN_ID}` = '{parent_id}' and "
                                                       "attributes.status = 'RUNNING'")
     for run in runs:
@@ -424,8 +457,8 @@ def short_http_retries():
                 os.environ.pop(k, None)
 
 
-def trial_label(trial: dict | None) -> str:
-    return (trial or {}).get("name", "?")
+def trial_label(trial: Trial | None) -> str:
+    return trial.name if trial is not None else "?"
 
 
 def _tag(key: str, value: str):
@@ -444,17 +477,6 @@ def history_csv(history: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(history)
     return buf.getvalue()
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts become dotted keys: MLflow's log_params rejects nested values."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _param_str(v: Any) -> str:
@@ -490,7 +512,7 @@ def git_state() -> tuple[str, list[str]]:
 
 
 def _git_checkout_state() -> tuple[str, list[str]]:
-    root = Path(__file__).resolve().parent.parent
+    root = harness.REPO_ROOT
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or "unknown"

@@ -30,7 +30,6 @@ and neither runs DDP ranks in lockstep nor honours the trial's micro-batch BN se
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -40,11 +39,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from harness.config import TrialConfig
-from harness.data import TrainBatches, test_batches
-from harness.trial import _pick_device, _rank_and_world, _track_bn_stats, build_optimizer, workload
+from harness.trial.data import test_batches
+from harness.trial.step import prepare, train_step
 
 SUGGESTIONS = ("lr_steepest", "lr_valley", "lr_smith", "lr_smith_base", "lr_smith_base_min")
 
@@ -157,67 +155,47 @@ def sweep(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_step: 
 
 
 def run_finder(cfg: TrialConfig, reporter=None, device: torch.device | str | None = None, raw=None) -> dict:
-    """The finder as a trial: same data, model, optimizer, batch and BN semantics as `run_trial`."""
-    rank, world = _rank_and_world()
-    cfg.validate(world_size=world)
-    cfg = cfg.scaled()  # the study's lr_scale applied to the sweep's ends
-    local_batch, accum = cfg.micro_batches(world)
-    micro = local_batch // accum
-    device = torch.device(device) if device is not None else _pick_device(cfg.device)
-    ds, model = workload(cfg, device, raw)
-    net = model
-    if world > 1:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    batches = TrainBatches(ds, cfg.batch_size, rank=rank, world_size=world, seed=cfg.seed)
-    optimizer = build_optimizer(model, cfg)  # momentum constant at cfg.momentum; no scheduler: the sweep sets lr
-    split = "val" if ds.val_y is not None else "test"  # the validation split where the trial holds one out
-    val_shard = list(test_batches(ds, local_batch, rank=rank, world_size=world, split=split))
-
-    def train_step(k: int) -> torch.Tensor:
-        net.train()
-        x, y = batches.get(k)
-        step_loss = torch.zeros((), device=device)
-        for i in range(accum):
-            if i == 1:
-                _track_bn_stats(model, False)
-            sync = world == 1 or i == accum - 1
-            with contextlib.nullcontext() if sync else net.no_sync():
-                loss = F.cross_entropy(net(x[i * micro:(i + 1) * micro]), y[i * micro:(i + 1) * micro])
-                (loss / accum).backward()
-            step_loss += loss.detach() / accum
-        _track_bn_stats(model, True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return step_loss
+    """The finder as a trial: the same data, model, optimizer, batch and BN semantics, precision and memory format
+    as `run_trial` (harness.trial.step); momentum constant at cfg.momentum, no scheduler: the sweep sets the LR."""
+    s = prepare(cfg, device, raw)
+    cfg = s.cfg  # lr_scale applied to the sweep's ends
+    split = "val" if s.ds.val_y is not None else "test"  # the validation split where the trial holds one out
+    local_batch = cfg.batch_size // s.world
+    val_shard = list(test_batches(s.ds, local_batch, rank=s.rank, world_size=s.world, split=split))
 
     @torch.no_grad()
     def val_step(k: int) -> torch.Tensor:
-        model.eval()
+        s.model.eval()
         x, y = val_shard[k % len(val_shard)]
-        out = model(x)
-        return torch.stack([F.cross_entropy(out, y, reduction="sum").double(),
-                            (out.argmax(1) == y).sum().double(), torch.tensor(float(len(y)), device=device,
-                                                                             dtype=torch.float64)])
+        with s.fast.autocast():
+            out = s.model(s.fast.layout(x)).float()
+        return torch.stack([F.cross_entropy(out, y, reduction="sum").double(), (out.argmax(1) == y).sum().double(),
+                            torch.tensor(float(len(y)), device=s.device, dtype=torch.float64)])
 
     lrs = sweep_lrs(cfg.base_lr, cfg.max_lr, cfg.steps, cfg.finder_mode)
     tick, first_step_at = time.perf_counter(), time.time()
-    records = sweep(model, optimizer, train_step, lrs, beta=cfg.finder_smoothing,
-                    stop_factor=cfg.finder_stop_factor, val_step=val_step if cfg.finder_val else None, world=world)
+    records = sweep(s.model, s.optimizer, lambda k: train_step(s, *s.batches.get(k)), lrs,
+                    beta=cfg.finder_smoothing, stop_factor=cfg.finder_stop_factor,
+                    val_step=val_step if cfg.finder_val else None, world=s.world)
     seconds = time.perf_counter() - tick
-    accs = smoothed([r["batch_val_acc"] for r in records], cfg.finder_smoothing) if cfg.finder_val else None
-    suggested = suggestions([r["lr"] for r in records], [r["smoothed_loss"] for r in records], accs)
     for r in records:
-        r.update(epoch=r["step"] * cfg.batch_size / len(ds.train_y), train_seconds=seconds * r["step"] / len(records),
+        r.update(epoch=r["step"] * cfg.batch_size / len(s.ds.train_y), train_seconds=seconds * r["step"] / len(records),
                  images_per_s=cfg.batch_size * len(records) / max(seconds, 1e-9))
         if reporter is not None:
             reporter(dict(r), None)  # no checkpoint: a finder restarts from scratch (it leaves no state)
-    stopped = len(records) < len(lrs)
-    summary = {
+    return {**_finder_summary(s, records, len(lrs), seconds), "first_step_at": first_step_at, "history": records}
+
+
+def _finder_summary(s, records: list[dict], planned: int, seconds: float) -> dict:
+    cfg = s.cfg
+    accs = smoothed([r["batch_val_acc"] for r in records], cfg.finder_smoothing) if cfg.finder_val else None
+    suggested = suggestions([r["lr"] for r in records], [r["smoothed_loss"] for r in records], accs)
+    stopped = len(records) < planned
+    return {
         "status": "completed", "final_acc": records[-1].get("batch_val_acc", math.nan),
         "best_acc": max((r.get("batch_val_acc", 0.0) for r in records), default=0.0),
         "reached_target": 0, "steps_to_target": None, "seconds_to_target": None, "target_acc": cfg.target_acc,
         "diverged_at_step": records[-1]["step"] if stopped else None, "steps_run": len(records),
-        "train_seconds": seconds, "world_size": world, "bn_batch": micro, "accum_steps": accum,
-        "finder_stopped_early": int(stopped), **suggested,
+        "train_seconds": seconds, "world_size": s.world, "bn_batch": cfg.batch_size // s.world // s.accum,
+        "accum_steps": s.accum, "finder_stopped_early": int(stopped), **suggested,
     }
-    return {**summary, "first_step_at": first_step_at, "history": records}

@@ -10,9 +10,10 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from harness import caffe_logs, names
-from harness.claims import sorted_levels
-from harness.results import split_cell
+from harness import names
+from harness.analysis import caffe_logs
+from harness.analysis.claims import sorted_levels
+from harness.analysis.results import split_cell
 
 PALETTE = sns.color_palette("colorblind", 10)
 MAX_LINES = 10   # curves per panel; more cells are summarised in the legend

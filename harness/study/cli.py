@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
-import logging.handlers
 import math
 import os
 import shlex
@@ -26,40 +24,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import cluster, lr_from_finder, tracking
 from harness import spec as specs
-from harness.config import ConfigError
+from harness.config import ConfigError, TrialConfig
+from harness.study import cluster, lr_from_finder, tracking
+from harness.study.console import quiet_console
 
 EXIT_UNTRACKED = 3  # every trial ended, but MLflow misses some of it: run harness.backfill
-
-
-# Lines that are neither the harness's nor Tune's table go to <storage>/<experiment>/harness.log, not the terminal:
-NOISY_LOGGERS = (
-    "py.warnings",  # third-party warnings (e.g. SQLAlchemy's deprecations under MLflow), via logging.captureWarnings
-    "ray._private.authentication.authentication_token_setup",  # "Token authentication is enabled ..." at ray.init
-)
-_HELD = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)  # until the log exists
-
-
-def quiet_console(log_path: str | None = None, *more_loggers: str) -> None:
-    """Route NOISY_LOGGERS (and more_loggers) to log_path, appended, and nowhere else; without a path, hold their
-    records in memory until a later call names the file (the experiment folder is known only after ray.init)."""
-    logging.captureWarnings(True)
-    handler = _HELD
-    if log_path:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)  # another node's first process there
-        handler = logging.FileHandler(log_path)
-        handler.setFormatter(logging.Formatter("%(asctime)s pid %(process)d %(name)s %(levelname)s: %(message)s"))
-    for name in (*NOISY_LOGGERS, *more_loggers):
-        logger = logging.getLogger(name)
-        for old in logger.handlers:
-            if old is not _HELD and old is not handler:
-                old.close()  # an earlier study's file, in the same process (tests)
-        logger.handlers, logger.propagate = [handler], False
-        logger.setLevel(logging.INFO)
-    if log_path and _HELD.buffer:
-        _HELD.setTarget(handler)
-        _HELD.flush()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -203,8 +173,7 @@ def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, up: dic
     parent = tracking.start_study_run(uri, study_spec, resolved["scale"], str(exp_path), command,
                                       resources, hardware, resume=args.resume)
     exp_id = tracking.experiment_id(uri, resolved["name"])
-    varying = [f for f in trials[0].config if len({json.dumps(t.config.get(f), sort_keys=True) for t in trials}) > 1]
-    tracking.set_runs_view(uri, exp_id, [*varying, *(["seed"] if "seed" not in varying else [])])
+    tracking.set_runs_view(uri, exp_id, [*trials[0].naming, *(["seed"] if "seed" not in trials[0].naming else [])])
     print(f"study {resolved['name']} ({resolved['scale']}): {len(trials)} trials, {res['workers']} workers each, "
           f"{concurrent} at a time; MLflow {uri} run {parent}; Ray state {exp_path}", flush=True)
 
@@ -216,14 +185,12 @@ def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, up: dic
         "max_failures": args.max_failures,
         "harness_log": log_file,
     }
-    param_space = {**base, "trial": tune.grid_search(
-        [{**t.as_dict(), "study": resolved["name"], "scale": resolved["scale"]} for t in trials])}
-    from harness.worker import trial_driver
+    param_space = {**base, "trial": tune.grid_search([t.to_tune() for t in trials])}
+    from harness.study.driver import trial_driver
     trainable = tune.with_resources(trial_driver, {cluster.DRIVER_RESOURCE: 1})
 
     reporter = tune.CLIReporter(
-        parameter_columns={"trial/config/batch_size": "batch", "trial/config/max_lr": "max LR",
-                           "trial/config/schedule": "schedule", "trial/config/seed": "seed"},
+        parameter_columns={"trial/title": "trial"},
         metric_columns={"step": "step", "test_acc": "test acc", "trial_status": "result"},
         max_report_frequency=10, sort_by_metric=False)
     t0 = time.time()
@@ -284,16 +251,16 @@ def summarize(results, resolved: dict, wall_s: float) -> Outcome:
     cells: dict[str, list[dict]] = {}
     out = Outcome([], [], [])
     for r in results:
-        trial, metrics = r.config["trial"], r.metrics or {}
+        trial, metrics = specs.Trial.from_tune(r.config["trial"]), r.metrics or {}
         if r.error is not None:
-            out.errors.append((trial["name"], str(r.error).strip().splitlines()[-1][:300]))
+            out.errors.append((trial.name, str(r.error).strip().splitlines()[-1][:300]))
             continue
         if not metrics.get("finished"):  # Tune stopped it before trial_driver reported its end (an interrupt)
-            out.unfinished.append(trial["name"])
+            out.unfinished.append(trial.name)
             continue
         if metrics.get("untracked"):
-            out.untracked.append(trial["name"])
-        cells.setdefault(trial.get("cell_title") or trial["cell"], []).append(metrics)
+            out.untracked.append(trial.name)
+        cells.setdefault(trial.cell_title, []).append(metrics)
     ended = f"interrupted after {wall_s:.0f} s" if out.unfinished else f"finished in {wall_s:.0f} s"
     print(f"\nstudy {resolved['name']} ({resolved['scale']}) {ended}")
     print(f"{'cell':60s} {'n':>3s} {'final acc':>10s} {'steps to target':>16s} {'diverged':>9s}")
@@ -342,8 +309,8 @@ def cost(resolved: dict, trials: list[specs.Trial], measure: bool = True) -> Cos
     res = resolved["resources"]
     ips, source = images_per_s(resolved, trials[0].config, measure)
     kind = "GPU" if res["gpus_per_worker"] else "CPU"
-    images = [t.config["steps"] * t.config["batch_size"] for t in trials]
-    return Cost(len(trials), sum(t.config["steps"] for t in trials), sum(images), max(images), ips, source, kind,
+    images = [t.config.steps * t.config.batch_size for t in trials]
+    return Cost(len(trials), sum(t.config.steps for t in trials), sum(images), max(images), ips, source, kind,
                 res["workers"] * (res["gpus_per_worker"] or res["cpus_per_worker"]))
 
 
@@ -357,8 +324,8 @@ def dry_run(resolved: dict, trials: list[specs.Trial]) -> None:
     print(f"{'trial':40s} {'batch':>6s} {'bn':>5s} {'max_lr':>7s} {'schedule':>14s} {'steps':>7s} {'seed':>5s}")
     for t in trials:
         c = t.config
-        print(f"{t.name[:40]:40s} {c['batch_size']:6d} {c['bn_batch'] or c['batch_size'] // res['workers']:5d} "
-              f"{c['max_lr']:7g} {c['schedule']:>14s} {c['steps']:7d} {c['seed']:5d}")
+        print(f"{t.name[:40]:40s} {c.batch_size:6d} {c.bn_batch or c.batch_size // res['workers']:5d} "
+              f"{c.max_lr:7g} {c.schedule:>14s} {c.steps:7d} {c.seed:5d}")
     c = cost(resolved, trials)
     print(f"\n{c.trials} trials, {c.steps:,} optimizer steps, {c.images:,} training images", end="")
     if c.trial_hours is None:
@@ -376,18 +343,18 @@ def print_plan(resolved: dict, trials: list[specs.Trial]) -> None:
     if not analysis:
         print("\nanalysis plan: none declared (add `analysis:` to the study file); the report will give no verdicts")
         return
-    comparisons = plan.expand(analysis, [t.config for t in trials], where=resolved["name"])
+    comparisons = plan.expand(analysis, [t.config.to_dict() for t in trials], where=resolved["name"])
     print(f"\nanalysis plan ({len(comparisons)} comparisons; the report evaluates exactly these):")
     for c in comparisons:
         print(f"  {c.line()}")
 
 
-def images_per_s(resolved: dict, config: dict, measure: bool = True) -> tuple[float | None, str]:
+def images_per_s(resolved: dict, config: TrialConfig, measure: bool = True) -> tuple[float | None, str]:
     """(images/s of one trial process, where the figure comes from): measured here when this machine has the
     study's kind of device and its data, else the study file's `images_per_s` labelled assumed, else (None, why)."""
     import torch
 
-    from harness import data
+    from harness.trial import data
     wants_gpu = resolved["resources"]["gpus_per_worker"] > 0
     why = ("the study file's figure asked for" if not measure else "no usable GPU" if wants_gpu else
            "the study runs on CPUs, this machine would use its GPU")
@@ -396,7 +363,7 @@ def images_per_s(resolved: dict, config: dict, measure: bool = True) -> tuple[fl
         try:
             ips = measure_images_per_s(config, steps, warmup)
         except data.DataNotFoundError:
-            why = f"dataset {config['dataset']} is not on this machine"
+            why = f"dataset {config.dataset} is not on this machine"
         else:
             device = torch.cuda.get_device_name(0) if wants_gpu else f"CPU, {torch.get_num_threads()} threads"
             return ips, (f"measured on this machine ({device}): {steps} steps of the first trial after {warmup} "
@@ -409,12 +376,11 @@ def images_per_s(resolved: dict, config: dict, measure: bool = True) -> tuple[fl
     return None, f"not measured here ({why}) and the study file gives no images_per_s"
 
 
-def measure_images_per_s(config: dict, steps: int = 4, warmup: int = 2) -> float:
+def measure_images_per_s(config: TrialConfig, steps: int = 4, warmup: int = 2) -> float:
     """Training images/s of the first `steps` steps after `warmup` of this trial on the device it would use."""
-    from harness.trial import run_trial
-    probe = {**config, "steps": warmup + steps, "eval_every": warmup + steps, "warmup_steps": warmup,
-             "stepsize": None, "milestones": [],
-             "schedule": "constant" if config["schedule"] == "multistep" else config["schedule"]}
+    from harness.trial.loop import run_trial
+    probe = config.replace(steps=warmup + steps, eval_every=warmup + steps, warmup_steps=warmup, stepsize=None,
+                           milestones=[], schedule="constant" if config.schedule == "multistep" else config.schedule)
     rates: list[float] = []
     run_trial(probe, reporter=lambda m, s: rates.append(m["images_per_s"]))
     return rates[-1]
@@ -423,8 +389,8 @@ def measure_images_per_s(config: dict, steps: int = 4, warmup: int = 2) -> float
 def _missing_data(trials: list[specs.Trial]) -> str | None:
     """Pre-flight: every dataset of the trials is on this machine or can be downloaded (nothing is downloaded
     here); otherwise the first one missing, in one line, instead of every trial failing inside Ray."""
-    from harness import data
-    for name, data_dir in sorted({(t.config["dataset"], t.config.get("data_dir")) for t in trials}, key=str):
+    from harness.trial import data
+    for name, data_dir in sorted({(t.config.dataset, t.config.data_dir) for t in trials}, key=str):
         try:
             data.locate(name, data_dir)
         except data.DataNotFoundError as e:
@@ -450,7 +416,7 @@ def _log_file(exp_path: str) -> str:
 
 
 def _trial_name(trial) -> str:
-    return trial.config["trial"]["name"]
+    return trial.config["trial"]["name"]  # Trial.to_tune() carries it for Tune's folders
 
 
 def _fail(message: str) -> int:

@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness import claims as claims_mod
-from harness import report_setup as rsetup
-from harness.results import RUN_CHOICES, StudyError, StudyResults, load_study, schedule_curves
+from harness import REPO_ROOT
+from harness.analysis import claims as claims_mod
+from harness.analysis.results import RUN_CHOICES, StudyError, StudyResults, load_study, schedule_curves
+from harness.report import setup as rsetup
 
 DECISION_RULE = (
     f"Decision rule: for each comparison, the difference of medians (arm A - arm B) with a 95% bootstrap interval "
@@ -283,7 +284,7 @@ def setup_rows(res: StudyResults, ev: claims_mod.Evaluation) -> list[tuple[str, 
 def report_commit() -> str:
     """The commit and working-tree state of the code that builds this report."""
     import subprocess
-    root = Path(__file__).resolve().parent.parent
+    root = REPO_ROOT
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         # the code's state: reports/ (this report's own outputs among them) does not count
@@ -396,8 +397,8 @@ def _question(res: StudyResults) -> str:
 # ------------------------------------------------------------------------------------------------ PDF
 def write_pdf(path: Path, res: StudyResults, ev: claims_mod.Evaluation, tables: Tables) -> tuple[int, float]:
     """Returns (pages, the smallest font size on any page)."""
-    from harness import report_figures as figs
-    from harness.report_pdf import FlowPdf
+    from harness.report import figures as figs
+    from harness.report.pdf import FlowPdf
 
     t = res.trials
     if t["scale"].nunique() > 1:      # --run all over several scales: figures show the scale of the verdicts

@@ -1,0 +1,127 @@
+"""One Tune trial: `trial_driver`, Tune's function trainable, runs one Ray Train TorchTrainer of N DDP workers.
+
+    Tune trial (trial_driver)  ->  TorchTrainer(harness.study.worker.train_loop_per_worker, N ranks, gloo/NCCL)
+      every evaluation: rank 0's ray.train.report -> Train's controller -> RelayToDriver -> a ray.util.queue.Queue
+                        this driver owns -> ray.tune.report, from the Tune function's own thread, in order
+      the end:          the Train function's return value (Result.return_value) -> ray.tune.report, after the
+                        queue is drained: one reporting path, so the final result can never overtake an evaluation
+
+The Train run of a trial has a stable name (its trial key) under the study's storage folder, so a worker lost
+mid-trial (FailureConfig) and a study resumed with --resume both continue from the trial's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import traceback
+
+import ray
+import ray.train
+import ray.tune
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.queue import Empty, Queue
+
+from harness.config import TrialConfig
+from harness.spec import Trial
+from harness.study import tracking
+from harness.study.console import quiet_console
+from harness.study.worker import train_loop_per_worker
+from harness.trial.data import RawData, load_raw
+
+CHECKPOINT_PATH_KEY = "checkpoint_path"  # the checkpoint a relayed evaluation came with, as Tune's results name it
+_RAW: dict[tuple, RawData] = {}  # per trial-driver process (reused across trials): each dataset read once
+
+
+class RelayToDriver(ray.train.UserCallback):
+    """Runs in Train's controller: every report of the workers (rank 0's metrics) goes into the driver's queue."""
+
+    def __init__(self, relay: Queue):
+        self.relay = relay
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        item = dict(metrics[0])
+        if checkpoint is not None:
+            item[CHECKPOINT_PATH_KEY] = checkpoint.path
+        self.relay.put(item)  # blocks until the queue actor holds it: fit() returns only after the last put
+
+
+def trial_driver(config: dict) -> None:
+    """Tune's function trainable: one Tune trial = one TorchTrainer run of N DDP workers."""
+    started = time.time()
+    quiet_console(config.get("harness_log"))
+    trial = Trial.from_tune(config["trial"])
+    relay = Queue(actor_options={"num_cpus": 0})
+    trainer = _trainer(config, trial, relay, started)
+    outcome: dict = {}
+    fitting = threading.Thread(target=_fit, args=(trainer, outcome), daemon=True)
+    fitting.start()
+    while fitting.is_alive():
+        _relay(relay, timeout_s=0.5)
+    _relay(relay, timeout_s=0)  # what the controller put before fit() returned
+    relay.shutdown()
+    if "error" in outcome:
+        e = outcome["error"]
+        track = config["tracking"]
+        if track["uri"]:  # record it in the trial's run (never raises), then let Tune see the original error
+            detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+            tracking.mark_trial_error(track["uri"], track["experiment_id"], track["parent_run_id"], trial, detail)
+        raise e
+    ray.tune.report(outcome["result"].return_value)  # the trial's final result: straight to Tune, last
+
+
+def _fit(trainer: TorchTrainer, outcome: dict) -> None:
+    try:
+        outcome["result"] = trainer.fit()
+    except BaseException as e:  # noqa: BLE001 - handed to the Tune function's thread, which raises it
+        outcome["error"] = e
+
+
+def _relay(relay: Queue, timeout_s: float) -> None:
+    """Hand every queued evaluation to Tune, in order; wait at most timeout_s for the first."""
+    try:
+        items = [relay.get(timeout=timeout_s)] if timeout_s else []
+    except (Empty, queue.Empty):
+        items = []
+    while True:
+        try:
+            items.append(relay.get_nowait())
+        except (Empty, queue.Empty):
+            break
+    for item in items:
+        ray.tune.report(item)
+
+
+def _trainer(config: dict, trial: Trial, relay: Queue, started: float) -> TorchTrainer:
+    res = config["resources"]
+    use_gpu = res["gpus_per_worker"] > 0
+    worker_resources = {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={**config, "driver_started_at": started, "raw_data": shared_raw_data(trial.config)},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=res["workers"], use_gpu=use_gpu,
+                                               resources_per_worker=worker_resources,
+                                               placement_strategy=res.get("placement", "PACK")),
+        run_config=ray.train.RunConfig(
+            name=f"train-{trial.key}",
+            storage_path=config["train_storage"],
+            failure_config=ray.train.FailureConfig(max_failures=config.get("max_failures", 1)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.LoggingConfig(log_level="WARNING"),  # Tune's table is the progress display
+            callbacks=[RelayToDriver(relay)],
+        ),
+    )
+
+
+def shared_raw_data(cfg: TrialConfig):
+    """The trial's dataset files, read once by this (reused) trial driver and put in Ray's object store, so the
+    trial's workers neither read nor parse them (digits: no scikit-learn import; Fashion-MNIST: no gunzip)."""
+    key = (cfg.dataset, cfg.data_dir)
+    if key not in _RAW:
+        try:
+            _RAW[key] = load_raw(cfg.dataset, data_dir=cfg.data_dir)
+        except Exception:  # noqa: BLE001 - not here: the workers read it themselves and report what is wrong
+            return None
+    return ray.put(_RAW[key])
