@@ -15,6 +15,9 @@ One place, so a writer and a reader cannot drift apart: a tag renamed here is re
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 # ---- MLflow's own tags
 PARENT_RUN_ID = "mlflow.parentRunId"      # nests a trial under its study run in the UI
 NOTE = "mlflow.note.content"              # the run's description (Markdown) in the UI
@@ -64,6 +67,10 @@ EVAL_METRICS = ("epoch", "lr", "momentum", "train_loss", "test_loss", "test_acc"
 SUMMARY_METRICS = ("final_acc", "final_val_acc", "best_acc", "reached_target", "steps_to_target", "seconds_to_target",
                    "target_acc",
                    "diverged_at_step", "world_size", "bn_batch", "accum_steps", "steps_run", "startup_seconds")
+# logged when a record has them: MLPs' dead output units; an LR finder's sweep (kind lr_finder) and suggestions
+EXTRA_EVAL_METRICS = ("dead_output_frac", "smoothed_loss", "batch_val_loss", "batch_val_acc")
+FINDER_SUMMARY_METRICS = ("lr_steepest", "lr_valley", "lr_smith", "lr_smith_base", "lr_smith_base_min",
+                          "finder_stopped_early")
 SPEC_ARTIFACT = "study_spec.yaml"
 CONFIG_ARTIFACT = "trial_config.json"
 HISTORY_ARTIFACT = "history.csv"
@@ -115,3 +122,16 @@ def title(config, fields, empty: str = "all trials") -> str:
     order = [f for f in TITLE_ORDER if f in fields] + [f for f in fields if f not in TITLE_ORDER]
     order = [f for f in order if f != "seed"] + [f for f in order if f == "seed"]  # the seed last
     return ", ".join(value_words(f, config.get(f)) for f in order if f in config) or empty
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """Where the runs are: --tracking-uri > $MLFLOW_TRACKING_URI > sqlite:///<abs cwd>/mlflow.db, relative paths
+    made absolute (Ray workers change directory). The writer (harness.study) and the reader (harness.analysis)
+    both ask here."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    elif uri.startswith("file:") or "://" not in uri:
+        path = uri.removeprefix("file:")
+        uri = Path(path.removeprefix("//")).resolve().as_uri()
+    return uri

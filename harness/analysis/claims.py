@@ -652,7 +652,7 @@ def evaluate_plan(comparisons: list[Comparison], trials: pd.DataFrame, curves: p
 def requested_claims(parents: list[dict]) -> list[str]:
     ids: list[str] = []
     for p in parents:
-        for c in str(p.get("tags", {}).get("harness.claims", "")).split(","):
+        for c in str(p.get("tags", {}).get(names.CLAIMS, "")).split(","):
             c = c.strip()
             if c and c not in ids:
                 ids.append(c)
@@ -675,7 +675,7 @@ def evaluate(results, spec: dict | None = None) -> Evaluation:
     """Verdicts for a StudyResults: the plan of the spec its parent run logged (or `spec`, a study file)."""
     from harness import spec as specs
     claim_ids = requested_claims(results.parents)
-    spec = spec or getattr(results, "spec", None) or logged_spec(results)
+    spec = spec or getattr(results, "spec", None) or results.logged_spec()
     if not spec:
         try:
             spec = specs.load_spec(results.study)
@@ -699,21 +699,6 @@ def evaluate(results, spec: dict | None = None) -> Evaluation:
         configs = [{f: r[f] for f in FIELDS if f in use.columns} for _, r in use.iterrows()]
         comparisons = plans.expand(spec["analysis"], configs, where=results.study)
     return evaluate_plan(comparisons, results.trials, results.curves, scale, claim_ids)
-
-
-def logged_spec(results) -> dict | None:
-    """The resolved study spec the newest parent run logged (`study_spec.yaml`): the pre-registered plan."""
-    import tempfile
-
-    import yaml
-    from mlflow.tracking import MlflowClient
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            path = MlflowClient(results.tracking_uri).download_artifacts(results.parent["run_id"], "study_spec.yaml", d)
-            with open(path) as f:
-                return yaml.safe_load(f)
-    except Exception:  # an old run without the artifact: the study file is the fallback
-        return None
 
 
 def sorted_levels(values) -> list:

@@ -98,7 +98,7 @@ def build_report(study: str, tracking_uri: str | None = None, run: str = "latest
     if not study.strip():
         raise StudyError(f"empty study name; use {RUN_CHOICES} with a study name")
     res = load_study(study, tracking_uri, run)
-    logged = claims_mod.logged_spec(res)      # the resolved spec the parent run logged (None for old runs)
+    logged = res.logged_spec()      # the resolved spec the parent run logged (None for old runs)
     evaluation = claims_mod.evaluate(res, spec=logged)
     tables = Tables.build(res, evaluation, logged)
 

@@ -13,7 +13,6 @@ from matplotlib.figure import Figure
 from harness import names
 from harness.analysis import caffe_logs
 from harness.analysis.claims import sorted_levels
-from harness.analysis.results import split_cell
 
 PALETTE = sns.color_palette("colorblind", 10)
 MAX_LINES = 10   # curves per panel; more cells are summarised in the legend
@@ -26,7 +25,7 @@ def cell_words(trials: pd.DataFrame, cell: str) -> str:
         found = trials.loc[trials["cell"] == cell, "cell_title"]
         if len(found):
             return str(found.iloc[0])
-    return "all trials" if cell in ("all", "") else ", ".join(split_cell(cell))
+    return "all trials" if cell in ("all", "") else cell
 
 
 def field_words(field: str) -> str:

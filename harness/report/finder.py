@@ -4,7 +4,7 @@ against the LR where the finder scored validation batches.
 
     runs, sweeps = load_finder(uri, "activation_mystery_finder")   # rows of MLflow finder runs, their sweeps
     draw_finder(fig, rect, runs, sweeps)                              # into a page of the report
-    python -m harness.report_finder STUDY [--tracking-uri URI] [--out PDF]   # the figure on its own
+    python -m harness.report.finder STUDY [--tracking-uri URI] [--out PDF]   # the figure on its own
 """
 
 from __future__ import annotations
@@ -18,49 +18,32 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from harness import names
+from harness.analysis.results import StudyError, load_study
+from harness.config import FIELDS, TrialConfig
 
 MARKERS = {"lr_steepest": ("v", "steepest"), "lr_valley": ("o", "valley"), "lr_smith": ("*", "Smith max")}
 SWEEP = ("lr", "train_loss", "smoothed_loss", "batch_val_acc")
 
 
 def load_finder(uri: str, study: str, scale: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(runs, sweeps) of the lr_finder runs of the study's latest invocation (at `scale` if given).
-    runs: run_id, cell, run_name, params..., the suggestion metrics; sweeps: run_id, step, lr, train_loss, ..."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(study)
-    if exp is None:
-        raise LookupError(f"no study '{study}' in the MLflow store {uri}")
-    where = "tags.`harness.role` = 'study'" + (f" and tags.`harness.scale` = '{scale}'" if scale else "")
-    parents = client.search_runs([exp.experiment_id], filter_string=where, order_by=["attributes.start_time DESC"],
-                                 max_results=1)
-    if not parents:
-        raise LookupError(f"study '{study}' has no run{' at scale ' + scale if scale else ''} in {uri}")
-    found = client.search_runs([exp.experiment_id], filter_string=(
-        f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}' and params.kind = 'lr_finder'"), max_results=10000)
-    rows, points = [], []
-    for r in found:
-        config = json.loads(r.data.tags.get(names.TRIAL_CONFIG) or "{}")  # typed; absent on runs of old versions
-        rows.append({"run_id": r.info.run_id, "run_name": r.info.run_name, "cell": r.data.tags.get(names.CELL),
-                     "config": config or dict(r.data.params), **r.data.params,
-                     **{k: r.data.metrics.get(k) for k in MARKERS}})
-        for key in SWEEP:
-            points += [{"run_id": r.info.run_id, "step": m.step, "key": key, "value": m.value}
-                       for m in client.get_metric_history(r.info.run_id, key)]
-    _label_in_words(rows)
-    sweeps = pd.DataFrame(points, columns=["run_id", "step", "key", "value"])
-    if len(sweeps):
-        sweeps = sweeps.pivot_table(index=["run_id", "step"], columns="key", values="value").reset_index()
-    return pd.DataFrame(rows), sweeps
+    """(runs, sweeps) of the lr_finder runs of the study's latest invocation (at `scale` if given), through the
+    analysis side's MLflow gateway. runs: run_id, run_name, cell, config, label, the suggestion metrics; sweeps:
+    run_id, step, lr, train_loss, smoothed_loss, batch_val_acc."""
+    res = load_study(study, uri, scale=scale, metrics=SWEEP)
+    trials = res.trials[res.trials["kind"] == "lr_finder"].reset_index(drop=True)
+    if trials.empty:
+        raise StudyError(f"study '{study}' has no lr_finder runs in {uri}")
+    runs = trials.copy()
+    runs["label"] = _labels(list(runs["config"]))
+    return runs, res.curves[res.curves["run_id"].isin(set(runs["run_id"]))]
 
 
-def _label_in_words(rows: list[dict]) -> None:
-    """Each run's `label`: the fields that differ between the finder's cells, in words ('x*x*400 activation')."""
-    fields = sorted({k for r in rows for k in r["config"]} - {"seed", "data_seed"})
-    varying = [f for f in fields if len({json.dumps(r["config"].get(f), sort_keys=True) for r in rows}) > 1]
-    for r in rows:
-        r["label"] = names.title(r["config"], varying) if varying else "all runs"
+def _labels(configs: list[TrialConfig]) -> list[str]:
+    """Each run's label: the fields that differ between the finder's cells, in words ('x*x*400 activation')."""
+    dicts = [c.to_dict() for c in configs]
+    fields = [f for f in FIELDS if f != "seed"]
+    varying = [f for f in fields if len({json.dumps(d[f], sort_keys=True) for d in dicts}) > 1]
+    return [names.title(c, varying) if varying else "all runs" for c in configs]
 
 
 def draw_finder(fig: Figure, rect, runs: pd.DataFrame, sweeps: pd.DataFrame) -> None:
@@ -106,17 +89,16 @@ def draw_finder(fig: Figure, rect, runs: pd.DataFrame, sweeps: pd.DataFrame) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness.report_finder",
+    p = argparse.ArgumentParser(prog="python -m harness.report.finder",
                                 description="Draw an LR finder study's sweeps and suggestions (PDF).")
     p.add_argument("study")
     p.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.add_argument("--scale", help="the scale's latest invocation (default: the latest of any scale)")
     p.add_argument("--out", help="PDF path (default reports/STUDY-finder.pdf)")
     args = p.parse_args(argv)
-    from harness.study.tracking import resolve_tracking_uri
     try:
-        runs, sweeps = load_finder(resolve_tracking_uri(args.tracking_uri), args.study, args.scale)
-    except LookupError as e:
+        runs, sweeps = load_finder(args.tracking_uri, args.study, args.scale)
+    except StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     fig = Figure(figsize=(11, 4.5))

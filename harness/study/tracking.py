@@ -44,14 +44,13 @@ from typing import Any
 import harness
 from harness import names
 from harness.config import TrialConfig
+from harness.names import resolve_tracking_uri  # noqa: F401 - the writer's entry to it
 from harness.spec import Trial
 
 EVAL_METRICS = names.EVAL_METRICS
 SUMMARY_METRICS = names.SUMMARY_METRICS
-# logged when a record has them: MLPs' dead output units; an LR finder's sweep (kind lr_finder) and suggestions
-EXTRA_EVAL_METRICS = ("dead_output_frac", "smoothed_loss", "batch_val_loss", "batch_val_acc")
-FINDER_SUMMARY_METRICS = ("lr_steepest", "lr_valley", "lr_smith", "lr_smith_base", "lr_smith_base_min",
-                          "finder_stopped_early")
+EXTRA_EVAL_METRICS = names.EXTRA_EVAL_METRICS
+FINDER_SUMMARY_METRICS = names.FINDER_SUMMARY_METRICS
 TRACKING_GRACE_ENV = "HARNESS_TRACKING_GRACE_S"  # how long a trial waits at its end for a tracking outage
 DEFAULT_GRACE_S = 300.0
 BACKOFF_START_S, BACKOFF_MAX_S = 1.0, 30.0
@@ -61,16 +60,6 @@ SHORT_HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUE
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used. The message is one line."""
-
-
-def resolve_tracking_uri(cli_uri: str | None = None) -> str:
-    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    elif uri.startswith("file:") or "://" not in uri:
-        path = uri[len("file:"):] if uri.startswith("file:") else uri
-        uri = Path(path.removeprefix("//")).resolve().as_uri()
-    return uri
 
 
 def check_store(uri: str, timeout_s: float = 10.0) -> None:
