@@ -96,36 +96,37 @@ class Builder:
 
     def study(self, name: str, scale: str, claims: list[str], question: str, base: dict,
               paired: dict | None = None, grid: dict | None = None, analysis: list[dict] | None = None,
-              deviations: list[str] | None = None) -> tuple[str, str, list[dict]]:
+              deviations: list[str] | None = None) -> tuple[str, str, list[spec.Trial]]:
         """A parent run as `python -m harness.study` starts it; returns (experiment id, parent id, trials)."""
         body = {"name": name, "question": question, "claims": claims, "base": base, "paired": paired or {},
                 "grid": grid or {}, "scales": {scale: {"deviations": deviations or []}},
                 "analysis": {"comparisons": analysis or []}}
         resolved = spec.resolve(body, scale)
-        trials = [{**t.as_dict(), "study": name, "scale": scale} for t in spec.trials(body, scale)]
+        trials = spec.trials(body, scale)
         parent = tracking.start_study_run(
             self.uri, resolved, scale, f"/synthetic/ray_results/{name}-{scale}",
             f"python -m harness.study {name} --scale {scale}", {"CPU": 2.0}, "2x CPU", resume=False)
         time.sleep(0.002)  # start times order the parent runs ("latest")
         return tracking.experiment_id(self.uri, name), parent, trials
 
-    def trial(self, exp_id: str, parent_id: str, trial: dict, final: float, status: str = "completed",
+    def trial(self, exp_id: str, parent_id: str, trial: spec.Trial, final: float, status: str = "completed",
               error: str = "") -> str:
         run_id = tracking.find_or_create_trial_run(self.uri, exp_id, parent_id, trial)
         if status == "error" and not error.startswith("ValueError"):   # crashed while training
-            tracking.TrialLogger(self.uri, run_id).start(trial["config"], 1, SYSTEM_TAGS)
+            tracking.TrialLogger(self.uri, run_id, trial=trial).start(1, SYSTEM_TAGS)
         if status == "error":
             tracking.mark_trial_error(self.uri, exp_id, parent_id, trial, error)
             return run_id
-        logger = tracking.TrialLogger(self.uri, run_id)
-        logger.start(trial["config"], 1, SYSTEM_TAGS)
-        records = history(trial["config"], final, "diverged" if status == "diverged" else "completed")
+        logger = tracking.TrialLogger(self.uri, run_id, trial=trial)
+        logger.start(1, SYSTEM_TAGS)
+        config = trial.config.to_dict()
+        records = history(config, final, "diverged" if status == "diverged" else "completed")
         if status == "running":
             records = records[:2]
         for r in records:
             logger.log_eval(r)
         if status != "running":
-            logger.finish(summary(trial["config"], records, status), records)
+            logger.finish(summary(config, records, status), records)
         return run_id
 
 
@@ -157,8 +158,8 @@ def build(folder: Path) -> str:
         paired={"schedule": [TRI, PC]}, grid={"seed": [0, 1, 2, 3]}, analysis=SC1,
         deviations=["synthetic numbers: accuracy rises as sqrt(progress) to a chosen final value"])
     for t in trials:
-        mean = 0.92 if t["config"]["schedule"] == "triangular" else 0.85
-        b.trial(exp, pid, t, final=mean + JITTER[t["config"]["seed"]])
+        mean = 0.92 if t.config.schedule == "triangular" else 0.85
+        b.trial(exp, pid, t, final=mean + JITTER[t.config.seed])
 
     # batch_size_effect: contradicted (accuracy falls with batch)
     exp, pid, trials = b.study(
@@ -173,8 +174,8 @@ def build(folder: Path) -> str:
                   {"claim": "DA2", "kind": "two_arm", "field": "batch_size", "a": "max", "b": "min",
                    "metric": "acc_at_time_budget"}])
     for t in trials:
-        acc = {256: 0.90, 512: 0.88, 1024: 0.86}[t["config"]["batch_size"]]
-        b.trial(exp, pid, t, final=acc + JITTER[t["config"]["seed"]] / 2)
+        acc = {256: 0.90, 512: 0.88, 1024: 0.86}[t.config.batch_size]
+        b.trial(exp, pid, t, final=acc + JITTER[t.config.seed] / 2)
 
     # momentum_effect: overlapping -> inconclusive
     exp, pid, trials = b.study("momentum_effect", "quick", ["SC9"], "Is constant momentum 0.85-0.9 best with CLR?",
@@ -183,7 +184,7 @@ def build(folder: Path) -> str:
                                analysis=[{"claim": "SC9", "kind": "best_level", "field": "momentum", "a": 0.9}])
     accs = {0.8: (0.901, 0.909, 0.893), 0.9: (0.905, 0.895, 0.912), 0.95: (0.898, 0.907, 0.902)}
     for t in trials:
-        b.trial(exp, pid, t, final=accs[t["config"]["momentum"]][t["config"]["seed"]])
+        b.trial(exp, pid, t, final=accs[t.config.momentum][t.config.seed])
 
     # weight_decay: 1e-3 diverges; WD 1e-6 errored on its first seed (its other seeds never ran)
     exp, pid, trials = b.study("weight_decay", "quick", ["SC6"], "Is WD 1e-4 best under CLR 0.1-3?",
@@ -191,7 +192,7 @@ def build(folder: Path) -> str:
                                grid={"weight_decay": [1e-3, 1e-4, 1e-5, 1e-6], "seed": [0, 1, 2]},
                                analysis=[{"claim": "SC6", "kind": "best_level", "field": "weight_decay", "a": 1e-4}])
     for t in trials:
-        wd, seed = t["config"]["weight_decay"], t["config"]["seed"]
+        wd, seed = t.config.weight_decay, t.config.seed
         if wd == 1e-6:
             if seed == 0:
                 b.trial(exp, pid, t, final=0.0, status="error", error="RuntimeError: CUDA out of memory (synthetic)")
@@ -211,7 +212,7 @@ def build(folder: Path) -> str:
                                          {"claim": "SC3", "kind": "range_test", "field": "schedule",
                                           "where": {"schedule": "range_test"}}])
     for t in trials:
-        b.trial(exp, pid, t, final={"one_cycle": 0.6, "multistep": 0.4, "range_test": 0.55}[t["config"]["schedule"]])
+        b.trial(exp, pid, t, final={"one_cycle": 0.6, "multistep": 0.4, "range_test": 0.55}[t.config.schedule])
 
     # in_progress: one finished trial, one still running (no harness.status yet), one that failed to start
     exp, pid, trials = b.study("in_progress", "quick", ["SC1"], "A study still running.",

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 import sqlite3
 import tempfile
@@ -294,9 +295,9 @@ def _value_key(v) -> tuple:
     """Sorts values of one field: None first, then numbers by value, then text."""
     if v is None:
         return (0, 0.0, "")
-    if isinstance(v, (bool, int, float)):
+    if isinstance(v, numbers.Real):
         return (1, float(v), "")
-    return (2, 0.0, json.dumps(v))
+    return (2, 0.0, json.dumps(v, default=str))
 
 
 def _order_key(config: TrialConfig, fields: list[str]) -> tuple:

@@ -2,11 +2,13 @@
 storage that every node sees.
 
     connection   init_ray joins --address / RAY_ADDRESS or starts a local Ray with the trial_driver resource;
-                 the study ends only a connection it made (OUR_RAY_JOB)
+                 the study ends only a connection it made (OUR_RAY_JOB); a local Ray's trials are told its
+                 dashboard (RAY_API_SERVER_ADDRESS), so Ray's state API finds it beside other Rays on the machine
     admission    admit(): how many trials run at once from the node types the autoscaler can launch (a fresh
                  `ray up` cluster has only its head up) and what is up now; a trial no node type holds is refused
-    storage      --storage is a folder or a pyarrow URI (s3://bucket/path?endpoint_override=...); preflight_storage
-                 checks that every node sees it before anything starts; experiment_path numbers a study's runs
+    storage      --storage is a folder or a pyarrow URI (s3://bucket/path?endpoint_override=...); unwritable_storage
+                 checks, before Ray or MLflow is touched, that the driver can write it; preflight_storage, once
+                 Ray is up, that every node sees it; experiment_path numbers a study's runs
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from __future__ import annotations
 import math
 import os
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 DRIVER_RESOURCE = "trial_driver"  # a custom resource for the Tune trial's own actor: it must not hold a CPU
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API (and `ray job`) looks first for the dashboard
 RAY_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",  # the Train controller polls reports every 2 s by default
     "RAY_AIR_NEW_OUTPUT": "0",                   # Tune's classic live table with our columns
@@ -59,9 +63,26 @@ def init_ray(address: str | None) -> bool:
                                f"start one (ray start --head, ray up cluster.yaml) or drop --address and "
                                f"RAY_ADDRESS to run on a local Ray") from None
     else:
-        ray.init(resources={DRIVER_RESOURCE: 64}, runtime_env={"env_vars": env}, include_dashboard=True)
+        # Ray Train's PlacementGroupCleaner (one detached actor per trial) asks Ray's state API whether the trial's
+        # controller is alive, without an address: beside a second Ray on this machine (another study, the test
+        # suite) the API cannot tell which is ours, the actor dies ("Found multiple active Ray instances", a
+        # traceback on the console) and the clean-up it exists for is gone. The state API takes its server from
+        # RAY_API_SERVER_ADDRESS first, so our trials' processes get our dashboard's address, on a port picked
+        # here (a Ray's addresses are known only after ray.init, its runtime_env before).
+        port = free_port()
+        env[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+        ray.init(resources={DRIVER_RESOURCE: 64}, runtime_env={"env_vars": env}, include_dashboard=True,
+                 dashboard_host="127.0.0.1", dashboard_port=port)
     OUR_RAY_JOB[:] = [connection_id()]
     return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def end_our_ray() -> None:
@@ -293,6 +314,37 @@ def network_mount(path: str) -> bool:
     best = max((m for m in mounts if path == m[0] or path.startswith(m[0].rstrip("/") + "/")),
                key=lambda m: len(m[0]), default=None)
     return best is not None and (best[1] in NETWORK_FILESYSTEMS or best[1].startswith("fuse."))
+
+
+def unwritable_storage(storage: str) -> str | None:
+    """Pre-flight before Ray or MLflow is touched: None when the driver can write `storage` (a missing folder can
+    be created), else the one-line refusal. Leaves nothing behind: the probe it writes is removed again."""
+    allowed = ("allowed: a folder this user can write (missing folders are created), s3://BUCKET/PATH or "
+               "gs://BUCKET/PATH")
+    if is_uri(storage):
+        marker = storage_join(storage, f".harness-preflight-{uuid.uuid4().hex}")
+        try:
+            storage_touch(marker)
+        except Exception as e:
+            return f"--storage {storage} cannot be written ({type(e).__name__}: {' '.join(str(e).split())[:200]}); " \
+                   f"{allowed}"
+        try:
+            fs, path = storage_fs(marker)
+            fs.delete_file(path)
+        except Exception:
+            pass
+        return None
+    existing = Path(storage)
+    while not os.path.exists(existing) and existing != existing.parent:
+        existing = existing.parent  # the folders that would be created hang off the deepest existing one
+    if not existing.is_dir():
+        return f"--storage {storage}: {existing} is a file, not a folder; {allowed}"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".harness-preflight-", dir=existing))
+    except OSError as e:
+        where = "" if existing == Path(storage) else f" (nothing can be created in {existing})"
+        return f"--storage {storage} cannot be written{where}: {type(e).__name__}: {e.strerror or e}; {allowed}"
+    return None
 
 
 def preflight_storage(storage: str, node_types: list[NodeType] | None) -> str | None:
