@@ -69,6 +69,13 @@ ROWS = [
      ["MLflow store foo://bar does not answer", "Supported URI schemes are", "sqlite"]),
     ("tracking store folder missing", TINY, ["--tracking-uri", "sqlite:////nonexistent/x/mlflow.db"],
      ["cannot write the MLflow sqlite store in /nonexistent/x", "sqlite:///<writable path>"]),
+    ("storage that cannot be created", TINY, ["--storage", "/proc/forbidden"],
+     ["--storage /proc/forbidden cannot be written", "nothing can be created in /proc", "allowed: a folder",
+      "s3://BUCKET/PATH"]),
+    ("storage that is a file", TINY, ["--storage", "{workdir}/study.yaml/sub"],
+     ["study.yaml is a file, not a folder", "allowed: a folder"]),
+    ("nothing to resume", TINY, ["--resume"],
+     ["nothing to resume: no earlier run of tiny at scale smoke in ", "run it without --resume"]),
 ]
 
 
@@ -118,7 +125,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(offline, capsys, monkey
         raise AssertionError("bad input reached Ray")
 
     monkeypatch.setattr(cluster, "init_ray", no_ray)
-    extra = [a.format(not_mlflow=not_mlflow) for a in extra]
+    extra = [a.format(not_mlflow=not_mlflow, workdir=workdir) for a in extra]
     try:
         rc = main([target, "--storage", str(storage), *extra])
     except SystemExit as e:  # argparse's errors and ray.init's end as SystemExit(2) after their one line

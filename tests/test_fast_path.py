@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from harness.config import ConfigError, TrialConfig
-from harness.trial import loop as trial_module
+from harness.trial import step as step_module
 from harness.trial.data import TrainBatches
-from harness.trial.loop import FastPath, run_trial
+from harness.trial.loop import run_trial
+from harness.trial.step import FastPath
 
 # ResNet-20 on digits at a gentle constant LR: the curve falls from ~2.8 to ~0.3 in 20 steps without the chaotic
 # jumps of a large LR (which would amplify any rounding difference into a different trajectory).
@@ -25,7 +26,7 @@ BF16_TOL = 0.1
 
 def _curve(**changes) -> tuple[list[float], list[float]]:
     records: list[dict] = []
-    run_trial({**RESNET, **changes}, lambda m, s: records.append(m))
+    run_trial(TrialConfig.from_dict({**RESNET, **changes}), lambda m, s: records.append(m))
     return [r["train_loss"] for r in records], [r["test_acc"] for r in records]
 
 
@@ -79,13 +80,13 @@ class _SlowFirstBatch(TrainBatches):
 
 
 def test_throughput_window_leaves_out_the_warm_up(monkeypatch):
-    monkeypatch.setattr(trial_module, "TrainBatches", _SlowFirstBatch)
+    monkeypatch.setattr(step_module, "TrainBatches", _SlowFirstBatch)
     small = {"dataset": "digits", "model": "small_cnn", "batch_size": 250, "steps": 20, "eval_every": 10,
              "schedule": "constant", "max_lr": 0.05, "device": "cpu"}
 
     def first_window(warmup: int) -> dict:
         records: list[dict] = []
-        run_trial({**small, "warmup_steps": warmup}, lambda m, s: records.append(m))
+        run_trial(TrialConfig.from_dict({**small, "warmup_steps": warmup}), lambda m, s: records.append(m))
         return records
 
     with_warmup = first_window(0)
@@ -105,12 +106,12 @@ def test_a_shared_raw_dataset_gives_the_same_trial_and_stays_unchanged(monkeypat
     before = raw.train_x.clone()
     config = {"dataset": "digits", "model": "small_cnn", "batch_size": 250, "steps": 4, "eval_every": 2,
               "device": "cpu", "preprocess": "standard"}
-    own = run_trial(config)
+    own = run_trial(TrialConfig.from_dict(config))
 
     def no_files(*a, **k):
         raise AssertionError("files read although the raw data was given")
     monkeypatch.setattr(data, "_load_digits", no_files)
-    shared = run_trial(config, raw=raw)
+    shared = run_trial(TrialConfig.from_dict(config), raw=raw)
     assert [h["test_loss"] for h in shared["history"]] == [h["test_loss"] for h in own["history"]]
     assert torch.equal(raw.train_x, before)
     with pytest.raises(ValueError, match="raw data of 'digits' given for dataset 'mnist'"):

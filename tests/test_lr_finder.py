@@ -43,7 +43,7 @@ def test_smoothing_is_fastais_bias_corrected_average():
 # ------------------------------------------------------------------------------------------------ the trial kind
 def test_divergence_stops_the_sweep_and_a_tame_sweep_runs_to_the_end():
     seen = []
-    out = run_trial(FINDER, lambda m, s: seen.append((m, s)))
+    out = run_trial(TrialConfig.from_dict(FINDER), lambda m, s: seen.append((m, s)))
     hist = out["history"]
     assert out["finder_stopped_early"] == 1 and len(hist) < 40
     best = min(r["smoothed_loss"] for r in hist)
@@ -51,7 +51,7 @@ def test_divergence_stops_the_sweep_and_a_tame_sweep_runs_to_the_end():
     assert all(r["smoothed_loss"] <= 4 * best for r in hist[:-1])  # it stopped at the first such step
     assert [m["step"] for m, _ in seen] == [r["step"] for r in hist] and all(s is None for _, s in seen)
     assert 1e-4 <= out["lr_valley"] <= hist[-1]["lr"] and out["lr_smith_base"] == out["lr_smith"] / 10
-    tame = run_trial({**FINDER, "max_lr": 1e-2, "steps": 15, "finder_val": True})
+    tame = run_trial(TrialConfig.from_dict({**FINDER, "max_lr": 1e-2, "steps": 15, "finder_val": True}))
     assert tame["finder_stopped_early"] == 0 and tame["steps_run"] == 15
     assert tame["history"][-1]["lr"] == 1e-2 and 0 <= tame["history"][-1]["batch_val_acc"] <= 1
 
@@ -125,7 +125,7 @@ def _rank_main(rank: int, world: int, init_file: str, out: str) -> None:
             return torch.tensor(1.0 if rank == 0 or k < 7 else 1e6)
 
         fake = sweep(model, opt, fake_step, sweep_lrs(1e-3, 1.0, 30), world=world)
-        real = run_trial({**FINDER, "finder_val": True})
+        real = run_trial(TrialConfig.from_dict({**FINDER, "finder_val": True}))
         torch.save({"fake": fake, "real": real["history"], "sugg": real["lr_valley"]}, f"{out}.{rank}")
         dist.barrier()
     finally:
@@ -141,7 +141,7 @@ def test_ddp_ranks_stay_in_lockstep_and_agree_with_one_process(tmp_path):
     clocks = ("train_seconds", "images_per_s")
     timeless = [[{k: v for k, v in r.items() if k not in clocks} for r in x["real"]] for x in (r0, r1)]
     assert timeless[0] == timeless[1] and r0["sugg"] == r1["sugg"]
-    single = run_trial({**FINDER, "finder_val": True})["history"]
+    single = run_trial(TrialConfig.from_dict({**FINDER, "finder_val": True}))["history"]
     assert len(single) == len(r0["real"])
     for a, b in zip(single, r0["real"], strict=True):
         assert a["lr"] == b["lr"]
@@ -169,7 +169,7 @@ def test_finder_figure_draws_loss_against_log_lr_with_the_suggestions():
 
 
 def test_finder_runs_are_labelled_in_words_from_their_typed_configs():
-    from harness.report.finder import _label_in_words
-    rows = [{"config": {"mlp_activation": a, "seed": s, "max_lr": 1.0}} for a in ("relu", "square400") for s in (0, 1)]
-    _label_in_words(rows)
-    assert [r["label"] for r in rows] == ["ReLU activation"] * 2 + ["x*x*400 activation"] * 2
+    from harness.report.finder import labels
+    configs = [TrialConfig.from_dict({"mlp_activation": a, "seed": s, "max_lr": 1.0}) for a in ("relu", "square400")
+               for s in (0, 1)]
+    assert labels(configs) == ["ReLU activation"] * 2 + ["x*x*400 activation"] * 2

@@ -7,50 +7,54 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from harness import names
+from harness.config import TrialConfig
 from harness.spec import Trial
 from harness.study import lr_from_finder, tracking
 from harness.trial import data
-from harness.trial.loop import dead_output_fraction, run_trial
+from harness.trial.loop import run_trial
+from harness.trial.step import dead_output_fraction
 
 
 def _finder_store(uri: str, study: str, runs: list[tuple[dict, dict]], scale: str = "quick",
                   status: str = "FINISHED") -> None:
+    """A finder study's runs as the harness writes them: a study run, and trial runs with typed configs."""
     client = MlflowClient(uri)
     exp = tracking.experiment_id(uri, study)
-    parent = client.create_run(exp, tags={"harness.role": "study", "harness.scale": scale}).info.run_id
-    for params, metrics in runs:
-        run = client.create_run(exp, tags={"harness.role": "trial", "mlflow.parentRunId": parent,
-                                           "harness.status": "completed"}).info.run_id
-        for k, v in params.items():
-            client.log_param(run, k, tracking._param_str(v))
+    parent = client.create_run(exp, tags={names.ROLE: names.ROLE_STUDY, names.SCALE: scale}).info.run_id
+    for fields, metrics in runs:
+        config = TrialConfig.from_dict({"base_lr": 1e-4, "max_lr": 10.0, **fields})
+        run = client.create_run(exp, tags={names.ROLE: names.ROLE_TRIAL, names.PARENT_RUN_ID: parent,
+                                           names.STATUS: "completed", names.TRIAL_CONFIG: config.to_json()}).info.run_id
         for k, v in metrics.items():
             client.log_metric(run, k, v)
     client.set_terminated(parent, status=status)
 
 
-def _trial(**config) -> Trial:
+def _trial(**fields) -> Trial:
     base = {"lr_from_finder": "finder", "lr_suggestion": "valley", "lr_base_div": 10.0, "max_lr": 1.0,
             "base_lr": 0.1, "seed": 0}
-    return Trial(name="t", key="k", cell="c", config={**base, **config})
+    return Trial("study", "quick", 1, TrialConfig.from_dict({**base, **fields}), ("mlp_activation",))
 
 
 def test_each_cell_takes_the_median_suggestion_of_its_own_finder_runs(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    runs = [({"kind": "lr_finder", "mlp_activation": act, "seed": s, "max_lr": 10.0},
-             {"lr_valley": v, "lr_steepest": v / 2})
+    runs = [({"kind": "lr_finder", "mlp_activation": act, "seed": s}, {"lr_valley": v, "lr_steepest": v / 2})
             for act, values in (("relu", (0.2, 0.3, 0.4)), ("square400", (0.001, 0.002, 0.009))) for s, v in
             enumerate(values)]
     _finder_store(uri, "finder", runs)
     _finder_store(uri, "finder", [({"kind": "lr_finder", "mlp_activation": "relu", "seed": 0}, {"lr_valley": 99.0})],
                   scale="smoke")  # another scale: ignored
-    plain = Trial(name="p", key="p", cell="p", config={"max_lr": 0.5, "lr_from_finder": None})
+    plain = Trial("study", "quick", 1, TrialConfig.from_dict({"max_lr": 0.5}))
+    declared = _trial(mlp_activation="relu")
     relu, square, steep = lr_from_finder.resolve(
-        [_trial(mlp_activation="relu"), _trial(mlp_activation="square400"),
+        [declared, _trial(mlp_activation="square400"),
          _trial(mlp_activation="relu", lr_suggestion="steepest", lr_base_div=20.0)], uri, "quick")
-    assert relu.config["max_lr"] == pytest.approx(0.3) and relu.config["base_lr"] == pytest.approx(0.03)
-    assert square.config["max_lr"] == pytest.approx(0.002)
-    assert steep.config["max_lr"] == pytest.approx(0.15) and steep.config["base_lr"] == pytest.approx(0.0075)
-    assert relu.name == "t" and relu.key == "k"
+    assert relu.config.max_lr == pytest.approx(0.3) and relu.config.base_lr == pytest.approx(0.03)
+    assert square.config.max_lr == pytest.approx(0.002)
+    assert steep.config.max_lr == pytest.approx(0.15) and steep.config.base_lr == pytest.approx(0.0075)
+    assert relu.name == declared.name and relu.key == declared.key  # the study file's config names it
+    assert relu.declared == declared.config
     assert lr_from_finder.resolve([plain], uri, "quick") == [plain]
 
 
@@ -100,7 +104,7 @@ def test_mlp_trials_report_dead_output_units(tmp_path, monkeypatch):
     cfg = {"dataset": "mnist", "data_dir": str(tmp_path), "model": "mlp", "mlp_hidden": [20], "preprocess": "none",
            "batch_size": 50, "steps": 8, "eval_every": 4, "schedule": "constant", "max_lr": 0.1, "device": "cpu",
            "mlp_final_relu": True, "invert_images": True}
-    out = run_trial(cfg)
+    out = run_trial(TrialConfig.from_dict(cfg))
     assert [0 <= r["dead_output_frac"] <= 1 for r in out["history"]] == [True, True]
     # the metric itself: a final ReLU behind a bias of -100 kills every output, one of +100 none
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10), torch.nn.ReLU())

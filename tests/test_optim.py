@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from harness.config import TrialConfig
-from harness.trial.loop import build_optimizer
 from harness.trial.models import build_model
 from harness.trial.optim import CaffeSGD
 from harness.trial.schedules import build_scheduler
+from harness.trial.step import build_optimizer
 
 LRS = [0.1, 0.4, 0.25, 0.05]          # a changing LR, one per step
 MOMENTUM, WD = 0.9, 0.01
@@ -93,6 +93,7 @@ def test_build_optimizer_gives_caffe_resnets_the_prototxt_multipliers_under_a_sc
 
 def test_caffe_sgd_trains_a_trial():
     from harness.trial.loop import run_trial
-    summary = run_trial({"dataset": "digits", "model": "small_cnn", "optimizer": "caffe_sgd", "steps": 20,
-                         "eval_every": 20, "batch_size": 125, "base_lr": 0.08, "max_lr": 0.8, "device": "cpu"})
+    summary = run_trial(TrialConfig.from_dict({
+        "dataset": "digits", "model": "small_cnn", "optimizer": "caffe_sgd", "steps": 20, "eval_every": 20,
+        "batch_size": 125, "base_lr": 0.08, "max_lr": 0.8, "device": "cpu"}))
     assert summary["status"] == "completed" and summary["final_acc"] > 0.3

@@ -9,6 +9,7 @@ import pytest
 from harness import names
 from harness.analysis.results import load_study
 from harness.config import TrialConfig
+from harness.spec import Trial
 from harness.study import tracking
 
 
@@ -30,10 +31,6 @@ def test_store_check_gives_one_line(tmp_path):
     tracking.check_store(f"sqlite:///{tmp_path}/mlflow.db")  # creates and answers
 
 
-def test_flatten_makes_nested_params_loggable():
-    assert tracking.flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": 1, "a.c.d": [1, 2], "e": None}
-
-
 def test_trial_run_carries_its_typed_config_and_a_title_in_words(tmp_path):
     from mlflow.tracking import MlflowClient
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -47,23 +44,21 @@ def test_trial_run_carries_its_typed_config_and_a_title_in_words(tmp_path):
     assert tags[names.GIT_DIRTY] in ("true", "false")
     assert (json.loads(tags[names.GIT_DIRTY_FILES]) != []) == (tags[names.GIT_DIRTY] == "true")
     config = TrialConfig(schedule="multistep", max_lr=0.35, milestones=(50, 70), steps=80, bn_batch=None,
-                         cycle_momentum=False, batch_size=1000, seed=2).to_dict()
-    trial = {"name": "bs1000-multistep-s2", "key": "k1", "cell": "batch_size=1000,schedule=multistep",
-             "config": config, "study": "typed", "scale": "quick"}
+                         cycle_momentum=False, batch_size=1000, seed=2)
+    trial = Trial("typed", "quick", 2, config, ("batch_size", "schedule", "seed"))
     run_id = tracking.find_or_create_trial_run(uri, exp_id, parent, trial)
     assert tracking.find_or_create_trial_run(uri, exp_id, parent, trial) == run_id      # found again, not twice
     run = client.get_run(run_id)
-    assert run.info.run_name == "batch 1000, multistep, seed 2"
-    assert json.loads(run.data.tags[names.TRIAL_CONFIG]) == json.loads(json.dumps(config))
-    assert tracking.run_title({**trial, "title": "my words"}) == "my words"
-    logger = tracking.TrialLogger(uri, run_id)
-    logger.start(config, 2, {"sys.torch": "x"})       # params are strings: "None", "False", "[50, 70]"
+    assert run.info.run_name == trial.title == "batch 1000, multistep, seed 2"
+    assert TrialConfig.from_json(run.data.tags[names.TRIAL_CONFIG]) == config
+    logger = tracking.TrialLogger(uri, run_id, trial=trial)
+    logger.start(2, {"sys.torch": "x"})       # params are strings: "None", "False", "[50, 70]"
     frame = load_study("typed", uri, curves=False).trials
     row = frame.iloc[0]
     assert frame["cycle_momentum"].dtype == bool and not row["cycle_momentum"]
     assert row["milestones"] == [50, 70] and row["bn_batch"] is None
-    assert row["max_lr"] == 0.35 and row["workers"] == 2 and row["config"]["schedule"] == "multistep"
-    assert row["cell_title"] == "batch 1000, multistep"
+    assert row["max_lr"] == 0.35 and row["workers"] == 2 and row["config"].schedule == "multistep"
+    assert row["cell_title"] == trial.cell_title == "batch 1000, multistep"
 
 
 

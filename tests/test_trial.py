@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from harness.config import ConfigError, TrialConfig
-from harness.trial.loop import build_optimizer, run_trial
+from harness.trial.loop import run_trial
+from harness.trial.step import build_optimizer
 
 SMALL = {"dataset": "digits", "model": "small_cnn", "preprocess": "paper", "batch_size": 250, "bn_batch": 125,
          "bn_momentum": 0.5,
@@ -24,7 +25,7 @@ def _run(config, **kw):
     def reporter(metrics, state):
         records.append(metrics)
         states.append(state)
-    summary = run_trial(config, reporter, **kw)
+    summary = run_trial(TrialConfig.from_dict(config) if isinstance(config, dict) else config, reporter, **kw)
     return summary, records, states
 
 
@@ -78,7 +79,7 @@ def test_resume_from_a_checkpoint_continues_exactly():
 ])
 def test_bad_configs_get_one_clear_line(changes, message):
     with pytest.raises(ConfigError) as e:
-        run_trial({**SMALL, **changes})
+        run_trial(TrialConfig.from_dict({**SMALL, **changes}))
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -144,7 +145,7 @@ def test_one_big_step_on_one_process_equals_two_gloo_ranks(tmp_path):
 
 def test_world_size_comes_from_the_process_group_not_the_environment(monkeypatch):
     """torchrun-style variables without an initialised process group: the trial runs alone, on all the data."""
-    config = {**SMALL, "steps": 2, "eval_every": 2}
+    config = TrialConfig.from_dict({**SMALL, "steps": 2, "eval_every": 2})
     alone = run_trial(config)
     for k, v in {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"}.items():
         monkeypatch.setenv(k, v)

@@ -34,11 +34,11 @@ def load_finder(uri: str, study: str, scale: str | None = None) -> tuple[pd.Data
     if trials.empty:
         raise StudyError(f"study '{study}' has no lr_finder runs in {uri}")
     runs = trials.copy()
-    runs["label"] = _labels(list(runs["config"]))
+    runs["label"] = labels(list(runs["config"]))
     return runs, res.curves[res.curves["run_id"].isin(set(runs["run_id"]))]
 
 
-def _labels(configs: list[TrialConfig]) -> list[str]:
+def labels(configs: list[TrialConfig]) -> list[str]:
     """Each run's label: the fields that differ between the finder's cells, in words ('x*x*400 activation')."""
     dicts = [c.to_dict() for c in configs]
     fields = [f for f in FIELDS if f != "seed"]

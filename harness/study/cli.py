@@ -96,14 +96,7 @@ def _main(args: argparse.Namespace) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address and (problem := cluster.unreachable_address(address)):
         return _fail(problem)
-    scale = args.scale
-    if scale is None:
-        gpus = cluster.cluster_gpus(address)
-        scale = "paper" if gpus else "smoke"
-        why = f"{gpus:g} GPUs found" if gpus else "no GPU found"
-        print(f"scale: {scale} ({why}); pick another with --scale smoke|quick|paper", flush=True)
-    else:
-        print(f"scale: {scale}", flush=True)
+    scale = _pick_scale(args.scale, address)
     try:
         resolved = specs.resolve(spec, scale)
         if args.workers_per_trial:
@@ -118,14 +111,10 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     if not address and (problem := _missing_data(trials)):  # on a cluster the workers' disks count, not ours
         return _fail(problem)
-
-    uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    quiet_console()  # from the first store access on (SQLAlchemy's warnings), held until the log file exists
     try:
-        tracking.tracking_grace_s()
-        tracking.check_store(uri)
-        trials = lr_from_finder.resolve(trials, uri, resolved["scale"])  # max LRs taken from finder runs
-    except tracking.TrackingError as e:
+        place = _place(args, resolved)  # the storage before the tracking store or Ray: nothing written yet
+        uri, trials = _tracking_store(args, resolved, trials)
+    except BadInput as e:
         return _fail(str(e))
 
     if tracking.git_state()[0] == "unknown":
@@ -134,106 +123,183 @@ def _main(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
     import ray
     cluster.init_ray(address)
-    return run_study(args, resolved, trials, uri, ray.cluster_resources(), study_file=spec)
+    return run_study(args, resolved, trials, uri, place, ray.cluster_resources(), study_file=spec)
 
 
-def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, up: dict,
-              study_file: dict | None = None) -> int:
-    from ray import tune
+def _pick_scale(scale: str | None, address: str | None) -> str:
+    """--scale, else paper when the cluster has (or can launch) GPUs, else smoke; said in the first line."""
+    if scale is not None:
+        print(f"scale: {scale}", flush=True)
+        return scale
+    gpus = cluster.cluster_gpus(address)
+    scale = "paper" if gpus else "smoke"
+    why = f"{gpus:g} GPUs found" if gpus else "no GPU found"
+    print(f"scale: {scale} ({why}); pick another with --scale smoke|quick|paper", flush=True)
+    return scale
 
-    res = resolved["resources"]
-    if up.get(cluster.DRIVER_RESOURCE, 0) < 1:
-        return _fail(f"the Ray cluster has no '{cluster.DRIVER_RESOURCE}' resource for the trial drivers; start "
-                     f"Ray with --resources '{{\"{cluster.DRIVER_RESOURCE}\": 100}}' (cluster.yaml does)")
-    node_types = cluster.launchable_node_types(args.address or os.environ.get("RAY_ADDRESS"))
-    limit = min(int(up[cluster.DRIVER_RESOURCE]), args.max_concurrent or len(trials), len(trials))
-    plan = cluster.admit(node_types, up, cluster.per_worker(res), res["workers"], limit)
-    if plan.error:
-        return _fail(plan.error)
-    concurrent = plan.concurrent
-    if plan.waiting:
-        print(f"waiting for {cluster.describe(plan.waiting)} from the autoscaler "
-              f"({cluster.describe_types(node_types)}); trials stay pending until their nodes are up", flush=True)
 
+class BadInput(ValueError):
+    """One line for the user: what was wrong and what is allowed (exit code 2, nothing started)."""
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a study's Ray state goes: --storage, resolved, and this run's experiment folder in it."""
+    storage: str
+    exp_path: str
+
+
+def _place(args, resolved: dict) -> Place:
+    """The storage the driver can write and this run's experiment folder in it (with --resume, the last run's,
+    which must exist); BadInput otherwise. Reads only: nothing is created before the study starts."""
     storage = cluster.resolve_storage(args.storage)
-    if (problem := cluster.preflight_storage(storage, node_types)) is not None:
-        return _fail(problem)
+    if problem := cluster.unwritable_storage(storage):
+        raise BadInput(problem)
     exp_path = cluster.experiment_path(storage, f"{resolved['name']}-{resolved['scale']}", args.resume)
     if args.resume and not cluster.storage_exists(exp_path):
-        return _fail(f"nothing to resume: no earlier run of {resolved['name']} at scale {resolved['scale']} "
-                     f"in {storage}; run it without --resume")
-    log_file = _log_file(exp_path)
+        raise BadInput(f"nothing to resume: no earlier run of {resolved['name']} at scale {resolved['scale']} in "
+                       f"{storage}; run it without --resume")
+    return Place(storage, exp_path)
+
+
+def _tracking_store(args, resolved: dict, trials: list[specs.Trial]) -> tuple[str, list[specs.Trial]]:
+    """(the tracking URI, the trials with max LRs taken from finder runs) once the store answers; BadInput
+    otherwise. From here on library warnings are held for the study's log file."""
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    quiet_console()  # from the first store access on (SQLAlchemy's warnings), held until the log file exists
+    try:
+        tracking.tracking_grace_s()
+        tracking.check_store(uri)
+        return uri, lr_from_finder.resolve(trials, uri, resolved["scale"])
+    except tracking.TrackingError as e:
+        raise BadInput(str(e)) from None
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """The study's MLflow side, once its parent run exists."""
+    uri: str
+    exp_id: str
+    parent: str
+    command: str  # how it was started, for the --resume line
+
+
+def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, place: Place, up: dict,
+              study_file: dict | None = None) -> int:
+    """On a connected Ray: admission, the storage every node sees, the study's MLflow run, the Tuner, the outcome."""
+    node_types = cluster.launchable_node_types(args.address or os.environ.get("RAY_ADDRESS"))
+    plan = _admit(args, resolved["resources"], len(trials), up, node_types)
+    if plan.error:
+        return _fail(plan.error)
+    if (problem := cluster.preflight_storage(place.storage, node_types)) is not None:
+        return _fail(problem)
+    log_file = _log_file(place.exp_path)
     quiet_console(log_file)
     print(f"Ray Train's per-report lines, Ray's and libraries' warnings: {log_file}", flush=True)
-    command = "python -m harness.study " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    hardware = cluster.hardware(up)
-    # the resolved scale the trials ran, and the whole study file (every scale: the report's paper-vs-this-run column)
-    study_spec = {**resolved, "study_file": study_file}
-    resources = {k: v for k, v in up.items() if k in ("CPU", "GPU", "memory", cluster.DRIVER_RESOURCE)}
-    parent = tracking.start_study_run(uri, study_spec, resolved["scale"], str(exp_path), command,
-                                      resources, hardware, resume=args.resume)
-    exp_id = tracking.experiment_id(uri, resolved["name"])
-    tracking.set_runs_view(uri, exp_id, [*trials[0].naming, *(["seed"] if "seed" not in trials[0].naming else [])])
-    print(f"study {resolved['name']} ({resolved['scale']}): {len(trials)} trials, {res['workers']} workers each, "
-          f"{concurrent} at a time; MLflow {uri} run {parent}; Ray state {exp_path}", flush=True)
-
-    base = {
-        "tracking": {"uri": uri, "experiment_id": exp_id, "parent_run_id": parent,
-                     "grace_s": tracking.tracking_grace_s()},
-        "resources": res,
-        "train_storage": cluster.storage_join(exp_path, "train_runs"),
-        "max_failures": args.max_failures,
-        "harness_log": log_file,
-    }
-    param_space = {**base, "trial": tune.grid_search([t.to_tune() for t in trials])}
-    from harness.study.driver import trial_driver
-    trainable = tune.with_resources(trial_driver, {cluster.DRIVER_RESOURCE: 1})
-
-    reporter = tune.CLIReporter(
-        parameter_columns={"trial/title": "trial"},
-        metric_columns={"step": "step", "test_acc": "test acc", "trial_status": "result"},
-        max_report_frequency=10, sort_by_metric=False)
-    t0 = time.time()
-    status = "FAILED"
+    run = _start_tracking(args, resolved, trials, uri, place, up, study_file)
+    print(f"study {resolved['name']} ({resolved['scale']}): {len(trials)} trials, {resolved['resources']['workers']} "
+          f"workers each, {plan.concurrent} at a time; MLflow {uri} run {run.parent}; Ray state {place.exp_path}",
+          flush=True)
+    t0, status = time.time(), "FAILED"
     try:
-        if args.resume:
-            tuner = tune.Tuner.restore(exp_path, trainable=trainable, param_space=param_space,
-                                       resume_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable, param_space=param_space,
-                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True,
-                                            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-                run_config=tune.RunConfig(name=cluster.storage_name(exp_path), storage_path=storage,
-                                          progress_reporter=reporter, verbose=1,
-                                          failure_config=tune.FailureConfig(max_failures=0)))
-        results = tuner.fit()
+        results = _tuner(args, resolved, trials, place, run, log_file, plan.concurrent).fit()
         outcome = summarize(results, resolved, time.time() - t0)
         if outcome.unfinished:  # Tune's first Ctrl-C handler stopped the trials at a checkpoint and returned
             raise KeyboardInterrupt
         status = "FAILED" if outcome.errors else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
-        try:
-            killed = tracking.mark_unfinished_trials_killed(uri, exp_id, parent)
-        except Exception as e:  # the store may be what failed; the interrupt is what the user must see
-            killed = f"? (MLflow: {type(e).__name__})"
-        resume = command if args.resume else f"{command} --resume"
-        print(f"interrupted: the study run and {killed} unfinished trial runs are marked KILLED; every trial "
-              f"keeps its last checkpoint. Continue with: {resume}", file=sys.stderr, flush=True)
-        return 130
+        return _interrupted(args, run)
     finally:
-        tracking.end_study_run(uri, parent, status)  # never raises: a warning line if the store is down
+        tracking.end_study_run(uri, run.parent, status)  # never raises: a warning line if the store is down
+    return _finished(resolved, place, run, outcome)
+
+
+def _admit(args, res: dict, n_trials: int, up: dict, node_types) -> cluster.Admission:
+    """How many trials run at once; Admission.error when the cluster can never hold one."""
+    if up.get(cluster.DRIVER_RESOURCE, 0) < 1:
+        return cluster.Admission(error=f"the Ray cluster has no '{cluster.DRIVER_RESOURCE}' resource for the trial "
+                                       f"drivers; start Ray with --resources '{{\"{cluster.DRIVER_RESOURCE}\": 100}}' "
+                                       f"(cluster.yaml does)")
+    limit = min(int(up[cluster.DRIVER_RESOURCE]), args.max_concurrent or n_trials, n_trials)
+    plan = cluster.admit(node_types, up, cluster.per_worker(res), res["workers"], limit)
+    if plan.waiting and not plan.error:
+        print(f"waiting for {cluster.describe(plan.waiting)} from the autoscaler "
+              f"({cluster.describe_types(node_types)}); trials stay pending until their nodes are up", flush=True)
+    return plan
+
+
+def _start_tracking(args, resolved: dict, trials: list[specs.Trial], uri: str, place: Place, up: dict,
+                    study_file: dict | None) -> StudyRun:
+    """The study's parent run (a new one, or with --resume the one that owns the experiment folder) and the
+    experiment's runs-table view."""
+    command = "python -m harness.study " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    # the resolved scale the trials ran, and the whole study file (every scale: the report's paper-vs-this-run column)
+    study_spec = {**resolved, "study_file": study_file}
+    resources = {k: v for k, v in up.items() if k in ("CPU", "GPU", "memory", cluster.DRIVER_RESOURCE)}
+    parent = tracking.start_study_run(uri, study_spec, resolved["scale"], str(place.exp_path), command,
+                                      resources, cluster.hardware(up), resume=args.resume)
+    exp_id = tracking.experiment_id(uri, resolved["name"])
+    tracking.set_runs_view(uri, exp_id, [*trials[0].naming, *(["seed"] if "seed" not in trials[0].naming else [])])
+    return StudyRun(uri, exp_id, parent, command)
+
+
+def _tuner(args, resolved: dict, trials: list[specs.Trial], place: Place, run: StudyRun, log_file: str,
+           concurrent: int):
+    """The Tuner of the study's grid (one trial_driver per trial), or with --resume the restored one."""
+    from ray import tune
+
+    from harness.study.driver import trial_driver
+    base = {
+        "tracking": {"uri": run.uri, "experiment_id": run.exp_id, "parent_run_id": run.parent,
+                     "grace_s": tracking.tracking_grace_s()},
+        "resources": resolved["resources"],
+        "train_storage": cluster.storage_join(place.exp_path, "train_runs"),
+        "max_failures": args.max_failures,
+        "harness_log": log_file,
+    }
+    param_space = {**base, "trial": tune.grid_search([t.to_tune() for t in trials])}
+    trainable = tune.with_resources(trial_driver, {cluster.DRIVER_RESOURCE: 1})
+    if args.resume:
+        return tune.Tuner.restore(place.exp_path, trainable=trainable, param_space=param_space, resume_errored=True)
+    reporter = tune.CLIReporter(
+        parameter_columns={"trial/title": "trial"},
+        metric_columns={"step": "step", "test_acc": "test acc", "trial_status": "result"},
+        max_report_frequency=10, sort_by_metric=False)
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True,
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(name=cluster.storage_name(place.exp_path), storage_path=place.storage,
+                                  progress_reporter=reporter, verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=0)))
+
+
+def _interrupted(args, run: StudyRun) -> int:
+    """Ctrl-C: the unfinished trial runs become KILLED; one line says how to continue. Exit code 130."""
+    try:
+        killed = tracking.mark_unfinished_trials_killed(run.uri, run.exp_id, run.parent)
+    except Exception as e:  # the store may be what failed; the interrupt is what the user must see
+        killed = f"? (MLflow: {type(e).__name__})"
+    resume = run.command if args.resume else f"{run.command} --resume"
+    print(f"interrupted: the study run and {killed} unfinished trial runs are marked KILLED; every trial "
+          f"keeps its last checkpoint. Continue with: {resume}", file=sys.stderr, flush=True)
+    return 130
+
+
+def _finished(resolved: dict, place: Place, run: StudyRun, outcome: Outcome) -> int:
+    """Where to browse and report the study, what MLflow misses; the exit code."""
+    uri = run.uri
     browse = "" if uri.startswith("http") else f"`mlflow ui --backend-store-uri {uri}`, then "
-    print(f"MLflow: {uri} (experiment '{resolved['name']}', parent run {parent}); browse with {browse}"
-          f"{tracking.runs_view_url(exp_id, uri + '/' if uri.startswith('http') else 'http://127.0.0.1:5000/')} "
+    print(f"MLflow: {uri} (experiment '{resolved['name']}', parent run {run.parent}); browse with {browse}"
+          f"{tracking.runs_view_url(run.exp_id, uri + '/' if uri.startswith('http') else 'http://127.0.0.1:5000/')} "
           f"(the runs table with the summary metrics as columns; expand the study's run to see its trials)")
-    print(f"report: python -m harness.report {resolved['name']} --tracking-uri {uri} --run {parent}")
+    print(f"report: python -m harness.report {resolved['name']} --tracking-uri {uri} --run {run.parent}")
     if outcome.untracked:
         print(f"warning: MLflow was unreachable past the grace period ({tracking.TRACKING_GRACE_ENV}); trials "
-              f"{', '.join(outcome.untracked)} are complete in {exp_path} but not fully logged. Fill MLflow in "
-              f"with: python -m harness.backfill {resolved['name']} --scale {resolved['scale']} --storage "
-              f"{shlex.quote(str(storage))} --tracking-uri {uri}", file=sys.stderr)
+              f"{', '.join(outcome.untracked)} are complete in {place.exp_path} but not fully logged. Fill MLflow "
+              f"in with: python -m harness.backfill {resolved['name']} --scale {resolved['scale']} --storage "
+              f"{shlex.quote(str(place.storage))} --tracking-uri {uri}", file=sys.stderr)
     if outcome.errors:
         return 1
     return EXIT_UNTRACKED if outcome.untracked else 0

@@ -13,6 +13,14 @@ from pathlib import Path
 NOISY_LOGGERS = (
     "py.warnings",  # third-party warnings (e.g. SQLAlchemy's deprecations under MLflow), via logging.captureWarnings
     "ray._private.authentication.authentication_token_setup",  # "Token authentication is enabled ..." at ray.init
+    # a tracking outage: urllib3's "Retrying (Retry(total=...)) after connection broken ..." and MLflow's own
+    # retry warnings, per HTTP call; TrialLogger says once that tracking is down and once that it is back
+    "urllib3",
+    "mlflow.utils.rest_utils",
+    "mlflow.utils.request_utils",
+    # Tune's "Experiment has been interrupted ... Resume experiment with: Tuner.restore(...)" after Ctrl-C (and its
+    # other run-level lines): the harness prints its own way to continue (--resume)
+    "ray.tune.tune",
 )
 _HELD = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)  # until the log exists
 

@@ -313,6 +313,7 @@ class TrialLogger:
         """One delivery attempt of the whole buffer; True when it is empty. Never raises."""
         if not self.pending:
             return True
+        buffered = self.pending  # for the line that says tracking is back
         try:
             with short_http_retries():
                 self._deliver()
@@ -320,7 +321,9 @@ class TrialLogger:
             self._failed(e)
             return False
         if self.down_since is not None:
-            _warn(f"MLflow answers again after {time.monotonic() - self.down_since:.0f} s; buffer delivered")
+            through = "" if self._logged_step is None else f", evaluations through step {self._logged_step}"
+            _warn(f"MLflow {self.uri} answers again after {time.monotonic() - self.down_since:.0f} s; run "
+                  f"{self.run_id}: the {buffered} items buffered meanwhile are delivered{through}")
         self._backoff, self._next_try, self.down_since = BACKOFF_START_S, 0.0, None
         return True
 
@@ -330,9 +333,9 @@ class TrialLogger:
             now = time.monotonic()
             deadline = self.down_since + self.grace_s
             if now >= deadline:
-                _warn(f"MLflow still unreachable after {self.grace_s:g} s ({TRACKING_GRACE_ENV}); "
-                      f"{self.pending} items of run {self.run_id or trial_label(self._where[2])} not logged; "
-                      "they are kept in Ray's storage: python -m harness.backfill fills them in")
+                _warn(f"MLflow {self.uri} still unreachable after {self.grace_s:g} s ({TRACKING_GRACE_ENV}); "
+                      f"{self.pending} items of run {self.run_id or getattr(self._where[2], 'name', '?')} not "
+                      "logged; they are kept in Ray's storage: python -m harness.backfill fills them in")
                 return False
             time.sleep(max(0.0, min(self._next_try, deadline) - now))
         return True
@@ -389,7 +392,8 @@ class TrialLogger:
         if self.down_since is None:
             self.down_since = now
             _warn(f"MLflow {self.uri} unreachable ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-                  f"training goes on, {self.pending} items buffered, retrying with backoff")
+                  f"run {self.run_id or getattr(self._where[2], 'name', '?')}: training goes on, {self.pending} "
+                  f"items buffered and retried with backoff; one line follows when it is back")
         self._next_try = now + self._backoff
         self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
 

@@ -15,7 +15,7 @@ import os
 import sys
 
 from harness import spec as specs
-from harness.config import ConfigError
+from harness.config import ConfigError, TrialConfig
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def pick_trial(spec: dict, scale: str, cell: str | None, seed: int | None, world: int) -> dict:
+def pick_trial(spec: dict, scale: str, cell: str | None, seed: int | None, world: int) -> TrialConfig:
     """The config of the study's trial for `cell` (and `seed`), validated for `world` ranks; SpecError if none."""
     trials = specs.trials(spec, scale, where=spec["name"], workers=world)
     cells = list(dict.fromkeys(t.cell for t in trials))
@@ -39,11 +39,9 @@ def pick_trial(spec: dict, scale: str, cell: str | None, seed: int | None, world
         what = f"no cell '{cell}'" if cell is not None else "no --cell given"
         raise specs.SpecError(f"{what} in {spec['name']} at scale {scale}; cells: {' | '.join(cells)}")
     in_cell = [t for t in trials if t.cell == cell]
-    chosen = next((t for t in in_cell if seed is not None and t.config["seed"] == seed), in_cell[0])
-    config = dict(chosen.config)
-    if seed is not None:
-        config["seed"] = seed  # trials of one cell differ only by seed
-    return config
+    chosen = next((t for t in in_cell if seed is not None and t.config.seed == seed), in_cell[0])
+    # trials of one cell differ only by seed
+    return chosen.config if seed is None else chosen.config.replace(seed=seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,16 +63,16 @@ def main(argv: list[str] | None = None) -> int:
 
     device = None
     if world > 1:
-        use_cuda = torch.cuda.is_available() and config["device"] != "cpu"
+        use_cuda = torch.cuda.is_available() and config.device != "cpu"
         if use_cuda:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
             device = torch.device("cuda", local)
         dist.init_process_group("nccl" if use_cuda else "gloo")  # env://: torchrun's variables
     say = print if rank == 0 else (lambda *a, **k: None)
-    say(f"{spec['name']} ({scale}), cell {args.cell or 'all'}, seed {config['seed']}, {world} rank(s): "
-        f"{config['model']} on {config['dataset']}, batch {config['batch_size']}, {config['steps']} steps, "
-        f"{config['schedule']} max_lr {config['max_lr']:g}", flush=True)
+    say(f"{spec['name']} ({scale}), cell {args.cell or 'all'}, seed {config.seed}, {world} rank(s): "
+        f"{config.model} on {config.dataset}, batch {config.batch_size}, {config.steps} steps, "
+        f"{config.schedule} max_lr {config.max_lr:g}", flush=True)
     say(f"{'step':>7s} {'epoch':>7s} {'lr':>8s} {'train_loss':>10s} {'test_loss':>9s} {'test_acc':>8s} "
         f"{'images/s':>9s}", flush=True)
 
