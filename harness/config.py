@@ -1,17 +1,30 @@
-"""The trial config: every knob of one training run, in one flat, validated dataclass.
+"""The trial config: every knob of one training run, in one flat, validated pydantic model.
 
-A study's YAML, Ray Tune's search space and MLflow's params all speak these field names.
-`TrialConfig.from_dict` rejects unknown keys (with a did-you-mean), wrong types and impossible
-values with one clear `ConfigError` line.
+A study's YAML, Ray Tune's search space and MLflow's params all speak these field names. Each field declares
+its type and range; `validate` holds the rules between fields. `TrialConfig.from_dict` rejects unknown keys
+(with a did-you-mean), wrong types and impossible values with one clear `ConfigError` line, written by
+`one_line`, which also words the study file's and the analysis plan's errors (harness.spec, harness.plan).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
+import types
 import typing
-from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "digits")
 PREPROCESS = ("paper", "standard", "none")
@@ -34,82 +47,108 @@ class ConfigError(ValueError):
     """A config that cannot run. The message is one line: what was wrong and what is allowed."""
 
 
-@dataclass(frozen=True)
-class TrialConfig:
+def _yaml_float(v):
+    """YAML 1.1 reads 1e-4 (no dot) as a string: take the number it spells."""
+    try:
+        return float(v) if isinstance(v, str) else v
+    except ValueError:
+        return v
+
+
+def _integral(v):
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+# Field types. Strict: true/false is never a number, "yes" never a bool, 3 never a string.
+Float = Annotated[float, Strict(), BeforeValidator(_yaml_float)]  # ints too, and YAML's "1e-4"
+Int = Annotated[int, Strict(), BeforeValidator(_integral)]        # 2.0 too, never "2"
+PosInt = Annotated[Int, Field(gt=0)]
+NonNegative = Annotated[Float, Field(ge=0)]
+Fraction = Annotated[Float, Field(gt=0, le=1, description="is a fraction in (0, 1]")]
+
+
+class TrialConfig(BaseModel):
+    """One trial's config. Build it with `TrialConfig(**fields)` or `from_dict`: every field's type and range
+    below, and the rules between fields in `validate`, are checked then; a bad value is one ConfigError line."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     # --- workload: data ---
-    dataset: str = "digits"
-    data_dir: str | None = None        # explicit data location (searched first)
-    train_size: int | None = None      # class-balanced, seeded subset of the training set
-    val_size: int | None = None        # held out of the training set (same split for every seed): val_acc, val_loss
-    preprocess: str = "paper"          # paper: per-pixel mean, mirror; standard: standardize, pad-4 crop, mirror
+    dataset: Literal[DATASETS] = "digits"
+    data_dir: StrictStr | None = None     # explicit data location (searched first)
+    train_size: PosInt | None = None      # class-balanced, seeded subset of the training set
+    val_size: PosInt | None = None        # held out of the training set (same split for every seed): val_acc, val_loss
+    preprocess: Literal[PREPROCESS] = "paper"  # paper: per-pixel mean; standard: standardize, pad-4 crop; both mirror
     # --- workload: model ---
-    model: str = "small_cnn"
-    bn_momentum: float = 0.1           # PyTorch convention; Caffe moving_average_fraction 0.95 == 0.05
-    mlp_hidden: tuple[int, ...] = (300,)
-    mlp_activation: str = "relu"
-    mlp_final_relu: bool = False
+    model: Literal[MODELS] = "small_cnn"
+    # bn_momentum: PyTorch convention; Caffe moving_average_fraction 0.95 == 0.05
+    bn_momentum: Float = Field(0.1, gt=0, le=1, description="must be in (0, 1]")
+    mlp_hidden: tuple[PosInt, ...] = Field((300,), description="must be positive layer widths")
+    mlp_activation: Literal[MLP_ACTIVATIONS] = "relu"
+    mlp_final_relu: StrictBool = False
     # --- training algorithm: optimizer ---
-    optimizer: str = "sgd"
-    momentum: float = 0.9              # SGD momentum (Adam: beta1) when the schedule does not cycle it
-    weight_decay: float = 1e-4         # exemptions as the paper's prototxt (conv biases); see trial.build_optimizer
+    optimizer: Literal[OPTIMIZERS] = "sgd"
+    momentum: NonNegative = 0.9           # SGD momentum (Adam: beta1) when the schedule does not cycle it
+    weight_decay: NonNegative = 1e-4      # exemptions as the paper's prototxt (conv biases); see trial.build_optimizer
     # --- training algorithm: schedule (per optimizer step) ---
-    schedule: str = "one_cycle"
-    base_lr: float = 0.1
-    max_lr: float = 1.0
-    steps: int = 200                   # optimizer steps in the trial
-    stepsize: int | None = None        # half-cycle; default 45% of steps (one_cycle), 25% (one_cycle_cos), steps/2
-    milestones: tuple[int, ...] = ()   # multistep: steps where lr *= gamma
-    gamma: float = 0.1
-    cycle_momentum: bool = True        # one_cycle*, triangular: momentum max -> min -> max
-    max_momentum: float = 0.95
-    min_momentum: float = 0.85
-    final_div: float = 1000.0          # one_cycle annihilation: lr ends at base_lr / final_div
-    lr_scale: float = 1.0              # the study's LR tuning budget: the trainer runs base_lr and max_lr x lr_scale
+    schedule: Literal[SCHEDULES] = "one_cycle"
+    base_lr: NonNegative = 0.1
+    max_lr: NonNegative = 1.0             # and > 0: see validate
+    steps: PosInt = 200                   # optimizer steps in the trial
+    stepsize: PosInt | None = None        # half-cycle; default 45% of steps (one_cycle), 25% (one_cycle_cos), steps/2
+    milestones: tuple[Int, ...] = ()      # multistep: steps where lr *= gamma
+    gamma: Float = 0.1
+    cycle_momentum: StrictBool = True     # one_cycle*, triangular: momentum max -> min -> max
+    max_momentum: NonNegative = 0.95
+    min_momentum: NonNegative = 0.85
+    final_div: Float = Field(1000.0, ge=1)  # one_cycle annihilation: lr ends at base_lr / final_div
+    lr_scale: Float = Field(1.0, gt=0)    # the study's LR tuning budget: the trainer runs base_lr and max_lr x lr_scale
     # --- batch semantics ---
-    batch_size: int = 125              # global batch per optimizer step, over all workers
-    bn_batch: int | None = None        # images per BatchNorm statistic (micro-batch); default: per-worker batch
+    batch_size: PosInt = 125              # global batch per optimizer step, over all workers
+    bn_batch: PosInt | None = None        # images per BatchNorm statistic (micro-batch); default: per-worker batch
     # --- evaluation and stopping ---
-    eval_every: int = 50
-    target_acc: float = 0.9            # fraction; for steps- and seconds-to-target
-    divergence_factor: float = 10.0    # train loss above factor x its first value (or non-finite) = diverged
+    eval_every: PosInt = 50
+    target_acc: Fraction = 0.9            # for steps- and seconds-to-target
+    divergence_factor: Float = Field(10.0, gt=1)  # train loss above factor x its first value (or non-finite) = diverged
     # --- run ---
-    seed: int = 0
-    device: str = "auto"
+    seed: Int = 0
+    device: Literal[DEVICES] = "auto"
     # --- data: negative images (negative_mnist) ---
-    invert_images: bool = False        # every pixel x in [0, 1] becomes 1 - x, before preprocess
+    invert_images: StrictBool = False     # every pixel x in [0, 1] becomes 1 - x, before preprocess
     # --- LR finder (kind lr_finder: sweep base_lr -> max_lr over `steps`; see harness.lr_finder) ---
-    kind: str = "train"                # train | lr_finder
-    finder_mode: str = "exp"           # exp (fastai / pytorch-lr-finder) | linear (Smith's range test)
-    finder_smoothing: float = 0.98     # beta of the bias-corrected exponential moving average of the loss
-    finder_stop_factor: float = 4.0    # stop once the smoothed loss exceeds this x its best
-    finder_val: bool = False           # score the next validation (val_size, else test) batch after each step
+    kind: Literal[KINDS] = "train"        # train | lr_finder
+    finder_mode: Literal[FINDER_MODES] = "exp"  # exp (fastai / pytorch-lr-finder) | linear (Smith's range test)
+    finder_smoothing: Float = 0.98        # beta of the bias-corrected exponential moving average of the loss
+    finder_stop_factor: Float = 4.0       # stop once the smoothed loss exceeds this x its best
+    finder_val: StrictBool = False        # score the next validation (val_size, else test) batch after each step
     # --- a max LR taken from a finder study's runs in MLflow (harness.lr_from_finder, resolved by the runner) ---
-    lr_from_finder: str | None = None  # the finder study; its runs of this trial's cell give max_lr
-    lr_suggestion: str = "valley"      # steepest | valley | smith
-    lr_base_div: float = 10.0          # then base_lr = max_lr / lr_base_div (Smith: 10..20 for one cycle)
+    lr_from_finder: StrictStr | None = None  # the finder study; its runs of this trial's cell give max_lr
+    lr_suggestion: Literal[LR_SUGGESTIONS] = "valley"  # steepest | valley | smith
+    lr_base_div: Float = Field(10.0, ge=1)  # then base_lr = max_lr / lr_base_div (Smith: 10..20 for one cycle)
     # --- fast path (how fast, never what is computed: the same curve within bf16's tolerance) ---
-    precision: str = "auto"            # auto: bf16 autocast on CUDA, fp32 elsewhere; fp32; bf16 (autocast anywhere)
-    channels_last: bool = True         # NHWC memory format for the convolutional models (MLPs stay as they are)
-    compile: bool = False              # torch.compile the model (minutes of compilation before the first step)
-    warmup_steps: int = 2              # a process's first steps, left out of its first images_per_s (< eval_every)
+    precision: Literal[PRECISIONS] = "auto"  # auto: bf16 autocast on CUDA, else fp32; fp32; bf16 (autocast anywhere)
+    channels_last: StrictBool = True      # NHWC memory format for the convolutional models (MLPs stay as they are)
+    compile: StrictBool = False           # torch.compile the model (minutes of compilation before the first step)
+    warmup_steps: Int = Field(2, ge=0)    # a process's first steps, left out of its first images_per_s (< eval_every)
 
     # ------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, d: dict[str, typing.Any]) -> TrialConfig:
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in names:
-                hint = difflib.get_close_matches(key, names, n=1)
-                did = f" (did you mean '{hint[0]}'?)" if hint else ""
-                raise ConfigError(f"unknown trial field '{key}'{did}; allowed: {', '.join(names)}")
-        hints = typing.get_type_hints(cls)
-        values = {k: coerce(k, v, hints[k]) for k, v in d.items()}
-        cfg = cls(**values)
-        cfg.validate(world_size=None)  # the batch split is checked where the world size is known
-        return cfg
+    def __init__(self, *args: Any, **fields: Any) -> None:
+        if len(args) > len(type(self).model_fields):
+            raise TypeError(f"TrialConfig takes at most {len(type(self).model_fields)} positional fields")
+        fields = {**dict(zip(type(self).model_fields, args)), **fields}
+        try:
+            super().__init__(**fields)
+        except ValidationError as e:
+            raise config_error(e, fields) from None
 
-    def to_dict(self) -> dict[str, typing.Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrialConfig:
+        try:
+            return cls.model_validate(d)
+        except ValidationError as e:
+            raise config_error(e, d) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.model_dump().items()}
 
     def to_json(self) -> str:
         """The canonical JSON of the config (sorted keys): what Tune's param_space and MLflow's
@@ -124,17 +163,14 @@ class TrialConfig:
         return TrialConfig.from_dict({**self.to_dict(), **changes})
 
     # ------------------------------------------------------------------
+    @model_validator(mode="after")
+    def _rules_between_fields(self) -> TrialConfig:
+        self.validate(world_size=None)  # the batch split is checked where the world size is known
+        return self
+
     def validate(self, world_size: int | None = 1) -> None:
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("preprocess", self.preprocess, PREPROCESS)
-        _choice("model", self.model, MODELS)
-        _choice("mlp_activation", self.mlp_activation, MLP_ACTIVATIONS)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("device", self.device, DEVICES)
-        _choice("kind", self.kind, KINDS)
-        _choice("finder_mode", self.finder_mode, FINDER_MODES)
-        _choice("lr_suggestion", self.lr_suggestion, LR_SUGGESTIONS)
+        """The rules between fields (each field's own type and range are declared above); with a world size,
+        also the batch split over that many workers. ConfigError on the first rule broken."""
         if self.kind == "lr_finder":
             if not 0 < self.base_lr < self.max_lr:
                 raise ConfigError(f"an lr_finder sweeps base_lr -> max_lr: need 0 < base_lr < max_lr, got "
@@ -142,27 +178,6 @@ class TrialConfig:
             if not 0 <= self.finder_smoothing < 1 or self.finder_stop_factor <= 1:
                 raise ConfigError(f"finder_smoothing must be in [0, 1) and finder_stop_factor > 1, got "
                                   f"{self.finder_smoothing} and {self.finder_stop_factor}")
-        if self.lr_base_div < 1:
-            raise ConfigError(f"lr_base_div must be >= 1, got {self.lr_base_div}")
-        _choice("precision", self.precision, PRECISIONS)
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        _positive("steps", self.steps)
-        _positive("batch_size", self.batch_size)
-        _positive("eval_every", self.eval_every)
-        if self.train_size is not None:
-            _positive("train_size", self.train_size)
-        if self.val_size is not None:
-            _positive("val_size", self.val_size)
-        if not self.lr_scale > 0:
-            raise ConfigError(f"lr_scale must be > 0, got {self.lr_scale}")
-        if self.bn_batch is not None:
-            _positive("bn_batch", self.bn_batch)
-        if any(h <= 0 for h in self.mlp_hidden):
-            raise ConfigError(f"mlp_hidden must be positive layer widths, got {list(self.mlp_hidden)}")
-        for name in ("base_lr", "max_lr", "weight_decay", "momentum", "max_momentum", "min_momentum"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.max_lr > 0:  # a peak LR of 0 trains nothing (base_lr may be 0: a cycle can start there)
             raise ConfigError(f"max_lr must be > 0 (the schedule's peak LR), got {self.max_lr}")
         if self.schedule in ("triangular", "one_cycle", "one_cycle_cos", "range_test") and self.max_lr < self.base_lr:
@@ -170,19 +185,10 @@ class TrialConfig:
                               f"for schedule '{self.schedule}'")
         if self.min_momentum > self.max_momentum:
             raise ConfigError(f"min_momentum ({self.min_momentum}) must be <= max_momentum ({self.max_momentum})")
-        if not 0 < self.bn_momentum <= 1:
-            raise ConfigError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
-        if not 0 < self.target_acc <= 1:
-            raise ConfigError(f"target_acc is a fraction in (0, 1], got {self.target_acc}")
-        if self.divergence_factor <= 1:
-            raise ConfigError(f"divergence_factor must be > 1, got {self.divergence_factor}")
-        if self.final_div < 1:
-            raise ConfigError(f"final_div must be >= 1, got {self.final_div}")
-        if self.stepsize is not None:
-            _positive("stepsize", self.stepsize)
-            if self.schedule in ("one_cycle", "one_cycle_cos") and 2 * self.stepsize > self.steps:
-                raise ConfigError(f"one_cycle needs 2 x stepsize <= steps, got stepsize {self.stepsize}, "
-                                  f"steps {self.steps}")
+        if (self.stepsize is not None and self.schedule in ("one_cycle", "one_cycle_cos")
+                and 2 * self.stepsize > self.steps):
+            raise ConfigError(f"one_cycle needs 2 x stepsize <= steps, got stepsize {self.stepsize}, "
+                              f"steps {self.steps}")
         if self.schedule == "multistep" and not self.milestones:
             raise ConfigError("schedule 'multistep' needs milestones, e.g. [50000, 70000]")
         if list(self.milestones) != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
@@ -194,8 +200,8 @@ class TrialConfig:
         """The config the trainer runs: base_lr and max_lr multiplied by lr_scale (which becomes 1)."""
         if self.lr_scale == 1:
             return self
-        return dataclasses.replace(self, base_lr=self.base_lr * self.lr_scale, max_lr=self.max_lr * self.lr_scale,
-                                   lr_scale=1.0)
+        return self.model_copy(update={"base_lr": self.base_lr * self.lr_scale,
+                                       "max_lr": self.max_lr * self.lr_scale, "lr_scale": 1.0})
 
     def micro_batches(self, world_size: int) -> tuple[int, int]:
         """(per-worker batch, micro-batches per worker) for this world size, or ConfigError."""
@@ -213,55 +219,116 @@ class TrialConfig:
         return local, local // bn
 
 
-def _choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        hint = difflib.get_close_matches(str(value), allowed, n=1)
-        did = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise ConfigError(f"{name} '{value}' is not known{did}; allowed: {', '.join(allowed)}")
+FIELDS = tuple(TrialConfig.model_fields)
 
 
-def _positive(name: str, value) -> None:
-    if value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value}")
+def config_error(e: ValidationError, data: Any) -> ConfigError:
+    """TrialConfig's ValidationError (from validating `data`) as its one-line ConfigError."""
+    return ConfigError(one_line(e, TrialConfig, data, unknown="unknown trial field"))
 
 
-def coerce(name: str, value, hint):
-    """Check a YAML/JSON value against a field's type hint; ints are accepted where floats are."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
+# ------------------------------------------------------------------ one line per validation error
+def suggest(value: Any, allowed) -> str:
+    """" (did you mean 'x'?)" for the allowed name closest to `value`, or "" when none is close."""
+    hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+    return f" (did you mean '{hint[0]}'?)" if hint else ""
+
+
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+_WORDS = {float: "a number", int: "an integer", bool: "true or false", str: "a string", dict: "a mapping",
+          list: "a list", tuple: "a list"}
+
+
+def one_line(error: ValidationError, model: type[BaseModel], data: Any, root: str = "",
+             unknown: str = "unknown key") -> str:
+    """`model`'s ValidationError on `data` as one line: where (the path under `root`), what was wrong, and what
+    is allowed. An unknown key is told first, else the first error. A field's `description` words its errors
+    and those inside it, down to a nested model; other errors are worded from the type and the bound broken."""
+    errors = error.errors()
+    err = next((e for e in errors if _is_unknown(e)), errors[0])
+    loc, kind, got = err["loc"], err["type"], err.get("input")
+    if _is_unknown(err):
+        parent = loc[:-1] if kind == "extra_forbidden" else loc[:-2]
+        at = _walk(model, parent)[0]
+        allowed = list(at.model_fields) if kind == "extra_forbidden" else typing.get_args(typing.get_args(at)[0])
+        key = loc[len(parent)]
+        return (f"{_path(root, parent, ': ')}{unknown} '{key}'{suggest(key, allowed)}; "
+                f"allowed: {', '.join(map(str, allowed))}")
+    if kind == "missing":
+        return f"{_path(root, loc[:-1], ': ')}missing required key '{loc[-1]}'"
+    if kind == "value_error":  # a rule between fields (a model validator) words its own error
+        return f"{_path(root, loc, ': ')}{err['ctx']['error']}"
+    t, passed = _walk(model, loc)
+    base = typing.get_origin(t) or t
+    nested = isinstance(base, type) and issubclass(base, BaseModel)
+    if passed and passed[-1][1].description and (passed[-1][0] == len(loc) - 1 or not nested):
+        depth, field = passed[-1]
+        return f"{_path(root, loc[:depth + 1])} {field.description}, got {_value_at(data, loc[:depth + 1])!r}"
+    where = _path(root, loc) or "the input"
+    if kind == "literal_error":
+        allowed = typing.get_args(t)
+        return f"{where} '{got}' is not known{suggest(got, allowed)}; allowed: {', '.join(map(str, allowed))}"
+    if kind in _BOUNDS:
+        bound = next(iter(err["ctx"].values()))
+        what = "a positive integer" if t is int and bound == 0 and kind == "greater_than" else \
+            f"{_BOUNDS[kind]} {int(bound) if float(bound).is_integer() else bound}"
+        return f"{where} must be {what}, got {got!r}"
+    here = passed[-1][1] if passed and passed[-1][0] == len(loc) - 1 else None
+    if nested:
+        what = f"a mapping of {base.model_config.get('title') or ', '.join(base.model_fields)}"
+    elif base in (list, tuple) and (kind == "too_short" or any(getattr(m, "min_length", 0) for m in
+                                                               (here.metadata if here else ()))):
+        what = "a non-empty list"
+    else:
+        what = _WORDS.get(base)
+    return f"{where} must be {what}, got {got!r}" if what else f"{where}: {err['msg']}"
+
+
+def _is_unknown(err: dict) -> bool:
+    """An unknown key: one a model does not have, or one outside a mapping's Literal keys."""
+    return err["type"] == "extra_forbidden" or (err["type"] == "literal_error" and err["loc"][-1:] == ("[key]",))
+
+
+def _walk(model: type[BaseModel], loc: tuple) -> tuple[Any, list[tuple[int, Any]]]:
+    """Follow `loc` through the schema: the type there, and (depth, FieldInfo) of each model field passed."""
+    t, passed = model, []
+    for depth, part in enumerate(loc):
+        t = _bare(t)
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            if part not in t.model_fields:
+                break
+            passed.append((depth, t.model_fields[part]))
+            t = t.model_fields[part].annotation
+        elif part != "[key]":
+            args = typing.get_args(t) or (Any, Any)
+            dict_value = typing.get_origin(t) is dict and loc[depth + 1:depth + 2] != ("[key]",)
+            t = args[1] if dict_value else args[0]
+    return _bare(t), passed
+
+
+def _bare(t: Any) -> Any:
+    """The type under Annotated[...] and `| None`."""
+    while True:
+        if typing.get_origin(t) is Annotated:
+            t = typing.get_args(t)[0]
+        elif typing.get_origin(t) in (typing.Union, types.UnionType) and type(None) in typing.get_args(t):
+            t = next(a for a in typing.get_args(t) if a is not type(None))
+        else:
+            return t
+
+
+def _path(root: str, loc: tuple, end: str = "") -> str:
+    """`root.key[index].key`, then `end`; "" when both root and loc are empty."""
+    text = root
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text + end if text else ""
+
+
+def _value_at(data: Any, loc: tuple) -> Any:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
             return None
-        inner = next(a for a in args if a is not type(None))
-        return coerce(name, value, inner)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list of {args[0].__name__}, got {value!r}")
-        return tuple(coerce(name, v, args[0]) for v in value)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if isinstance(value, str):
-                try:
-                    return float(value)  # YAML reads 1e-4 as a string
-                except ValueError:
-                    pass
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r}")
-        return value
-    return value
-
-
-FIELDS = tuple(f.name for f in dataclasses.fields(TrialConfig))
+    return data

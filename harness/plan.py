@@ -21,12 +21,15 @@ every LR scale gets its own comparison. A study with a single LR scale needs nei
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from harness import names
+from harness.config import one_line, suggest
 
 KINDS = ("two_arm", "trend", "interaction", "best_level", "best_shift", "range_test")
 METRICS = {  # metric -> (label, direction that is "better")
@@ -36,7 +39,6 @@ METRICS = {  # metric -> (label, direction that is "better")
     "range_drop": ("accuracy lost between the peak and the largest LR", -1),
 }
 TUNING = ("best_on_validation", "each_scale")
-KEYS = ("claim", "kind", "field", "a", "b", "where", "strata", "metric", "by", "by_a", "by_b", "note")
 NOT_DESIGN = ("seed", "lr_scale", "device", "data_dir", "eval_every", "target_acc")  # never confounds
 
 
@@ -80,56 +82,54 @@ def _as_tuple(v) -> tuple:
 
 
 # ------------------------------------------------------------------------------------------------ validation
+class PlannedComparison(BaseModel):
+    """One entry of `analysis.comparisons` as the study file declares it (`expand` resolves it on the trials).
+    Validated with context {"fields": trial fields, "claims": claim IDs}."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    claim: str
+    kind: Literal[KINDS]
+    field: str
+    a: Any = None
+    b: Any = None
+    where: dict = Field(None, description="must map trial fields to a value or a list of values")
+    strata: list = Field(None, description="must be a list of trial fields")
+    metric: Literal[*METRICS] = None  # default: range_drop for kind range_test, else final_acc
+    by: str | None = None
+    by_a: Any = None
+    by_b: Any = None
+    note: Any = None
+
+    @model_validator(mode="after")
+    def _rules(self, info: ValidationInfo) -> PlannedComparison:
+        fields, claims = info.context["fields"], info.context["claims"]
+        if self.claim != "question" and self.claim not in claims:
+            raise ValueError(f"claim '{self.claim}' is not known{suggest(self.claim, claims)}; "
+                             f"allowed: question, {', '.join(claims)}")
+        for f in [self.field, *(self.where or {}), *(self.strata or []), *([self.by] if self.by else [])]:
+            if f not in fields:
+                raise ValueError(f"'{f}' is not a trial field{suggest(f, fields)}")
+        if self.kind in ("interaction", "best_shift") and None in (self.by, self.by_a, self.by_b):
+            raise ValueError(f"kind {self.kind} needs by, by_a and by_b")
+        if self.kind in ("two_arm", "interaction") and not {"a", "b"} <= self.model_fields_set:
+            raise ValueError(f"kind {self.kind} needs arms a and b")
+        if self.kind == "best_level" and "a" not in self.model_fields_set:
+            raise ValueError("kind best_level needs a (the claimed best level or levels)")
+        return self
+
+
+class AnalysisPlan(BaseModel):
+    """The `analysis` section: how the study's `lr_scales` are used, and the comparisons its report makes."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    tuning: Literal[TUNING] = "best_on_validation"
+    comparisons: list[PlannedComparison] = Field(min_length=1, description="must be a non-empty list of comparisons")
+
+
 def validate(analysis, where: str, fields: tuple[str, ...], claims: tuple[str, ...]) -> None:
     """Check the `analysis` section's shape; values are checked against the trials by `expand`."""
-    if not isinstance(analysis, dict):
-        raise PlanError(f"{where}: analysis must be a mapping with keys tuning, comparisons")
-    for k in analysis:
-        if k not in ("tuning", "comparisons"):
-            raise PlanError(f"{where}: analysis: unknown key '{k}'{_did(k, ('tuning', 'comparisons'))}; "
-                            f"allowed: tuning, comparisons")
-    if analysis.get("tuning", "best_on_validation") not in TUNING:
-        raise PlanError(f"{where}: analysis.tuning '{analysis['tuning']}' is not known; allowed: {', '.join(TUNING)}")
-    comps = analysis.get("comparisons")
-    if not isinstance(comps, list) or not comps:
-        raise PlanError(f"{where}: analysis.comparisons must be a non-empty list of comparisons")
-    for i, c in enumerate(comps):
-        at = f"{where}: analysis.comparisons[{i}]"
-        if not isinstance(c, dict):
-            raise PlanError(f"{at} must be a mapping of {', '.join(KEYS)}")
-        for k in c:
-            if k not in KEYS:
-                raise PlanError(f"{at}: unknown key '{k}'{_did(k, KEYS)}; allowed: {', '.join(KEYS)}")
-        for k in ("claim", "kind", "field"):
-            if k not in c:
-                raise PlanError(f"{at}: missing '{k}'")
-        if c["claim"] != "question" and c["claim"] not in claims:
-            raise PlanError(f"{at}: claim '{c['claim']}' is not known; allowed: question, {', '.join(claims)}")
-        if c["kind"] not in KINDS:
-            raise PlanError(f"{at}: kind '{c['kind']}'{_did(c['kind'], KINDS)} is not known; "
-                            f"allowed: {', '.join(KINDS)}")
-        metric = c.get("metric", "range_drop" if c["kind"] == "range_test" else "final_acc")
-        if metric not in METRICS:
-            raise PlanError(f"{at}: metric '{metric}' is not known; allowed: {', '.join(METRICS)}")
-        named = [c["field"], *(c.get("where") or {}), *(c.get("strata") or [])] + ([c["by"]] if c.get("by") else [])
-        for f in named:
-            if f not in fields:
-                raise PlanError(f"{at}: '{f}' is not a trial field{_did(f, fields)}")
-        if c["kind"] in ("interaction", "best_shift") and not all(c.get(k) is not None for k in ("by", "by_a", "by_b")):
-            raise PlanError(f"{at}: kind {c['kind']} needs by, by_a and by_b")
-        if c["kind"] in ("two_arm", "interaction") and ("a" not in c or "b" not in c):
-            raise PlanError(f"{at}: kind {c['kind']} needs arms a and b")
-        if c["kind"] == "best_level" and "a" not in c:
-            raise PlanError(f"{at}: kind best_level needs a (the claimed best level or levels)")
-        if "where" in c and not isinstance(c["where"], dict):
-            raise PlanError(f"{at}: where must map trial fields to a value or a list of values")
-        if "strata" in c and not isinstance(c["strata"], list):
-            raise PlanError(f"{at}: strata must be a list of trial fields")
-
-
-def _did(k, allowed) -> str:
-    hint = difflib.get_close_matches(str(k), list(allowed), n=1)
-    return f" (did you mean '{hint[0]}'?)" if hint else ""
+    try:
+        AnalysisPlan.model_validate(analysis, context={"fields": fields, "claims": claims})
+    except ValidationError as e:
+        raise PlanError(f"{where}: {one_line(e, AnalysisPlan, analysis, root='analysis')}") from None
 
 
 # ------------------------------------------------------------------------------------------------ expansion

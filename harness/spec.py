@@ -16,27 +16,22 @@ Everything is checked before anything starts; any problem is a `SpecError` with 
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import itertools
 import json
 import re
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from harness import REPO_ROOT, names, plan
-from harness.config import FIELDS, ConfigError, TrialConfig, coerce
+from harness.config import FIELDS, ConfigError, Fraction, TrialConfig, one_line, suggest
 
 STUDIES_DIR = REPO_ROOT / "studies"
 SCALES = ("smoke", "quick", "paper")
-TOP_KEYS = ("name", "question", "claims", "target_acc", "resources", "base", "grid", "paired", "lr_scales", "analysis",
-            "scales")
-SCALE_KEYS = ("base", "grid", "paired", "lr_scales", "resources", "target_acc", "images_per_s", "deviations")
-RESOURCE_KEYS = ("workers", "gpus_per_worker", "cpus_per_worker", "placement")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement strategies for a trial's ranks
 SHORT = {"batch_size": "bs", "max_lr": "lr", "seed": "s", "weight_decay": "wd", "momentum": "mom",
          "train_size": "n", "bn_batch": "bn", "steps": "it", "stepsize": "ss", "base_lr": "blr", "lr_scale": "x"}
@@ -130,10 +125,8 @@ def load_spec(name_or_path: str) -> dict:
         path = study_path(name_or_path)
     if not path.is_file():
         known = [n for n, _ in list_studies()]
-        hint = difflib.get_close_matches(str(name_or_path), known, n=1)
-        did = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise SpecError(f"no study '{name_or_path}'{did}; studies: {', '.join(known) or 'none'} "
-                        f"(files in {STUDIES_DIR})")
+        raise SpecError(f"no study '{name_or_path}'{suggest(name_or_path, known)}; studies: "
+                        f"{', '.join(known) or 'none'} (files in {STUDIES_DIR})")
     try:
         with open(path) as f:
             spec = yaml.safe_load(f)
@@ -154,98 +147,90 @@ def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
             f"like {study_path('batch_size_effect')}")
 
 
+# ------------------------------------------------------------------------------------------------ the schema
+def _trial_fields(name: str, lists: bool) -> type[BaseModel]:
+    """The trial fields that a section of a study file sets, each checked on its own (the rules between fields
+    wait for the trials): as in a config or, with `lists`, as grid axes (each a non-empty list of values).
+    lr_scale is not one of them: the LR tuning budget is `lr_scales`."""
+    fields: dict[str, Any] = {}
+    for k, f in TrialConfig.model_fields.items():
+        one = Annotated[f.annotation, *f.metadata] if f.metadata else f.annotation
+        fields[k] = (list[one], Field(None, min_length=1)) if lists else (one, Field(None, description=f.description))
+    budget = "is not set here: the LR tuning budget is lr_scales: [factors]"
+    fields["lr_scale"] = (None, Field(None, description=budget))
+    title = "trial fields to lists of values" if lists else "trial fields"  # "must be a mapping of <title>"
+    return create_model(name, __config__=ConfigDict(extra="forbid", title=title), **fields)
+
+
+TrialFields = _trial_fields("TrialFields", lists=False)
+TrialLists = _trial_fields("TrialLists", lists=True)
+LrScales = Annotated[list[Annotated[float, Field(gt=0)]],
+                     Field(min_length=1, description="must be a non-empty list of positive factors")]
+Paired = Annotated[dict[str, Annotated[list[TrialFields], Field(min_length=1)]],
+                   Field(description="must map axis names to non-empty lists of mappings of trial fields")]
+_SCHEMA = ConfigDict(extra="forbid", strict=True)  # strict: true/false is not a number, 3 is not a string
+
+
+class Resources(BaseModel):
+    """`resources`: each trial's `workers` ranks, with these GPUs and CPUs each, placed by a Ray strategy."""
+    model_config = _SCHEMA
+    workers: int = Field(None, ge=1, description="must be an integer >= 1")
+    gpus_per_worker: float = Field(None, ge=0, description="must be a number >= 0")
+    cpus_per_worker: float = Field(None, gt=0, description="must be a number > 0")
+    placement: Literal[PLACEMENTS] = None
+
+
+class Scale(BaseModel):
+    """`scales.<scale>`: overrides of the study's sections, the throughput of the cost estimate, deviations."""
+    model_config = _SCHEMA
+    base: TrialFields = None
+    grid: TrialLists = None
+    paired: Paired = None
+    lr_scales: LrScales = None
+    resources: Resources = None
+    target_acc: Fraction = None
+    images_per_s: float = Field(None, gt=0, description="must be a positive number")
+    deviations: list[str] = Field(None, description="must be a list of sentences")
+
+
+class Study(BaseModel):
+    """A study file (see the module's docstring). `analysis` is checked by harness.plan."""
+    model_config = _SCHEMA
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$", description="must be letters, digits, '_' or '-'")
+    question: str
+    claims: list[Literal[KNOWN_CLAIMS]] = Field(
+        None, description=f"must be a list of claim IDs from {', '.join(KNOWN_CLAIMS)}")
+    target_acc: Fraction = None
+    resources: Resources = None
+    base: TrialFields
+    grid: TrialLists = None
+    paired: Paired = None
+    lr_scales: LrScales = None
+    analysis: Any = None
+    scales: dict[Literal[SCALES], Scale | None] = Field(None, description=f"must map {', '.join(SCALES)} to overrides")
+
+
 def validate_spec(spec: Any, where: str) -> None:
+    """Check a study file: its schema (`Study`), its analysis plan, and then every trial of every scale it has."""
     if not isinstance(spec, dict):
-        raise SpecError(f"{where}: a study file is a mapping with keys {', '.join(TOP_KEYS)}")
-    _keys(spec, TOP_KEYS, where)
-    for required in ("name", "question", "base"):
-        if required not in spec:
-            raise SpecError(f"{where}: missing required key '{required}'")
-    if not isinstance(spec["name"], str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", spec["name"]):
-        raise SpecError(f"{where}: name must be letters, digits, '_' or '-', got {spec['name']!r}")
-    claims = spec.get("claims", [])
-    if not isinstance(claims, list) or any(c not in KNOWN_CLAIMS for c in claims):
-        raise SpecError(f"{where}: claims must be a list of claim IDs from {', '.join(KNOWN_CLAIMS)}, got {claims!r}")
-    _section(spec, where)
-    scales = spec.get("scales", {})
-    if not isinstance(scales, dict):
-        raise SpecError(f"{where}: scales must map {', '.join(SCALES)} to overrides")
-    _keys(scales, SCALES, f"{where}: scales")
-    for scale in scales:
-        body = scales[scale] or {}
-        if not isinstance(body, dict):
-            raise SpecError(f"{where}: scales.{scale} must be a mapping of {', '.join(SCALE_KEYS)}")
-        _keys(body, SCALE_KEYS, f"{where}: scales.{scale}")
-        _section(body, f"{where}: scales.{scale}")
-        if "images_per_s" in body and not _is_number(body["images_per_s"], positive=True):
-            raise SpecError(f"{where}: scales.{scale}.images_per_s must be a positive number")
-        devs = body.get("deviations", [])
-        if not isinstance(devs, list) or not all(isinstance(d, str) for d in devs):
-            raise SpecError(f"{where}: scales.{scale}.deviations must be a list of sentences")
+        raise SpecError(f"{where}: a study file is a mapping with keys {', '.join(Study.model_fields)}")
+    try:
+        Study.model_validate(spec)
+    except ValidationError as e:
+        raise SpecError(f"{where}: {one_line(e, Study, spec)}") from None
     if "analysis" in spec:
         try:
             plan.validate(spec["analysis"], where, FIELDS, KNOWN_CLAIMS)
         except plan.PlanError as e:
             raise SpecError(str(e)) from None
     for scale in SCALES:
-        if scale in scales or scale == "smoke":
+        if scale in (spec.get("scales") or {}) or scale == "smoke":
             built = trials(spec, scale, where=where)  # expands and validates every trial config
             if "analysis" in spec:
                 try:
                     plan.expand(spec["analysis"], [t.config.to_dict() for t in built], where=f"{where}: scale {scale}")
                 except plan.PlanError as e:
                     raise SpecError(str(e)) from None
-
-
-def _section(body: dict, where: str) -> None:
-    for part in ("base", "grid"):
-        if "lr_scale" in (body.get(part) or {}):
-            raise SpecError(f"{where}: {part}.lr_scale: set the LR tuning budget with lr_scales: [factors]")
-    for key in ("base",):
-        if key in body:
-            if not isinstance(body[key], dict):
-                raise SpecError(f"{where}: {key} must be a mapping of trial fields")
-            _keys(body[key], FIELDS, f"{where}: {key}")
-            _types(body[key], f"{where}: {key}")
-    if "grid" in body:
-        grid = body["grid"]
-        if not isinstance(grid, dict):
-            raise SpecError(f"{where}: grid must map trial fields to lists of values")
-        _keys(grid, FIELDS, f"{where}: grid")
-        for k, v in grid.items():
-            if not isinstance(v, list) or not v:
-                raise SpecError(f"{where}: grid.{k} must be a non-empty list of values, got {v!r}")
-            for value in v:
-                _types({k: value}, f"{where}: grid")
-    if "paired" in body:
-        paired = body["paired"]
-        if not isinstance(paired, dict):
-            raise SpecError(f"{where}: paired must map axis names to lists of field mappings")
-        for axis, options in paired.items():
-            if not isinstance(options, list) or not options or not all(isinstance(o, dict) for o in options):
-                raise SpecError(f"{where}: paired.{axis} must be a non-empty list of mappings of trial fields")
-            for o in options:
-                _keys(o, FIELDS, f"{where}: paired.{axis}")
-                _types(o, f"{where}: paired.{axis}")
-    if "resources" in body:
-        res = body["resources"]
-        if not isinstance(res, dict):
-            raise SpecError(f"{where}: resources must be a mapping of {', '.join(RESOURCE_KEYS)}")
-        _keys(res, RESOURCE_KEYS, f"{where}: resources")
-        if "workers" in res and (not isinstance(res["workers"], int) or isinstance(res["workers"], bool)
-                                 or res["workers"] < 1):
-            raise SpecError(f"{where}: resources.workers must be an integer >= 1, got {res['workers']!r}")
-        if "placement" in res and res["placement"] not in PLACEMENTS:
-            raise SpecError(f"{where}: resources.placement '{res['placement']}' is not known; "
-                            f"allowed: {', '.join(PLACEMENTS)}")
-        for k in ("gpus_per_worker", "cpus_per_worker"):
-            if k in res and not _is_number(res[k], positive=(k == "cpus_per_worker")):
-                raise SpecError(f"{where}: resources.{k} must be a number >= 0, got {res[k]!r}")
-    if "lr_scales" in body and (not isinstance(body["lr_scales"], list) or not body["lr_scales"]
-                                or not all(_is_number(v, positive=True) for v in body["lr_scales"])):
-        raise SpecError(f"{where}: lr_scales must be a non-empty list of positive factors, got {body['lr_scales']!r}")
-    if "target_acc" in body and not (_is_number(body["target_acc"], positive=True) and body["target_acc"] <= 1):
-        raise SpecError(f"{where}: target_acc is a fraction in (0, 1], got {body['target_acc']!r}")
 
 
 def resolve(spec: dict, scale: str) -> dict:
@@ -326,26 +311,3 @@ def _name(config: dict, varying: list[str]) -> str:
         text = _text(config[k])
         parts.append(text if k in ("schedule", "model", "dataset", "optimizer") else f"{SHORT.get(k, k)}{text}")
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", "-".join(parts)) or "trial"
-
-
-def _keys(d: dict, allowed, where: str) -> None:
-    for k in d:
-        if k not in allowed:
-            hint = difflib.get_close_matches(str(k), list(allowed), n=1)
-            did = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise SpecError(f"{where}: unknown key '{k}'{did}; allowed: {', '.join(allowed)}")
-
-
-def _types(fields: dict, where: str) -> None:
-    """Type-check each field on its own, so a value that every trial overrides is still caught."""
-    hints = typing.get_type_hints(TrialConfig)
-    for k, v in fields.items():
-        try:
-            coerce(k, v, hints[k])
-        except ConfigError as e:
-            raise SpecError(f"{where}: {e}") from None
-
-
-def _is_number(v, positive: bool = False) -> bool:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-    return ok and (v > 0 if positive else v >= 0)

@@ -41,22 +41,81 @@ def test_p5_quick_needs_a_run_and_never_invents_one(tmp_path):
     assert f.value is None and "0123456789abcdef" in f.detail
 
 
+# ----------------------------------------------------------------------------------------- P5's arithmetic (no Ray)
+T0 = 1_700_000_000_000  # ms, as MLflow keeps run times
+
+
+def _span(start_s: float, end_s: float | None, train_s: float | None = None) -> bench.RunSpan:
+    return bench.RunSpan(T0 + int(start_s * 1000), None if end_s is None else T0 + int(end_s * 1000), train_s)
+
+
+def test_p5_is_study_wall_over_the_trials_training_time_from_their_timestamps():
+    """This week's -1.32: a trial's run opens when rank 0 reaches MLflow, ~11 s after its Tune trial started, so
+    (run end - run start) - startup_seconds went negative. P5 now takes the time the trials spent in optimizer
+    steps (train_seconds): a 229 s study of 16 one-at-a-time trials, each run open 10 s, 2.5 s of steps."""
+    study = _span(0, 229)
+    trials = [_span(5 + 14 * i, 15 + 14 * i, 2.5) for i in range(16)]
+    o = bench.study_overhead(study, trials)
+    assert (o.wall_s, o.compute_s, o.at_once, o.trials) == (229, 40, 1, 16)
+    assert o.runs_open_s == pytest.approx(160)
+    assert o.ratio == pytest.approx(229 / 40) and o.ratio > 0
+
+
+def test_p5_counts_the_slots_of_trials_that_run_at_once():
+    """Two trials at a time for 100 s, 40 s of steps each: the best the study could do is 80 s, so 100 / 80."""
+    trials = [_span(0, 50, 40), _span(0, 50, 40), _span(50, 100, 40), _span(50, 100, 40)]  # end = next start
+    o = bench.study_overhead(_span(0, 100), trials)
+    assert o.at_once == 2 and o.ratio == pytest.approx(100 / (160 / 2))
+    assert bench.most_at_once([]) == 0 and bench.most_at_once([(0, 10), (5, 20), (9, 30), (20, 40)]) == 3
+
+
+def test_p5_leaves_out_what_is_no_duration_and_never_goes_negative():
+    """A trial that errored before its first evaluation (no train_seconds, no end) counts nothing; a clock that
+    went backwards in a trial run (end before start) counts in no overlap; neither makes the figure negative."""
+    trials = [_span(0, 30, 20), _span(30, None), _span(40, 35, 5)]
+    o = bench.study_overhead(_span(0, 50), trials)
+    assert (o.compute_s, o.at_once, o.runs_open_s, o.trials) == (25, 1, 30, 3) and o.ratio == pytest.approx(2)
+    for study, trials, why in [(_span(0, None), [_span(0, 1, 1)], "has not finished"),
+                               (_span(10, 10), [_span(0, 1, 1)], "lasted 0 s"),
+                               (_span(0, 10), [_span(0, 1), _span(1, 2, 0.0)], "logged any training time"),
+                               (_span(0, 10), [], "logged any training time"),
+                               (_span(0, 10), [_span(0, 1, -3.0)], "not a duration"),
+                               (_span(0, 10), [_span(0, 1, float("nan"))], "not a duration")]:
+        with pytest.raises(ValueError, match=why):
+            bench.study_overhead(study, trials)
+
+
+def test_p3_is_the_harness_median_start_over_the_bare_trials():
+    assert bench.startup_ratio([14.0, 13.0, 30.0], [10.0, 9.0, 11.0, 12.0]) == pytest.approx(14 / 10.5)
+    f = bench.p3_figure([14.0, 13.0, 30.0], {"startups": [10.0, 9.0, 11.0], "error": None, "at_once": 1})
+    assert f.value == pytest.approx(1.4) and f.met == "NO" and f.unit == "x"
+    assert "harness 14.0 s" in f.detail and "bare" in f.detail and "10.0 s" in f.detail
+    f = bench.p3_figure([14.0], {"startups": [], "error": "RuntimeError: 1 of 1 bare trials failed", "at_once": 0})
+    assert f.value is None and "bare trials failed" in f.detail and "harness median 14.0 s" in f.detail
+    for harness, bare in (([], [1.0]), ([1.0], [0.0]), ([1.0], [float("inf")])):
+        with pytest.raises(ValueError):
+            bench.startup_ratio(harness, bare)
+
+
+# ----------------------------------------------------------------------------------------- P5 from an MLflow store
 def _synthetic_study(uri: str) -> str:
-    """A finished study run of 100 s with 3 trials: start-ups 10/12/14 s, runs of 30/32/34 s (own compute 20 each),
-    and one errored trial without startup_seconds (left out)."""
+    """A finished study run of 100 s with 3 trials one after another: start-ups 10/12/14 s, runs of 30 s with 20 s
+    of optimizer steps each (train_seconds logged per evaluation, the last one counts), and one errored trial
+    without any metric (counts nothing)."""
     client = MlflowClient(uri)
     exp = client.create_experiment("batch_size_effect")
-    t0 = 1_700_000_000_000
-    parent = client.create_run(exp, start_time=t0, tags={"harness.role": "study", "harness.study": "batch_size_effect",
+    parent = client.create_run(exp, start_time=T0, tags={"harness.role": "study", "harness.study": "batch_size_effect",
                                                         "harness.scale": "quick"}).info.run_id
     for i, start in enumerate((10, 12, 14)):
-        run = client.create_run(exp, start_time=t0 + i * 1000, tags={"mlflow.parentRunId": parent,
-                                                                    "harness.role": "trial"}).info.run_id
+        run = client.create_run(exp, start_time=T0 + i * 30_000, tags={"mlflow.parentRunId": parent,
+                                                                      "harness.role": "trial"}).info.run_id
         client.log_metric(run, "startup_seconds", start)
-        client.set_terminated(run, end_time=t0 + i * 1000 + (start + 20) * 1000)
-    bad = client.create_run(exp, start_time=t0, tags={"mlflow.parentRunId": parent, "harness.role": "trial"})
-    client.set_terminated(bad.info.run_id, status="FAILED", end_time=t0 + 5000)
-    client.set_terminated(parent, end_time=t0 + 100_000)
+        client.log_metric(run, "train_seconds", 9.0, step=10)
+        client.log_metric(run, "train_seconds", 20.0, step=20)
+        client.set_terminated(run, end_time=T0 + (i + 1) * 30_000)
+    bad = client.create_run(exp, start_time=T0 + 90_000, tags={"mlflow.parentRunId": parent, "harness.role": "trial"})
+    client.set_terminated(bad.info.run_id, status="FAILED", end_time=T0 + 95_000)
+    client.set_terminated(parent, end_time=T0 + 100_000)
     return parent
 
 
@@ -64,11 +123,15 @@ def test_study_timing_from_mlflow(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     parent = _synthetic_study(uri)
     t = bench.study_timing(uri, parent)
-    assert t["wall_s"] == pytest.approx(100) and t["compute_s"] == pytest.approx(60) and t["trials"] == 4
-    assert sorted(t["startups"]) == [10, 12, 14]
+    o = t.overhead()
+    assert (o.wall_s, o.compute_s, o.at_once, o.trials) == (100, 60, 1, 4) and o.runs_open_s == pytest.approx(95)
+    assert sorted(t.startups) == [10, 12, 14] and (t.study, t.scale) == ("batch_size_effect", "quick")
     f = bench.p5_quick(uri, parent)
     assert f.value == pytest.approx(100 / 60) and f.met == "NO" and "median start-up 12.0 s" in f.detail
+    assert "4 trials, one at a time: study 100 s, trials' own compute (optimizer steps, train_seconds) 60.0 s" \
+        in f.detail
     assert bench.study_parent_run(uri, "batch_size_effect") == parent
+    assert bench.study_parent_run(uri, "no_such_study") is None
 
 
 def test_the_smoke_grid_is_16_two_worker_trials(tmp_path):
@@ -91,6 +154,16 @@ def test_unknown_figure_is_one_line_and_exit_2(capsys):
     assert bench.main(["--only", "P1,P9"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: unknown figure P9; figures: P1, P2, P3, P4, P5"
+
+
+def test_the_csv_is_written_only_when_asked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "measure", lambda *a: [bench.Figure("P2", "aug", 12.0, "x", ">= 10", "d")])
+    assert bench.main(["--only", "P2"]) == 0
+    assert list(tmp_path.iterdir()) == [] and "CSV" not in capsys.readouterr().out
+    assert bench.main(["--only", "P2", "--csv", "b.csv"]) == 0
+    assert "CSV: b.csv" in capsys.readouterr().out
+    assert [r["figure"] for r in csv.DictReader(open(tmp_path / "b.csv"))] == ["P2"]
 
 
 # ----------------------------------------------------------------------------------------- measured costs (--dry-run)
@@ -160,3 +233,21 @@ def test_startup_profile_gives_each_ranks_median_phase(tmp_path):
     mlflow = next(line for line in lines if line.startswith("rank 0's MLflow"))
     assert mlflow.split()[-2:] == ["10.0", "11.0"]
     assert bench.startup_profile(tmp_path / "none.jsonl") == []
+
+
+# ----------------------------------------------------------------------------------------- P3's bare trial
+def test_the_bare_trial_imports_nothing_of_the_harness_beyond_its_config():
+    """Ray's processes of the bare trial import this module to run its functions: no harness.trial/.study, no Ray,
+    until a function asks (P3's floor must not carry the harness's imports)."""
+    import subprocess
+    import sys
+    code = ("import sys, harness.bench; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray' or "
+            "m.startswith(('harness.trial', 'harness.study', 'mlflow'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_bare_trial_reports_its_start_up(ray_session, tmp_path):
+    """A bare Tune trial running a bare 2-worker TorchTrainer, with the harness's resource pattern, in Ray."""
+    out = bench.bare_trials(1, {"workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0}, tmp_path / "ray")
+    assert out["at_once"] == 1 and len(out["startups"]) == 1 and 0 < out["startups"][0] < 300

@@ -102,11 +102,11 @@ def test_super_convergence_paper_cells_match_their_authors_logs():
     from harness import spec
     from harness.report.figures import reference_for_cells
     trials = spec.trials(spec.load_spec("super_convergence"), "paper")
-    assert {t.config["optimizer"] for t in trials} == {"caffe_sgd"}
-    found = {(t.config["schedule"], t.config["stepsize"]): caffe_logs.match_reference(t.config) for t in trials}
+    assert {t.config.optimizer for t in trials} == {"caffe_sgd"}
+    found = {(t.config.schedule, t.config.stepsize): caffe_logs.match_reference(t.config.to_dict()) for t in trials}
     assert found == {("triangular", 1000): [], ("triangular", 3000): [], ("triangular", 5000): ["clr3SS5kFig1a"],
                      ("triangular", 10000): [], ("multistep", None): ["lr35Fig1a"]}
-    frame = pd.DataFrame([{**t.config, "cell": t.cell} for t in trials])
+    frame = pd.DataFrame([{**t.config.to_dict(), "cell": t.cell} for t in trials])
     refs = reference_for_cells(frame)
     assert sorted(refs.values()) == [["clr3SS5kFig1a"], ["lr35Fig1a"]]
     stepsize = {c: frame.loc[frame.cell == c, "stepsize"].iloc[0] for c in refs}

@@ -25,11 +25,11 @@ def frame(trials, scale: str, outcome, seconds=None) -> pd.DataFrame:
     outcome(config) -> (test accuracy, validation accuracy); seconds(config) -> training seconds."""
     rows = []
     for t in trials:
-        acc, val = outcome(t.config)
-        rows.append({**t.config, "run_id": t.key, "cell": t.cell, "status": "completed", "scale": scale,
+        acc, val = outcome(t.config.to_dict())
+        rows.append({**t.config.to_dict(), "run_id": t.key, "cell": t.cell, "status": "completed", "scale": scale,
                      "outcome_acc": acc, "final_acc": acc, "final_val_acc": val,
-                     "steps_to_target_eff": t.config["steps"] if acc >= t.config["target_acc"] else np.inf,
-                     "train_seconds": seconds(t.config) if seconds else float(t.config["steps"])})
+                     "steps_to_target_eff": t.config.steps if acc >= t.config.target_acc else np.inf,
+                     "train_seconds": seconds(t.config.to_dict()) if seconds else float(t.config.steps)})
     return pd.DataFrame(rows)
 
 
@@ -97,7 +97,7 @@ def test_the_verdicts_use_every_planned_trial_family_and_select_lr_scales_on_val
 def test_every_shipped_study_declares_a_plan_that_expands_at_every_scale():
     for name, _ in specs.list_studies():
         s = specs.load_spec(name)
-        if all(t.config.get("kind") == "lr_finder" for t in specs.trials(s, "smoke")):
+        if all(t.config.kind == "lr_finder" for t in specs.trials(s, "smoke")):
             continue  # an LR-finder study feeds other studies' max LRs; it compares nothing itself
         assert s.get("analysis"), f"{name} declares no analysis plan"
         for scale in specs.SCALES:

@@ -37,3 +37,33 @@ def test_study_console_has_the_table_and_our_lines_and_the_log_has_the_rest(tmp_
     text = log.read_text()
     assert "Reporting training result" in text and "from rank 1" in text  # every worker's reports
     assert "Token authentication is" in text
+
+
+def test_tunes_resume_hint_after_ctrl_c_goes_to_the_log_not_the_console(tmp_path, capfd):
+    """After Ctrl-C Tune logs "Resume experiment with: Tuner.restore(...)"; the harness prints its own way to
+    continue (--resume), so Tune's logger is one of the study's NOISY_LOGGERS: into harness.log only."""
+    import logging
+
+    import ray.tune.tune as tune_run
+
+    from harness.study import console
+
+    assert tune_run.logger.name in console.NOISY_LOGGERS
+    saved = tune_run.logger.handlers[:], tune_run.logger.propagate, tune_run.logger.level
+    log = tmp_path / "harness.log"
+    root_console = logging.StreamHandler()  # stderr, like a terminal's handler on the root logger
+    logging.getLogger().addHandler(root_console)
+    try:
+        console.quiet_console(str(log))
+        tune_run.logger.warning('Experiment has been interrupted, but the most recent state was saved.\n'
+                                'Resume experiment with: Tuner.restore(path="/x/tiny-smoke", trainable=...)')
+    finally:
+        logging.getLogger().removeHandler(root_console)
+        for handler in tune_run.logger.handlers:
+            if handler not in saved[0]:
+                handler.close()
+        tune_run.logger.handlers, tune_run.logger.propagate = saved[0], saved[1]
+        tune_run.logger.setLevel(saved[2])
+    captured = capfd.readouterr()
+    assert "Tuner.restore" not in captured.out + captured.err
+    assert "Resume experiment with: Tuner.restore" in log.read_text()

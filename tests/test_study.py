@@ -90,12 +90,12 @@ def test_grid_expansion_pairs_lr_scales_and_names():
     trials = specs.trials(study, "smoke")
     assert len(trials) == 2 * 3 * 2
     assert len({t.name for t in trials}) == len({t.key for t in trials}) == 12
-    one_cycle = [t for t in trials if t.config["schedule"] == "one_cycle"]
+    one_cycle = [t for t in trials if t.config.schedule == "one_cycle"]
     # the tuning budget is the typed field lr_scale; max_lr stays the cell's nominal value, the trainer scales it
-    assert sorted({t.config["lr_scale"] for t in one_cycle}) == [0.5, 1.0]
-    assert {t.config["max_lr"] for t in one_cycle} == {0.8} and {t.config["base_lr"] for t in one_cycle} == {0.08}
+    assert sorted({t.config.lr_scale for t in one_cycle}) == [0.5, 1.0]
+    assert {t.config.max_lr for t in one_cycle} == {0.8} and {t.config.base_lr for t in one_cycle} == {0.08}
     from harness.config import TrialConfig
-    scaled = TrialConfig.from_dict(next(t.config for t in one_cycle if t.config["lr_scale"] == 0.5)).scaled()
+    scaled = next(t.config for t in one_cycle if t.config.lr_scale == 0.5).scaled()
     assert (scaled.max_lr, scaled.base_lr, scaled.lr_scale) == (0.4, 0.04, 1.0)
     assert {t.cell for t in one_cycle} == {"schedule=one_cycle,lr_scale=0.5", "schedule=one_cycle,lr_scale=1.0"}
     assert "one_cycle-x0.5-s2" in {t.name for t in trials}
@@ -108,7 +108,7 @@ def test_scales_override_base_grid_and_resources():
                                           "resources": {"workers": 1}}}}
     resolved = specs.resolve(study, "quick")
     assert resolved["resources"] == {"workers": 1, "gpus_per_worker": 0, "cpus_per_worker": 1}
-    assert {t.config["steps"] for t in specs.trials(study, "quick")} == {40}
+    assert {t.config.steps for t in specs.trials(study, "quick")} == {40}
     with pytest.raises(specs.SpecError, match="has no scale 'paper'"):
         specs.resolve(study, "paper")
 

@@ -667,7 +667,7 @@ def planned_comparisons(spec: dict, scale: str, configs: list[dict] | None = Non
     if not analysis:
         return []
     if configs is None:
-        configs = [t.config for t in specs.trials(spec, scale)]
+        configs = [t.config.to_dict() for t in specs.trials(spec, scale)]
     return plans.expand(analysis, configs, where=spec.get("name", "study"))
 
 

@@ -52,29 +52,15 @@ def paper_side(study: str, logged: dict | None) -> PaperSide:
         if "paper" not in (spec.get("scales") or {}):
             continue
         try:
-            return PaperSide([t.config for t in specs.trials(spec, "paper")], source, spec)
+            return PaperSide([t.config.to_dict() for t in specs.trials(spec, "paper")], source, spec)
         except specs.SpecError:
             continue
     return PaperSide([], f"no paper scale declared for study {study}", None)
 
 
 def run_configs(trials: pd.DataFrame) -> list[dict]:
-    """The trials' typed configs (defaults filled in for fields an older run did not log)."""
-    out = []
-    for c in trials.get("config", pd.Series(dtype=object)):
-        if isinstance(c, dict) and c:
-            out.append({**DEFAULTS, **{k: _untyped(v) for k, v in c.items() if k in DEFAULTS}})
-    return out
-
-
-def _untyped(v):
-    """A list an old run logged only as an MLflow param string ("[125, 175]") back to a list."""
-    if isinstance(v, str) and v.startswith("["):
-        try:
-            return json.loads(v)
-        except ValueError:
-            return v
-    return v
+    """The trials' typed configs (TrialConfig, from the `harness.trial_config` tag), as dicts."""
+    return [c.to_dict() for c in trials["config"]]
 
 
 def _v(field: str, v) -> str:
