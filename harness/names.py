@@ -1,4 +1,4 @@
-"""Every MLflow name the harness writes (harness.tracking) and reads (harness.results, claims, report).
+"""Every MLflow name the harness writes (harness.study.tracking) and reads (harness.analysis.results, claims, report).
 
 One place, so a writer and a reader cannot drift apart: a tag renamed here is renamed for both.
 
@@ -37,7 +37,7 @@ STUDY = "harness.study"
 SCALE = "harness.scale"
 
 # ---- tags of the study (parent) run
-CLAIMS = "harness.claims"                 # comma-separated claim IDs
+CLAIMS = "harness.analysis.claims"                 # comma-separated claim IDs
 QUESTION = "harness.question"
 GIT_COMMIT = "harness.git_commit"
 GIT_DIRTY = "harness.git_dirty"           # "true" / "false"

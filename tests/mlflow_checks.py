@@ -1,4 +1,4 @@
-"""What every study must leave in MLflow (the schema in harness/tracking.py), checked through MlflowClient."""
+"""What every study must leave in MLflow (the schema in harness/study/tracking.py), checked through MlflowClient."""
 
 from __future__ import annotations
 

@@ -141,7 +141,7 @@ _BLOCK_NAME = re.compile(r"L1_b\d+_|Conv16_\d+")
 
 
 def log_excerpt(text: str) -> str:
-    """The lines of a Caffe log that harness.caffe_logs reads: the solver block before the training net, then
+    """The lines of a Caffe log that harness.analysis.caffe_logs reads: the solver block before the training net, then
     the data layer, dropout and first-stage block names of the net, then every test, accuracy, loss and lr line.
     parse_log gives the same curve and setup on the excerpt as on the whole log (checked by --check)."""
     lines = text.splitlines()

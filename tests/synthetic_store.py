@@ -4,7 +4,7 @@ Every study here is a study spec expanded by `harness.spec.trials` (so cells, na
 the harness's), its parent run comes from `tracking.start_study_run`, each trial's run from
 `tracking.find_or_create_trial_run` and a `tracking.TrialLogger` (start / log_eval / finish), errors from
 `tracking.mark_trial_error`. Only the numbers are made up: accuracy rises as sqrt(progress) to a chosen final
-value; learning rate and momentum at each evaluation are the trial's schedule (`harness.schedules.curve`).
+value; learning rate and momentum at each evaluation are the trial's schedule (`harness.trial.schedules.curve`).
 
 Studies (experiment name = study name):
   super_convergence  quick  SC1   triangular 0.92 +- 0.005 vs multistep 0.85 +- 0.005, 4 seeds; CIFAR-10 ResNet-56

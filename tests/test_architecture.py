@@ -108,3 +108,15 @@ def test_the_checks_can_fail():
     assert find_cycle({"harness.a": {"harness.b"}, "harness.b": set()}) is None
     assert [part(m) for m in ("harness.study.cli", "harness.spec", "harness.bench", "harness.trial")] == \
         ["study", "core", "bench", "trial"]
+
+
+def test_console_scripts_point_at_the_commands():
+    """pyproject's [project.scripts] name a main() that exists for every `python -m` command the README shows."""
+    import tomllib
+    scripts = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    readme = (ROOT.parent / "README.md").read_text()
+    for name, target in scripts.items():
+        module, _, func = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), func)), target
+        command = module.removesuffix(".cli").removesuffix(".build")
+        assert f"python -m {command}" in readme, (name, command)

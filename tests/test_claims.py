@@ -1,5 +1,5 @@
 """Verdicts of the analysis plans: the shipped studies' own trials (expanded by harness.spec exactly as a run
-would), given synthetic outcomes, evaluated by harness.claims; plus the decision rule and its calibration."""
+would), given synthetic outcomes, evaluated by harness.analysis.claims; plus the decision rule and its calibration."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.
 
 
 def frame(trials, scale: str, outcome, seconds=None) -> pd.DataFrame:
-    """One row per trial as harness.results makes it: the typed config plus the outcome columns.
+    """One row per trial as harness.analysis.results makes it: the typed config plus the outcome columns.
     outcome(config) -> (test accuracy, validation accuracy); seconds(config) -> training seconds."""
     rows = []
     for t in trials:

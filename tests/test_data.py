@@ -1,4 +1,4 @@
-"""harness.data: loaders (digits, CIFAR and MNIST formats, lookup order, offline error), preprocessing,
+"""harness.trial.data: loaders (digits, CIFAR and MNIST formats, lookup order, offline error), preprocessing,
 augmentation, and the sharding/resume semantics of TrainBatches and test_batches."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""harness.models: the Caffe ResNets are pinned layer by layer against the authors' prototxt files."""
+"""harness.trial.models: the Caffe ResNets are pinned layer by layer against the authors' prototxt files."""
 
 from __future__ import annotations
 

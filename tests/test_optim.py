@@ -1,4 +1,4 @@
-"""harness.optim.CaffeSGD against Caffe's update computed by hand, and its wiring into build_optimizer."""
+"""harness.trial.optim.CaffeSGD against Caffe's update computed by hand, and its wiring into build_optimizer."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 - Ctrl-C (SIGINT to the study's process group) and SIGKILL of the driver, then --resume;
 - the MLflow server stopped mid-study and restarted 30 s later, or down past the grace bound (then
-  `harness.backfill`);
+  `harness.study.backfill`);
 - a Train worker lost between evaluations, during an evaluation, on rank 1, and right after a report.
 
 The subprocess tests start their own Ray in a new session and clean up only that process group. The
@@ -262,7 +262,7 @@ def test_mlflow_down_past_the_grace_bound_then_backfill_fills_it_once(hooked_ray
     outage["thread"].join(timeout=60)
     err = capsys.readouterr().err
     assert rc == 3, err[-3000:]  # every trial ended; MLflow misses some of it
-    command = f"python -m harness.backfill tiny --scale smoke --storage {workdir / 'ray_results'} " \
+    command = f"python -m harness.study.backfill tiny --scale smoke --storage {workdir / 'ray_results'} " \
               f"--tracking-uri {server.uri}"
     assert command in err
     assert "could not mark the study run" in err  # end_study_run failed: a warning, not a traceback

@@ -4,6 +4,7 @@ Lost workers, errored trials, interrupts and tracking outages: tests/test_resili
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -94,7 +95,6 @@ def test_grid_expansion_pairs_lr_scales_and_names():
     # the tuning budget is the typed field lr_scale; max_lr stays the cell's nominal value, the trainer scales it
     assert sorted({t.config.lr_scale for t in one_cycle}) == [0.5, 1.0]
     assert {t.config.max_lr for t in one_cycle} == {0.8} and {t.config.base_lr for t in one_cycle} == {0.08}
-    from harness.config import TrialConfig
     scaled = next(t.config for t in one_cycle if t.config.lr_scale == 0.5).scaled()
     assert (scaled.max_lr, scaled.base_lr, scaled.lr_scale) == (0.4, 0.04, 1.0)
     assert {t.cell for t in one_cycle} == {"schedule=one_cycle,lr_scale=0.5", "schedule=one_cycle,lr_scale=1.0"}
@@ -157,6 +157,15 @@ def test_two_trial_study_end_to_end_with_a_divergence(ray_session, workdir, caps
     assert ok.data.params["workers"] == "2" and ok.data.metrics["world_size"] == 2
     assert "\none-cycle " in out and "\nconstant LR " in out and "diverged" in out  # the summary, cells in words
     check_study_runs(uri, "tiny", n_trials=2)
+    # one reporting path (harness.study.driver): in Tune's own results every evaluation, in step order, then the end
+    results = sorted((workdir / "ray_results" / "tiny-smoke").glob("*/result.json"))
+    assert len(results) == 2
+    for path in results:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        assert rows[-1].get("finished") is True and not any(r.get("finished") for r in rows[:-1])
+        steps = [r["step"] for r in rows[:-1]]
+        assert steps == sorted(steps) and steps[-1] == rows[-1]["step"], (path, steps, rows[-1]["step"])
+        assert steps[0] == 5 and all("checkpoint_path" in r for r in rows[:-1])  # rank 0's, with its checkpoint
 
 
 def test_resume_without_an_earlier_run_is_refused(ray_session, workdir, capsys):

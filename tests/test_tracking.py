@@ -77,7 +77,7 @@ def test_outside_a_checkout_the_git_state_comes_from_the_job_env(monkeypatch, tm
     monkeypatch.delenv(tracking.GIT_COMMIT_ENV, raising=False)
     assert tracking.git_state() == ("unknown", [])
     monkeypatch.setenv(tracking.GIT_COMMIT_ENV, "abc123")
-    monkeypatch.setenv(tracking.GIT_DIRTY_FILES_ENV, json.dumps(["harness/study.py"]))
-    assert tracking.git_state() == ("abc123", ["harness/study.py"])
+    monkeypatch.setenv(tracking.GIT_DIRTY_FILES_ENV, json.dumps(["harness/study/cli.py"]))
+    assert tracking.git_state() == ("abc123", ["harness/study/cli.py"])
     with pytest.raises(tracking.TrackingError, match="needs a git checkout"):
         tracking.job_env()

@@ -1,6 +1,6 @@
 """The authors' Caffe training logs -> compact reference curves (one row per test interval).
 
-`python -m harness.caffe_logs [--logs DIR] [--out DIR]` parses every `*.log.gz` in the logs folder
+`python -m harness.analysis.caffe_logs [--logs DIR] [--out DIR]` parses every `*.log.gz` in the logs folder
 (default ../shared/paper/caffe-logs beside the repository, or $HARNESS_CAFFE_LOGS) into
 `harness/reference/<log>.csv` with columns iteration, lr, test_acc, train_loss, and writes
 `harness/reference/index.csv`: one row per log with the setup read from the log itself (dataset, model,
@@ -275,7 +275,7 @@ def _isnan(v) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m harness.caffe_logs",
+    ap = argparse.ArgumentParser(prog="python -m harness.analysis.caffe_logs",
                                  description="Parse the authors' Caffe logs into harness/reference/*.csv + index.csv.")
     ap.add_argument("--logs", type=Path, default=LOGS_DIR, help=f"folder of *.log.gz (default {LOGS_DIR})")
     ap.add_argument("--out", type=Path, default=REFERENCE_DIR, help=f"output folder (default {REFERENCE_DIR})")

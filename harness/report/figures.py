@@ -1,5 +1,5 @@
 """The report's figures. Each function draws into a rectangle of a page (figure fractions) and reads only
-the frames of harness.results (trials, curves) and the authors' reference curves (harness.reference)."""
+the frames of harness.analysis.results (trials, curves) and the authors' reference curves (harness.reference)."""
 
 from __future__ import annotations
 
@@ -187,7 +187,7 @@ def draw_training_curves(fig: Figure, rect, trials: pd.DataFrame, curves: pd.Dat
 
 def draw_schedules(fig: Figure, rect, trials: pd.DataFrame, sched: pd.DataFrame) -> None:
     """Learning rate and momentum at every optimizer step of each cell, computed from its typed config by
-    harness.schedules (results.schedule_curves), not sampled at evaluations."""
+    harness.trial.schedules (results.schedule_curves), not sampled at evaluations."""
     ax_lr, ax_m = _axes(fig, rect, ncols=2, wspace=0.3, legend_w=LEGEND_W)
     cells = list(dict.fromkeys(c for c in trials["cell"] if c in set(sched.get("cell", []))))[:MAX_LINES]
     if not cells:

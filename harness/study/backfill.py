@@ -1,4 +1,4 @@
-"""`python -m harness.backfill NAME`: fill MLflow in from Ray's storage after a long tracking outage.
+"""`python -m harness.study.backfill NAME`: fill MLflow in from Ray's storage after a long tracking outage.
 
 A trial whose tracking store stayed unreachable past HARNESS_TRACKING_GRACE_S still completes; what it
 could not log stays in Tune's results of the study (`<storage>/<NAME>-<scale>[-n]/<trial>/result.json`: one
@@ -7,7 +7,7 @@ config and its MLflow parent run). This command replays those rows through the s
 the workers use, so it is idempotent: runs are found by trial key, steps already logged are skipped, and a
 trial whose run is complete is left untouched. The study run gets its final status when every trial ended.
 
-    python -m harness.backfill NAME [--scale smoke] [--storage ray_results] [--tracking-uri URI]
+    python -m harness.study.backfill NAME [--scale smoke] [--storage ray_results] [--tracking-uri URI]
 
 Exit codes: 0 when MLflow now holds every trial's results, 1 when the store is still unreachable or some
 trial could not be filled in, 2 for bad input (no such study results).
@@ -30,7 +30,7 @@ NONE_AS = -1  # the worker's final report writes None (steps_to_target never rea
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m harness.backfill",
+    p = argparse.ArgumentParser(prog="python -m harness.study.backfill",
                                 description="Log to MLflow what a study's trials kept in Ray's storage while "
                                             "the tracking store was unreachable.")
     p.add_argument("name", help="study name (as given to harness.study)")

@@ -63,18 +63,25 @@ def init_ray(address: str | None) -> bool:
                                f"start one (ray start --head, ray up cluster.yaml) or drop --address and "
                                f"RAY_ADDRESS to run on a local Ray") from None
     else:
-        # Ray Train's PlacementGroupCleaner (one detached actor per trial) asks Ray's state API whether the trial's
-        # controller is alive, without an address: beside a second Ray on this machine (another study, the test
-        # suite) the API cannot tell which is ours, the actor dies ("Found multiple active Ray instances", a
-        # traceback on the console) and the clean-up it exists for is gone. The state API takes its server from
-        # RAY_API_SERVER_ADDRESS first, so our trials' processes get our dashboard's address, on a port picked
-        # here (a Ray's addresses are known only after ray.init, its runtime_env before).
-        port = free_port()
-        env[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-        ray.init(resources={DRIVER_RESOURCE: 64}, runtime_env={"env_vars": env}, include_dashboard=True,
-                 dashboard_host="127.0.0.1", dashboard_port=port)
+        ray.init(resources={DRIVER_RESOURCE: 64}, runtime_env={"env_vars": env}, **own_dashboard(env))
     OUR_RAY_JOB[:] = [connection_id()]
     return True
+
+
+def own_dashboard(env_vars: dict[str, str]) -> dict:
+    """ray.init keyword arguments for a local Ray whose processes find it beside other Rays on this machine; adds
+    RAY_API_SERVER_ADDRESS to `env_vars` (the runtime_env's, passed to the same ray.init).
+
+    Ray Train's PlacementGroupCleaner (a detached actor per trial) asks Ray's state API whether the trial's
+    controller is alive, without an address: beside a second Ray (another study, the test suite) the API cannot
+    tell which one is ours ("Found multiple active Ray instances"), the actor dies with its traceback on the
+    console, and the clean-up it exists for is gone. The state API takes its server from RAY_API_SERVER_ADDRESS
+    first (ray.dashboard.utils.get_address_for_submission_client), so the trials' processes are given our
+    dashboard's address, on a port picked here: a Ray's addresses are known only after ray.init, its runtime_env
+    before."""
+    port = free_port()
+    env_vars[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
 
 
 def free_port() -> int:
