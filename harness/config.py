@@ -229,7 +229,7 @@ def config_error(e: ValidationError, data: Any) -> ConfigError:
 
 # ------------------------------------------------------------------ one line per validation error
 def suggest(value: Any, allowed) -> str:
-    """" (did you mean 'x'?)" for the allowed name closest to `value`, or "" when none is close."""
+    """The did-you-mean clause, " (did you mean 'x'?)", for the allowed name closest to `value`; or ""."""
     hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
     return f" (did you mean '{hint[0]}'?)" if hint else ""
 
@@ -246,7 +246,7 @@ def one_line(error: ValidationError, model: type[BaseModel], data: Any, root: st
     and those inside it, down to a nested model; other errors are worded from the type and the bound broken."""
     errors = error.errors()
     err = next((e for e in errors if _is_unknown(e)), errors[0])
-    loc, kind, got = err["loc"], err["type"], err.get("input")
+    loc, kind = err["loc"], err["type"]
     if _is_unknown(err):
         parent = loc[:-1] if kind == "extra_forbidden" else loc[:-2]
         at = _walk(model, parent)[0]
@@ -259,29 +259,35 @@ def one_line(error: ValidationError, model: type[BaseModel], data: Any, root: st
     if kind == "value_error":  # a rule between fields (a model validator) words its own error
         return f"{_path(root, loc, ': ')}{err['ctx']['error']}"
     t, passed = _walk(model, loc)
-    base = typing.get_origin(t) or t
-    nested = isinstance(base, type) and issubclass(base, BaseModel)
-    if passed and passed[-1][1].description and (passed[-1][0] == len(loc) - 1 or not nested):
+    if passed and passed[-1][1].description and (passed[-1][0] == len(loc) - 1 or not _is_model(t)):
         depth, field = passed[-1]
         return f"{_path(root, loc[:depth + 1])} {field.description}, got {_value_at(data, loc[:depth + 1])!r}"
-    where = _path(root, loc) or "the input"
+    here = passed[-1][1] if passed and passed[-1][0] == len(loc) - 1 else None  # the field that failed, if one
+    return f"{_path(root, loc) or 'the input'} {_expected(err, t, here)}"
+
+
+def _expected(err: dict, t: Any, field: Any) -> str:
+    """What the value at the error should have been, from its type `t` and its field's bounds, and what it was."""
+    kind, got = err["type"], err.get("input")
     if kind == "literal_error":
         allowed = typing.get_args(t)
-        return f"{where} '{got}' is not known{suggest(got, allowed)}; allowed: {', '.join(map(str, allowed))}"
+        return f"'{got}' is not known{suggest(got, allowed)}; allowed: {', '.join(map(str, allowed))}"
     if kind in _BOUNDS:
         bound = next(iter(err["ctx"].values()))
         what = "a positive integer" if t is int and bound == 0 and kind == "greater_than" else \
             f"{_BOUNDS[kind]} {int(bound) if float(bound).is_integer() else bound}"
-        return f"{where} must be {what}, got {got!r}"
-    here = passed[-1][1] if passed and passed[-1][0] == len(loc) - 1 else None
-    if nested:
-        what = f"a mapping of {base.model_config.get('title') or ', '.join(base.model_fields)}"
-    elif base in (list, tuple) and (kind == "too_short" or any(getattr(m, "min_length", 0) for m in
-                                                               (here.metadata if here else ()))):
+    elif _is_model(t):
+        what = f"a mapping of {t.model_config.get('title') or ', '.join(t.model_fields)}"
+    elif (typing.get_origin(t) or t) in (list, tuple) and (
+            kind == "too_short" or any(getattr(m, "min_length", 0) for m in (field.metadata if field else ()))):
         what = "a non-empty list"
     else:
-        what = _WORDS.get(base)
-    return f"{where} must be {what}, got {got!r}" if what else f"{where}: {err['msg']}"
+        what = _WORDS.get(typing.get_origin(t) or t)
+    return f"must be {what}, got {got!r}" if what else f"is wrong: {err['msg']}, got {got!r}"
+
+
+def _is_model(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
 
 
 def _is_unknown(err: dict) -> bool:
@@ -294,7 +300,7 @@ def _walk(model: type[BaseModel], loc: tuple) -> tuple[Any, list[tuple[int, Any]
     t, passed = model, []
     for depth, part in enumerate(loc):
         t = _bare(t)
-        if isinstance(t, type) and issubclass(t, BaseModel):
+        if _is_model(t):
             if part not in t.model_fields:
                 break
             passed.append((depth, t.model_fields[part]))
