@@ -56,6 +56,26 @@ def test_divergence_stops_the_sweep_and_a_tame_sweep_runs_to_the_end():
     assert tame["history"][-1]["lr"] == 1e-2 and 0 <= tame["history"][-1]["batch_val_acc"] <= 1
 
 
+def test_the_finder_steps_with_the_trials_precision_and_memory_format(monkeypatch):
+    """The finder and the trial share harness.trial.step: the finder's steps run under the trial's bf16 autocast and
+    channels_last (the losses differ from fp32's), and every one of them goes through train_step."""
+    from harness.trial import finder, step
+    calls = []
+    original = step.train_step
+
+    def spy(s, x, y):
+        calls.append((s.fast.bf16, s.fast.channels_last, s.net is s.model or s.world > 1))
+        return original(s, x, y)
+
+    monkeypatch.setattr(finder, "train_step", spy)
+    tame = {**FINDER, "max_lr": 1e-2, "steps": 6}
+    fp32 = run_trial(TrialConfig.from_dict({**tame, "precision": "fp32", "channels_last": False}))
+    bf16 = run_trial(TrialConfig.from_dict({**tame, "precision": "bf16", "channels_last": True}))
+    assert calls == [(False, False, True)] * 6 + [(True, True, True)] * 6
+    losses = [[r["train_loss"] for r in out["history"]] for out in (fp32, bf16)]
+    assert losses[0] != losses[1] and np.allclose(losses[0], losses[1], rtol=0.05)  # bf16: close, not equal
+
+
 def test_finder_config_errors_are_one_line():
     with pytest.raises(ConfigError, match="need 0 < base_lr < max_lr"):
         TrialConfig.from_dict({**FINDER, "base_lr": 0.0})
