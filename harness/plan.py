@@ -304,62 +304,69 @@ def expand(analysis: dict, configs: list[dict], where: str = "study") -> list[Co
     out: list[Comparison] = []
     for i, c in enumerate(analysis["comparisons"]):
         at = f"{where}: analysis.comparisons[{i}] ({c['claim']})"
-        f, kind = c["field"], c["kind"]
-        metric = c.get("metric", "range_drop" if kind == "range_test" else "final_acc")
         restrict = {g: _as_tuple(v) for g, v in (c.get("where") or {}).items()}
         pool = _filter(configs, restrict)
         if not pool:
             raise PlanError(f"{at}: no trial matches where {c.get('where')}")
-        strata = list(c.get("strata") or [])
-        if tuning == "each_scale":
-            strata.append("lr_scale")
+        strata = list(c.get("strata") or []) + (["lr_scale"] if tuning == "each_scale" else [])
         combos = [{}]
         for s in strata:
             combos = [{**combo, s: v} for combo in combos for v in _values_of(pool, s)]
         for combo in combos:
             rows = _filter(pool, {s: (v,) for s, v in combo.items()})
-            if not rows:
-                continue
-            present = _values_of(rows, f)
-            note = c.get("note", "")
-            common = dict(claim=c["claim"], kind=kind, field=f, metric=metric, tuning=tuning, n_lr_scales=n_scales,
-                          stratum=combo, note=note, _where=tuple(restrict.items()))
-            if kind == "range_test":
-                arm = Arm("range test", {})
-                out.append(Comparison(**common, a=arm, b=arm, n_a=_units(rows, tuning), n_b=_units(rows, tuning)))
-                continue
-            if kind in ("interaction", "best_shift"):
-                by_a = _resolve_arm(c["by_a"], _values_of(rows, c["by"]), c["by"], at)
-                by_b = _resolve_arm(c["by_b"], _values_of(rows, c["by"]), c["by"], at)
-                common.update(by=c["by"], by_a=by_a, by_b=by_b)
-            if kind == "best_shift":
-                arm = Arm(f"best {f}", {})
-                groups = [_filter(rows, {c["by"]: by}) for by in (by_a, by_b)]
-                n = [min(_units(_filter(g, {f: (v,)}), tuning) for v in _values_of(g, f)) for g in groups]
-                out.append(Comparison(**common, a=arm, b=arm, levels=tuple(present), n_a=n[0], n_b=n[1]))
-                continue
-            if kind == "best_level":
-                a_vals = _resolve_arm(c["a"], present, f, at)
-                b_vals = _resolve_arm(c["b"], present, f, at) if "b" in c else tuple(
-                    v for v in present if key(v) not in {key(x) for x in a_vals})
-            else:
-                a_vals = _resolve_arm(c.get("a", "max"), present, f, at)
-                b_vals = _resolve_arm(c.get("b", "min"), present, f, at)
-            if not b_vals or {key(v) for v in a_vals} & {key(v) for v in b_vals}:
-                raise PlanError(f"{at}: arms a {list(a_vals)} and b {list(b_vals)} of {f} must be distinct and "
-                                f"non-empty (values present: {present})")
-            arm_a = Arm(" / ".join(fmt(f, v) for v in a_vals), {f: a_vals})
-            arm_b = Arm(" / ".join(fmt(f, v) for v in b_vals), {f: b_vals})
-            ra, rb = _filter(rows, arm_a.match), _filter(rows, arm_b.match)
-            if kind == "interaction":
-                cells = [_filter(r, {c["by"]: by}) for by in (common["by_a"], common["by_b"]) for r in (ra, rb)]
-                if any(not x for x in cells):
-                    raise PlanError(f"{at}: an interaction cell has no trials (each arm needs both {c['by']} values)")
-                n_a, n_b = min(_units(x, tuning) for x in cells[:2]), min(_units(x, tuning) for x in cells[2:])
-                conf = _confounds(cells[0], cells[1], {f, c["by"]})
-            else:
-                n_a, n_b = _units(ra, tuning), _units(rb, tuning)
-                conf = _confounds(ra, rb, {f})
-            levels = tuple(present) if kind in ("trend", "best_level") else ()
-            out.append(Comparison(**common, a=arm_a, b=arm_b, levels=levels, n_a=n_a, n_b=n_b, confounds=conf))
+            if rows:
+                common = dict(claim=c["claim"], kind=c["kind"], field=c["field"], tuning=tuning,
+                              metric=c.get("metric", "range_drop" if c["kind"] == "range_test" else "final_acc"),
+                              n_lr_scales=n_scales, stratum=combo, note=c.get("note", ""),
+                              _where=tuple(restrict.items()))
+                out.append(_comparison(c, rows, common, tuning, at))
     return out
+
+
+def _comparison(c: dict, rows: list[dict], common: dict, tuning: str, at: str) -> Comparison:
+    """One planned comparison `c` within one stratum's `rows`: its arms resolved, n per arm, confounds."""
+    f, kind = c["field"], c["kind"]
+    present = _values_of(rows, f)
+    if kind == "range_test":
+        arm = Arm("range test", {})
+        return Comparison(**common, a=arm, b=arm, n_a=_units(rows, tuning), n_b=_units(rows, tuning))
+    if kind in ("interaction", "best_shift"):
+        by_values = _values_of(rows, c["by"])
+        common.update(by=c["by"], by_a=_resolve_arm(c["by_a"], by_values, c["by"], at),
+                      by_b=_resolve_arm(c["by_b"], by_values, c["by"], at))
+    if kind == "best_shift":
+        groups = [_filter(rows, {c["by"]: by}) for by in (common["by_a"], common["by_b"])]
+        n = [min(_units(_filter(g, {f: (v,)}), tuning) for v in _values_of(g, f)) for g in groups]
+        arm = Arm(f"best {f}", {})
+        return Comparison(**common, a=arm, b=arm, levels=tuple(present), n_a=n[0], n_b=n[1])
+    a_vals, b_vals = _arm_values(c, present, at)
+    arm_a = Arm(" / ".join(fmt(f, v) for v in a_vals), {f: a_vals})
+    arm_b = Arm(" / ".join(fmt(f, v) for v in b_vals), {f: b_vals})
+    ra, rb = _filter(rows, arm_a.match), _filter(rows, arm_b.match)
+    if kind == "interaction":
+        cells = [_filter(r, {c["by"]: by}) for by in (common["by_a"], common["by_b"]) for r in (ra, rb)]
+        if any(not x for x in cells):
+            raise PlanError(f"{at}: an interaction cell has no trials (each arm needs both {c['by']} values)")
+        n_a, n_b = min(_units(x, tuning) for x in cells[:2]), min(_units(x, tuning) for x in cells[2:])
+        conf = _confounds(cells[0], cells[1], {f, c["by"]})
+    else:
+        n_a, n_b = _units(ra, tuning), _units(rb, tuning)
+        conf = _confounds(ra, rb, {f})
+    levels = tuple(present) if kind in ("trend", "best_level") else ()
+    return Comparison(**common, a=arm_a, b=arm_b, levels=levels, n_a=n_a, n_b=n_b, confounds=conf)
+
+
+def _arm_values(c: dict, present: list, at: str) -> tuple[tuple, tuple]:
+    """The values of the compared field in arm a and arm b (max/min resolved); distinct and non-empty."""
+    f = c["field"]
+    if c["kind"] == "best_level":
+        a_vals = _resolve_arm(c["a"], present, f, at)
+        b_vals = _resolve_arm(c["b"], present, f, at) if "b" in c else tuple(
+            v for v in present if key(v) not in {key(x) for x in a_vals})
+    else:
+        a_vals = _resolve_arm(c.get("a", "max"), present, f, at)
+        b_vals = _resolve_arm(c.get("b", "min"), present, f, at)
+    if not b_vals or {key(v) for v in a_vals} & {key(v) for v in b_vals}:
+        raise PlanError(f"{at}: arms a {list(a_vals)} and b {list(b_vals)} of {f} must be distinct and "
+                        f"non-empty (values present: {present})")
+    return a_vals, b_vals
