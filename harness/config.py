@@ -34,10 +34,10 @@ MODELS = (
     "mlp", "small_cnn",
 )
 MLP_ACTIVATIONS = ("relu", "tanh", "sigmoid", "square400")
-OPTIMIZERS = ("sgd", "nesterov", "adam", "adagrad", "adadelta", "caffe_sgd")  # caffe_sgd: harness.optim
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adagrad", "adadelta", "caffe_sgd")  # caffe_sgd: harness.trial.optim
 SCHEDULES = ("constant", "multistep", "triangular", "one_cycle", "one_cycle_cos", "cosine", "range_test")
 DEVICES = ("auto", "cpu", "cuda")
-KINDS = ("train", "lr_finder")              # lr_finder: harness.lr_finder
+KINDS = ("train", "lr_finder")              # lr_finder: harness.trial.finder
 FINDER_MODES = ("exp", "linear")
 LR_SUGGESTIONS = ("steepest", "valley", "smith")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -114,13 +114,13 @@ class TrialConfig(BaseModel):
     device: Literal[DEVICES] = "auto"
     # --- data: negative images (negative_mnist) ---
     invert_images: StrictBool = False     # every pixel x in [0, 1] becomes 1 - x, before preprocess
-    # --- LR finder (kind lr_finder: sweep base_lr -> max_lr over `steps`; see harness.lr_finder) ---
+    # --- LR finder (kind lr_finder: sweep base_lr -> max_lr over `steps`; see harness.trial.finder) ---
     kind: Literal[KINDS] = "train"        # train | lr_finder
     finder_mode: Literal[FINDER_MODES] = "exp"  # exp (fastai / pytorch-lr-finder) | linear (Smith's range test)
     finder_smoothing: Float = 0.98        # beta of the bias-corrected exponential moving average of the loss
     finder_stop_factor: Float = 4.0       # stop once the smoothed loss exceeds this x its best
     finder_val: StrictBool = False        # score the next validation (val_size, else test) batch after each step
-    # --- a max LR taken from a finder study's runs in MLflow (harness.lr_from_finder, resolved by the runner) ---
+    # --- a max LR taken from a finder study's runs in MLflow (harness.study.lr_from_finder, resolved by the runner) ---
     lr_from_finder: StrictStr | None = None  # the finder study; its runs of this trial's cell give max_lr
     lr_suggestion: Literal[LR_SUGGESTIONS] = "valley"  # steepest | valley | smith
     lr_base_div: Float = Field(10.0, ge=1)  # then base_lr = max_lr / lr_base_div (Smith: 10..20 for one cycle)

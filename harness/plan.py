@@ -10,7 +10,7 @@
 `expand(analysis, configs)` turns the plan into concrete `Comparison`s for the trial configs of one scale:
 `max`/`min` become the largest/smallest value present, `strata` split a comparison per value, and each arm
 knows the trials it takes and how many units (seeds) it has after tuning. `python -m harness.study NAME
---dry-run` prints `Comparison.line()` for each (the pre-registration) and `harness.claims` evaluates exactly
+--dry-run` prints `Comparison.line()` for each (the pre-registration) and `harness.analysis.claims` evaluates exactly
 these comparisons on the runs. Nothing is inferred from names: arms are typed field values.
 
 Tuning (AlgoPerf's rule): with `best_on_validation`, the trials of an arm that differ only in `lr_scale`

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from harness.study.cluster import DRIVER_RESOURCE, RAY_ENV
+from harness.study.cluster import DRIVER_RESOURCE, RAY_ENV, own_dashboard
 
 
 @pytest.fixture(scope="module")
@@ -15,8 +15,9 @@ def ray_session():
     import ray
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
-    ray.init(num_cpus=2, resources={DRIVER_RESOURCE: 8}, runtime_env={"env_vars": RAY_ENV},
-             include_dashboard=True, log_to_driver=False)
+    env = dict(RAY_ENV)  # with own_dashboard: the trials' processes find this Ray beside a study's own
+    ray.init(num_cpus=2, resources={DRIVER_RESOURCE: 8}, runtime_env={"env_vars": env}, log_to_driver=False,
+             **own_dashboard(env))
     yield ray
     ray.shutdown()
 

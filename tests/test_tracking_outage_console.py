@@ -87,6 +87,6 @@ def test_an_outage_past_the_grace_period_is_one_line_down_and_one_line_given_up(
     lines = tracking_lines(captured.err)
     assert len(lines) == 2, captured.err
     assert "unreachable" in lines[0] and "still unreachable after 2 s" in lines[1]
-    assert "5 items of run run0 not logged" in lines[1] and "python -m harness.backfill" in lines[1]
+    assert "5 items of run run0 not logged" in lines[1] and "python -m harness.study.backfill" in lines[1]
     assert "Retrying" not in captured.err + captured.out, captured.err
     assert "Retrying (" in worker_console.read_text()

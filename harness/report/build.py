@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness import REPO_ROOT
+from harness import REPO_ROOT, names
 from harness.analysis import claims as claims_mod
 from harness.analysis.results import RUN_CHOICES, StudyError, StudyResults, load_study, schedule_curves
 from harness.report import setup as rsetup
@@ -108,20 +108,20 @@ def build_report(study: str, tracking_uri: str | None = None, run: str = "latest
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{stem}.", dir=folder))
     try:
-        names = {"pdf": f"{stem}.pdf", "md": f"{stem}.md", "verdicts": f"{stem}.verdicts.csv",
+        file_names = {"pdf": f"{stem}.pdf", "md": f"{stem}.md", "verdicts": f"{stem}.verdicts.csv",
                  "cells": f"{stem}.cells.csv", "trials": f"{stem}.trials.csv", "curves": f"{stem}.curves.csv"}
-        pages, min_font = write_pdf(tmp / names["pdf"], res, evaluation, tables)
-        (tmp / names["md"]).write_text(markdown(res, evaluation, tables, names))
-        tables.verdicts_csv.to_csv(tmp / names["verdicts"], index=False)
-        tables.cells.to_csv(tmp / names["cells"], index=False)
-        tables.trials_csv.to_csv(tmp / names["trials"], index=False)
-        tables.curves_csv.to_csv(tmp / names["curves"], index=False)
-        for name in names.values():
+        pages, min_font = write_pdf(tmp / file_names["pdf"], res, evaluation, tables)
+        (tmp / file_names["md"]).write_text(markdown(res, evaluation, tables, file_names))
+        tables.verdicts_csv.to_csv(tmp / file_names["verdicts"], index=False)
+        tables.cells.to_csv(tmp / file_names["cells"], index=False)
+        tables.trials_csv.to_csv(tmp / file_names["trials"], index=False)
+        tables.curves_csv.to_csv(tmp / file_names["curves"], index=False)
+        for name in file_names.values():
             os.replace(tmp / name, folder / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ReportFiles(pdf=folder / names["pdf"], markdown=folder / names["md"],
-                       csvs=[folder / names[k] for k in ("verdicts", "cells", "trials", "curves")], pages=pages,
+    return ReportFiles(pdf=folder / file_names["pdf"], markdown=folder / file_names["md"],
+                       csvs=[folder / file_names[k] for k in ("verdicts", "cells", "trials", "curves")], pages=pages,
                        seconds=time.perf_counter() - t0, load_seconds=res.timings.get("total_s", 0.0),
                        n_trials=len(res.trials), min_font=min_font)
 
@@ -255,22 +255,22 @@ def setup_rows(res: StudyResults, ev: claims_mod.Evaluation) -> list[tuple[str, 
     when = f"{min(starts):%Y-%m-%d %H:%M} UTC" if starts else "unknown"
     if ends:
         when += f" to {max(ends):%Y-%m-%d %H:%M} UTC"
-    parents = ", ".join(f"{p['run_id']} ({p['run_name']}, {p['tags'].get('harness.scale', '?')})" for p in res.parents)
+    parents = ", ".join(f"{p['run_id']} ({p['run_name']}, {p['tags'].get(names.SCALE, '?')})" for p in res.parents)
     rows = [
         ("scale", f"{ev.scale} (verdicts use the {ev.n_trials} completed or diverged trials at this scale)"
          + (f"; parent runs at scales {_uniq(t, 'scale')}" if t["scale"].nunique() > 1 else "")),
         ("dataset / model", f"{_uniq(t, 'dataset')} / {_uniq(t, 'model')}"),
         ("trials", f"{len(t)} in {len(seeds)} cells, {seeds_text} seeds per cell; "
                    + ", ".join(f"{k} {v}" for k, v in sorted(status.items()))),
-        ("hardware", f"{tags.get('harness.hardware', 'unknown')}; "
-                     f"Ray resources {tags.get('harness.ray_resources', '?')}"
+        ("hardware", f"{tags.get(names.HARDWARE, 'unknown')}; "
+                     f"Ray resources {tags.get(names.RAY_RESOURCES, '?')}"
                      + (f"; GPUs {', '.join(gpus)}" if gpus else "")),
         ("total compute", (f"{secs / 3600:.2f} h" if secs >= 360 else f"{secs:,.0f} s") +
                           (" of training (sum of train_seconds, evaluation excluded), "
                            f"{steps:,.0f} optimizer steps, {images:,.0f} training images")),
         ("git commit of the run", "; ".join(commits)),
-        ("harness version", f"{tags.get('harness.version', '?')}; torch {_uniq(t, 'sys.torch')}"),
-        ("command", tags.get("harness.command", "?")),
+        ("harness version", f"{tags.get(names.VERSION, '?')}; torch {_uniq(t, 'sys.torch')}"),
+        ("command", tags.get(names.COMMAND, "?")),
         ("date", when),
         ("MLflow", f"{res.tracking_uri}, experiment {res.experiment_id}, parent run(s) {parents}"),
         ("report generated", f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC by harness.report at commit "
@@ -391,7 +391,7 @@ def _excluded_text(ev: claims_mod.Evaluation) -> str:
 
 
 def _question(res: StudyResults) -> str:
-    return " ".join(str(res.parent["tags"].get("harness.question", "")).split()) or "(the study states no question)"
+    return " ".join(str(res.parent["tags"].get(names.QUESTION, "")).split()) or "(the study states no question)"
 
 
 # ------------------------------------------------------------------------------------------------ PDF
@@ -403,101 +403,126 @@ def write_pdf(path: Path, res: StudyResults, ev: claims_mod.Evaluation, tables: 
     t = res.trials
     if t["scale"].nunique() > 1:      # --run all over several scales: figures show the scale of the verdicts
         t = t[t["scale"] == ev.scale]
-    curves = res.curves
     refs = figs.reference_for_cells(t)
     with FlowPdf(path, footer=f"harness.report · study {res.study} · {ev.scale} scale",
                  metadata={"Title": f"Study {res.study}: verdicts on the super-convergence claims"}) as pdf:
-        # ---- page 1: question, what this run did, verdicts, paper vs this run, setup
-        pdf.new_page()
-        pdf.heading(f"Study {res.study}: {ev.scale} scale", size=16, keep_with=0)
-        pdf.paragraph(f"Claims: {', '.join(ev.requested)} · parent run(s) {', '.join(p['run_id'] for p in res.parents)}"
-                      f" · {len(res.trials)} trials · report of {dt.date.today():%Y-%m-%d}", size=FONT, color="0.35")
-        pdf.heading("Question", size=11)
-        pdf.paragraph(_question(res), size=9)
-        pdf.paragraph(tables.this_run, size=9)
-        pdf.heading("Verdicts", size=11)
-        rows, styles = _verdict_rows(ev)
-        if rows:
-            pdf.table(VERDICT_COLUMNS, rows, widths=VERDICT_WIDTHS, size=FONT, styles=styles)
-        else:
-            pdf.paragraph("No claim could be tested with this study's runs.", size=9)
-        for text in (_not_tested_text(ev), _excluded_text(ev)):
-            if text:
-                pdf.paragraph(text, size=FONT)
-        pdf.heading("The paper's setup vs this run", size=11)
-        pdf.paragraph(f"Paper column: {tables.paper_source}. This run: the trials' typed configs.", size=FONT,
-                      color="0.3")
-        pdf.table(["setting", "paper", f"this run ({ev.scale} scale)"], tables.paper_vs_run, widths=[1.5, 4.6, 4.6],
-                  size=FONT)
-        pdf.paragraph(f"Deviations of the {ev.scale} scale from the authors' setup ({tables.deviations_source}):",
-                      size=FONT, color="0.2")
-        for d in tables.deviations or ["none declared"]:
-            pdf.paragraph(f"- {d}", size=FONT, indent=0.15)
-        pdf.paragraph(DECISION_RULE, size=FONT, color="0.3")
-        pdf.heading("Setup and provenance", size=11)
-        pdf.table(["", ""], [[k, v] for k, v in tables.setup], widths=[1.5, 8.5], size=FONT, header=False)
-
-        # ---- one section per group of verdicts that read the same trials
-        shown_cells: set[str] = set()
-        for vs in verdict_groups(ev):
-            pdf.section(min_room=3.0)
-            ids = list(dict.fromkeys(v.claim_id for v in vs))
-            pdf.heading(" and ".join(ids) + ": " + "; ".join(
-                claims_mod.CLAIMS.get(c, claims_mod.QUESTION).statement for c in ids), size=12)
-            for cid in ids:
-                claim = claims_mod.CLAIMS.get(cid, claims_mod.QUESTION)
-                pdf.paragraph(f"{cid} paper setup: {claim.setup}.", size=FONT)
-            columns, rows, styles = verdict_details(vs)
-            pdf.table(columns, rows, widths=[1.3] + [9.4 / len(vs)] * len(vs), size=FONT, styles=styles)
-            cells = _claim_cells(tables.cells, vs)
-            shown_cells |= set(cells["cell"])
-            pdf.table(CELL_COLUMNS, _cell_rows(cells), widths=CELL_WIDTHS, size=FONT)
-            # the figure takes what is left of the page (2.4-3.4 in), else a full-height one on the next page
-            pdf.figure(lambda fig, rect, vs=vs: figs.draw_claim(fig, rect, vs, t, curves, refs),
-                       height=min(3.4, pdf.room - 0.1) if pdf.room >= 2.3 else 3.4)
-
-        # ---- training curves and schedules (one page)
-        pdf.section(min_room=5.6)
-        pdf.heading("Training curves: loss and test accuracy against step, epoch and training seconds", size=12)
-        pdf.paragraph("Line: median over the seeds of each cell; band: min to max over seeds. The same points "
-                      "on three x-axes (epochs = images seen / training images; seconds = cumulative training time "
-                      "without evaluation). Every point is in the curves CSV beside this PDF.", size=FONT)
-        pdf.figure(lambda fig, rect: figs.draw_training_curves(fig, rect, t, curves), height=4.5)
-        pdf.heading("Learning rate and momentum at every step (from the trial config)", size=11, keep_with=2.0)
-        sched = schedule_curves(t)
-        pdf.figure(lambda fig, rect: figs.draw_schedules(fig, rect, t, sched), height=2.5)
-
-        # ---- outcomes, and accuracy per schedule with the authors' logs
-        pdf.section(min_room=4.0)
-        pdf.heading("Final accuracy vs total batch size; steps to target", size=12)
-
-        def outcome_panels(fig, rect):
-            ax1, ax2 = figs._axes(fig, rect, ncols=2, wspace=0.75)
-            figs.draw_final_vs_batch(ax1, t[t["status"].isin(["completed", "diverged"])])
-            figs.draw_steps_to_target(ax2, t[t["status"].isin(["completed", "diverged"])])
-
-        pdf.figure(outcome_panels, height=3.0)
-        n_sched = max(1, len([s for s in t.get("schedule", pd.Series(["all"])).unique() if s != "range_test"]))
-        pdf.heading("Test accuracy vs iteration, per schedule, with the authors' logs", size=12, keep_with=3.0)
-        pdf.paragraph("Dashed: the authors' Caffe log with the same setup (dataset, model, schedule, total batch, "
-                      "peak LR, steps), when there is one.", size=FONT)
-        pdf.figure(lambda fig, rect: figs.draw_accuracy_by_schedule(fig, rect, t, curves, refs),
-                   height=min(6.6, 3.3 * ((n_sched + 1) // 2)))
-        if "schedule" in t and (t["schedule"] == "range_test").any():
-            pdf.heading("LR range tests", size=12, keep_with=4.0)
-            pdf.figure(lambda fig, rect: figs.draw_range_tests(figs._axes(fig, rect)[0], t, curves), height=4.0)
-
-        # ---- tables
-        if set(tables.cells["cell"]) - shown_cells:
-            pdf.section(min_room=2.5)
-            pdf.heading("All cells", size=12)
-            pdf.table(CELL_COLUMNS, _cell_rows(tables.cells), widths=CELL_WIDTHS, size=FONT)
-        pdf.section(min_room=2.5)
-        pdf.heading("Appendix: every trial", size=12)
-        pdf.paragraph("Final accuracy of a diverged trial is its last measured test accuracy; steps to target "
-                      "'never' = missed or diverged. Open a run in MLflow by its run id.", size=FONT)
-        pdf.table(TRIAL_COLUMNS, _trial_rows(res.trials), widths=TRIAL_WIDTHS, size=FONT)
+        _pdf_front_page(pdf, res, ev, tables)
+        shown_cells = _pdf_claim_sections(pdf, ev, tables, t, res.curves, refs)
+        _pdf_training_curves(pdf, t, res.curves)
+        _pdf_outcomes(pdf, t, res.curves, refs)
+        _pdf_tables(pdf, res, tables, shown_cells)
     return pdf.pages, pdf.min_font
+
+
+def _pdf_front_page(pdf, res: StudyResults, ev: claims_mod.Evaluation, tables: Tables) -> None:
+    """Page 1: question, what this run did, verdicts, paper vs this run, setup."""
+    pdf.new_page()
+    pdf.heading(f"Study {res.study}: {ev.scale} scale", size=16, keep_with=0)
+    pdf.paragraph(f"Claims: {', '.join(ev.requested)} · parent run(s) {', '.join(p['run_id'] for p in res.parents)}"
+                  f" · {len(res.trials)} trials · report of {dt.date.today():%Y-%m-%d}", size=FONT, color="0.35")
+    pdf.heading("Question", size=11)
+    pdf.paragraph(_question(res), size=9)
+    pdf.paragraph(tables.this_run, size=9)
+    pdf.heading("Verdicts", size=11)
+    rows, styles = _verdict_rows(ev)
+    if rows:
+        pdf.table(VERDICT_COLUMNS, rows, widths=VERDICT_WIDTHS, size=FONT, styles=styles)
+    else:
+        pdf.paragraph("No claim could be tested with this study's runs.", size=9)
+    for text in (_not_tested_text(ev), _excluded_text(ev)):
+        if text:
+            pdf.paragraph(text, size=FONT)
+    pdf.heading("The paper's setup vs this run", size=11)
+    pdf.paragraph(f"Paper column: {tables.paper_source}. This run: the trials' typed configs.", size=FONT,
+                  color="0.3")
+    pdf.table(["setting", "paper", f"this run ({ev.scale} scale)"], tables.paper_vs_run, widths=[1.5, 4.6, 4.6],
+              size=FONT)
+    pdf.paragraph(f"Deviations of the {ev.scale} scale from the authors' setup ({tables.deviations_source}):",
+                  size=FONT, color="0.2")
+    for d in tables.deviations or ["none declared"]:
+        pdf.paragraph(f"- {d}", size=FONT, indent=0.15)
+    pdf.paragraph(DECISION_RULE, size=FONT, color="0.3")
+    pdf.heading("Setup and provenance", size=11)
+    pdf.table(["", ""], [[k, v] for k, v in tables.setup], widths=[1.5, 8.5], size=FONT, header=False)
+
+
+def _pdf_claim_sections(pdf, ev: claims_mod.Evaluation, tables: Tables, t: pd.DataFrame, curves: pd.DataFrame,
+                        refs) -> set[str]:
+    """One section per group of verdicts that read the same trials: the claims, their verdicts in detail, their
+    cells and a figure. Returns the cells shown."""
+    from harness.report import figures as figs
+
+    shown_cells: set[str] = set()
+    for vs in verdict_groups(ev):
+        pdf.section(min_room=3.0)
+        ids = list(dict.fromkeys(v.claim_id for v in vs))
+        pdf.heading(" and ".join(ids) + ": " + "; ".join(
+            claims_mod.CLAIMS.get(c, claims_mod.QUESTION).statement for c in ids), size=12)
+        for cid in ids:
+            claim = claims_mod.CLAIMS.get(cid, claims_mod.QUESTION)
+            pdf.paragraph(f"{cid} paper setup: {claim.setup}.", size=FONT)
+        columns, rows, styles = verdict_details(vs)
+        pdf.table(columns, rows, widths=[1.3] + [9.4 / len(vs)] * len(vs), size=FONT, styles=styles)
+        cells = _claim_cells(tables.cells, vs)
+        shown_cells |= set(cells["cell"])
+        pdf.table(CELL_COLUMNS, _cell_rows(cells), widths=CELL_WIDTHS, size=FONT)
+        # the figure takes what is left of the page (2.4-3.4 in), else a full-height one on the next page
+        pdf.figure(lambda fig, rect, vs=vs: figs.draw_claim(fig, rect, vs, t, curves, refs),
+                   height=min(3.4, pdf.room - 0.1) if pdf.room >= 2.3 else 3.4)
+    return shown_cells
+
+
+def _pdf_training_curves(pdf, t: pd.DataFrame, curves: pd.DataFrame) -> None:
+    """Training curves and schedules (one page)."""
+    from harness.report import figures as figs
+
+    pdf.section(min_room=5.6)
+    pdf.heading("Training curves: loss and test accuracy against step, epoch and training seconds", size=12)
+    pdf.paragraph("Line: median over the seeds of each cell; band: min to max over seeds. The same points "
+                  "on three x-axes (epochs = images seen / training images; seconds = cumulative training time "
+                  "without evaluation). Every point is in the curves CSV beside this PDF.", size=FONT)
+    pdf.figure(lambda fig, rect: figs.draw_training_curves(fig, rect, t, curves), height=4.5)
+    pdf.heading("Learning rate and momentum at every step (from the trial config)", size=11, keep_with=2.0)
+    sched = schedule_curves(t)
+    pdf.figure(lambda fig, rect: figs.draw_schedules(fig, rect, t, sched), height=2.5)
+
+
+def _pdf_outcomes(pdf, t: pd.DataFrame, curves: pd.DataFrame, refs) -> None:
+    """Outcomes (final accuracy vs batch, steps to target), accuracy per schedule with the authors' logs, and the
+    LR range tests if any."""
+    from harness.report import figures as figs
+
+    pdf.section(min_room=4.0)
+    pdf.heading("Final accuracy vs total batch size; steps to target", size=12)
+
+    def outcome_panels(fig, rect):
+        ax1, ax2 = figs._axes(fig, rect, ncols=2, wspace=0.75)
+        figs.draw_final_vs_batch(ax1, t[t["status"].isin(["completed", "diverged"])])
+        figs.draw_steps_to_target(ax2, t[t["status"].isin(["completed", "diverged"])])
+
+    pdf.figure(outcome_panels, height=3.0)
+    n_sched = max(1, len([s for s in t.get("schedule", pd.Series(["all"])).unique() if s != "range_test"]))
+    pdf.heading("Test accuracy vs iteration, per schedule, with the authors' logs", size=12, keep_with=3.0)
+    pdf.paragraph("Dashed: the authors' Caffe log with the same setup (dataset, model, schedule, total batch, "
+                  "peak LR, steps), when there is one.", size=FONT)
+    pdf.figure(lambda fig, rect: figs.draw_accuracy_by_schedule(fig, rect, t, curves, refs),
+               height=min(6.6, 3.3 * ((n_sched + 1) // 2)))
+    if "schedule" in t and (t["schedule"] == "range_test").any():
+        pdf.heading("LR range tests", size=12, keep_with=4.0)
+        pdf.figure(lambda fig, rect: figs.draw_range_tests(figs._axes(fig, rect)[0], t, curves), height=4.0)
+
+
+def _pdf_tables(pdf, res: StudyResults, tables: Tables, shown_cells: set[str]) -> None:
+    """The cells no claim section showed (all of them, if any is missing), then the appendix: every trial."""
+    if set(tables.cells["cell"]) - shown_cells:
+        pdf.section(min_room=2.5)
+        pdf.heading("All cells", size=12)
+        pdf.table(CELL_COLUMNS, _cell_rows(tables.cells), widths=CELL_WIDTHS, size=FONT)
+    pdf.section(min_room=2.5)
+    pdf.heading("Appendix: every trial", size=12)
+    pdf.paragraph("Final accuracy of a diverged trial is its last measured test accuracy; steps to target "
+                  "'never' = missed or diverged. Open a run in MLflow by its run id.", size=FONT)
+    pdf.table(TRIAL_COLUMNS, _trial_rows(res.trials), widths=TRIAL_WIDTHS, size=FONT)
 
 
 def _trial_rows(t: pd.DataFrame) -> list[list[str]]:
@@ -523,8 +548,8 @@ def _md_table(columns, rows) -> str:
     return "\n".join(lines)
 
 
-def markdown(res: StudyResults, ev: claims_mod.Evaluation, tables: Tables, names: dict) -> str:
-    pdf_name, curves_name = names["pdf"], names["curves"]
+def markdown(res: StudyResults, ev: claims_mod.Evaluation, tables: Tables, file_names: dict) -> str:
+    pdf_name, curves_name = file_names["pdf"], file_names["curves"]
     out = [f"# Study {res.study}: {ev.scale} scale", "",
            (f"Figures: [{pdf_name}]({pdf_name}); curves: [{curves_name}]({curves_name}). "
             f"Claims: {', '.join(ev.requested)}. Parent run {res.parent['run_id']}."), "", "## Question", "",

@@ -5,7 +5,7 @@
 Exit codes: 0 when every trial completed or diverged (a divergence is a result), 1 when a trial errored
 (listed at the end with its error), 2 for bad input (nothing started, nothing logged), 3 when every trial
 ended but MLflow stayed unreachable past HARNESS_TRACKING_GRACE_S (the results are in Ray's storage; the
-printed `python -m harness.backfill` command fills MLflow in), 130 when interrupted (Ctrl-C: the trials stop
+printed `python -m harness.study.backfill` command fills MLflow in), 130 when interrupted (Ctrl-C: the trials stop
 at their last checkpoint, the study run and unfinished trial runs are marked KILLED, `--resume` continues).
 """
 
@@ -29,7 +29,7 @@ from harness.config import ConfigError, TrialConfig
 from harness.study import cluster, lr_from_finder, tracking
 from harness.study.console import quiet_console
 
-EXIT_UNTRACKED = 3  # every trial ended, but MLflow misses some of it: run harness.backfill
+EXIT_UNTRACKED = 3  # every trial ended, but MLflow misses some of it: run harness.study.backfill
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -298,7 +298,7 @@ def _finished(resolved: dict, place: Place, run: StudyRun, outcome: Outcome) -> 
     if outcome.untracked:
         print(f"warning: MLflow was unreachable past the grace period ({tracking.TRACKING_GRACE_ENV}); trials "
               f"{', '.join(outcome.untracked)} are complete in {place.exp_path} but not fully logged. Fill MLflow "
-              f"in with: python -m harness.backfill {resolved['name']} --scale {resolved['scale']} --storage "
+              f"in with: python -m harness.study.backfill {resolved['name']} --scale {resolved['scale']} --storage "
               f"{shlex.quote(str(place.storage))} --tracking-uri {uri}", file=sys.stderr)
     if outcome.errors:
         return 1

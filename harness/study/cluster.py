@@ -21,12 +21,15 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.study import ray_internals
+
 DRIVER_RESOURCE = "trial_driver"  # a custom resource for the Tune trial's own actor: it must not hold a CPU
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API (and `ray job`) looks first for the dashboard
 RAY_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",  # the Train controller polls reports every 2 s by default
     "RAY_AIR_NEW_OUTPUT": "0",                   # Tune's classic live table with our columns
     "RAY_TRAIN_V2_ENABLED": "1",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # MLflow's "View run ... at" line per run end (HTTP stores)
 }
 
 
@@ -229,10 +232,9 @@ def node_types_from_autoscaler_config(config: dict) -> list[NodeType]:
 def launchable_node_types(address: str | None) -> list[NodeType] | None:
     """The connected cluster's node types: Ray's own cluster config in the GCS (set by KubeRay and autoscaler v2),
     else, on the head of a `ray up` cluster, the autoscaling config `ray up` wrote there; None for a fixed cluster."""
-    import ray._private.state
-    config = ray._private.state.state.get_cluster_config()
-    if config is not None and config.node_group_configs:
-        return [NodeType(g.name, dict(g.resources), g.max_count) for g in config.node_group_configs]
+    groups = ray_internals.gcs_node_groups()
+    if groups is not None:
+        return [NodeType(name, resources, max_count) for name, resources, max_count in groups]
     bootstrap = Path.home() / "ray_bootstrap_config.yaml"  # `ray up` --autoscaling-config, on the head only
     if address and bootstrap.is_file():
         import yaml

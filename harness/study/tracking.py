@@ -3,9 +3,9 @@
 Where:  --tracking-uri > $MLFLOW_TRACKING_URI > sqlite:///<abs cwd>/mlflow.db (artifacts in ./mlruns beside
 it). The URI is made absolute before any trial starts, because Ray workers change directory.
 
-The schema (what `harness.results` reads) is named in harness/names.py:
+The schema (what `harness.analysis.results` reads) is named in harness/names.py:
   experiment  tag mlflow.experimentKind=custom_model_development (MLflow 3's UI opens the runs table).
-  parent run  tags harness.role=study, harness.study, harness.scale, harness.claims, harness.question,
+  parent run  tags harness.role=study, harness.study, harness.scale, harness.analysis.claims, harness.question,
               harness.git_commit, harness.git_dirty, harness.git_dirty_files, harness.version, harness.command,
               harness.ray_resources, harness.hardware, harness.tune_path; artifact study_spec.yaml;
               description = how to build the report.
@@ -21,7 +21,7 @@ restarted trial skips evaluation records whose step is already logged. So a work
 checkpoint, or a study resumed with --resume, writes into the same runs and never duplicates one.
 
 Outages: a trial's logging goes through a local buffer (TrialLogger) retried with backoff, so training never
-waits on the store; past HARNESS_TRACKING_GRACE_S the trial completes without it and `harness.backfill`
+waits on the store; past HARNESS_TRACKING_GRACE_S the trial completes without it and `harness.study.backfill`
 fills MLflow in from Ray's storage later. Calls that end runs (end_study_run, mark_trial_error) never raise:
 a store failure there is a warning line, so the error the user sees is the first one.
 """
@@ -250,7 +250,7 @@ class TrialLogger:
     answers; while it does not, training goes on and the buffer is retried with exponential backoff
     (`flush` never raises). `finish` waits for the buffer up to HARNESS_TRACKING_GRACE_S seconds after the
     outage began, then gives up: the trial still completes, its records stay in Ray's storage (Tune's
-    result.json) and `python -m harness.backfill` delivers them later.
+    result.json) and `python -m harness.study.backfill` delivers them later.
 
     Exactly once: records carry an explicit step; before the first delivery, and again after any failed call
     (its answer may have been lost after the server applied it), the logger asks the server for the last
@@ -335,7 +335,7 @@ class TrialLogger:
             if now >= deadline:
                 _warn(f"MLflow {self.uri} still unreachable after {self.grace_s:g} s ({TRACKING_GRACE_ENV}); "
                       f"{self.pending} items of run {self.run_id or getattr(self._where[2], 'name', '?')} not "
-                      "logged; they are kept in Ray's storage: python -m harness.backfill fills them in")
+                      "logged; they are kept in Ray's storage: python -m harness.study.backfill fills them in")
                 return False
             time.sleep(max(0.0, min(self._next_try, deadline) - now))
         return True

@@ -418,40 +418,69 @@ def load_dataset(
         raise ValueError(f"unknown dataset '{name}'; allowed: {', '.join(DATASETS)}")
     if preprocess not in PREPROCESS:
         raise ValueError(f"unknown preprocess '{preprocess}'; allowed: {', '.join(PREPROCESS)}")
+    raw = _raw_of(name, raw, data_dir, download)
+    train_x, train_y, val_x, val_y = _hold_out_validation(name, raw.train_x, raw.train_y, val_size, raw.num_classes)
+    train_x, train_y = _training_subset(name, train_x, train_y, train_size, raw.num_classes, seed)
+    train_x, test_x, val_x = _scaled_on_device(train_x, raw.test_x, val_x, raw.max_value, device, invert)
+    train_y, test_y = train_y.to(device), raw.test_y.to(device)
+    val_y = None if val_y is None else val_y.to(device)
+    train_x, test_x, val_x, augment = _preprocessed(train_x, test_x, val_x, preprocess)
+    return Dataset(name, train_x.contiguous(), train_y, test_x.contiguous(), test_y, raw.num_classes, augment,
+                   None if val_x is None else val_x.contiguous(), val_y)
 
+
+def _raw_of(name: str, raw: RawData | None, data_dir, download: bool) -> RawData:
+    """The files' content: `raw` when given (it must be `name`'s), else read now."""
     if raw is None:
-        raw = load_raw(name, data_dir=data_dir, download=download)
-    elif raw.name != name:
+        return load_raw(name, data_dir=data_dir, download=download)
+    if raw.name != name:
         raise ValueError(f"raw data of '{raw.name}' given for dataset '{name}'")
-    train_x, train_y, test_x, test_y = raw.train_x, raw.train_y, raw.test_x, raw.test_y
-    num_classes, max_value = raw.num_classes, raw.max_value
+    return raw
 
-    val_x = val_y = None
-    if val_size:
-        if not 0 < val_size < len(train_y):
-            raise ValueError(f"val_size={val_size} for '{name}' must be between 1 and {len(train_y) - 1}")
-        held = torch.zeros(len(train_y), dtype=torch.bool)
-        held[_balanced_subset(train_y, val_size, num_classes, seed=-1)] = True  # one split for every seed
-        val_x, val_y = train_x[held], train_y[held]
-        train_x, train_y = train_x[~held], train_y[~held]
-    if train_size is not None:
-        if not 0 < train_size <= len(train_y):
-            raise ValueError(f"train_size={train_size} for '{name}' must be between 1 and {len(train_y)} "
-                             f"(the size of its training set)")
-        if train_size < len(train_y):
-            keep = _balanced_subset(train_y, train_size, num_classes, seed)
-            train_x, train_y = train_x[keep], train_y[keep]
 
-    # to the device as uint8 (4x less to copy), then scale there
+def _hold_out_validation(name: str, x: torch.Tensor, y: torch.Tensor, val_size: int | None, num_classes: int):
+    """(train_x, train_y, val_x, val_y): a class-balanced split of `val_size` held out of the training set, the same
+    for every seed; val_x and val_y are None without a val_size."""
+    if not val_size:
+        return x, y, None, None
+    if not 0 < val_size < len(y):
+        raise ValueError(f"val_size={val_size} for '{name}' must be between 1 and {len(y) - 1}")
+    held = torch.zeros(len(y), dtype=torch.bool)
+    held[_balanced_subset(y, val_size, num_classes, seed=-1)] = True  # one split for every seed
+    return x[~held], y[~held], x[held], y[held]
+
+
+def _training_subset(name: str, x: torch.Tensor, y: torch.Tensor, train_size: int | None, num_classes: int,
+                     seed: int):
+    """(x, y) cut to a class-balanced subset of `train_size` chosen by `seed`; the whole set without a train_size."""
+    if train_size is None:
+        return x, y
+    if not 0 < train_size <= len(y):
+        raise ValueError(f"train_size={train_size} for '{name}' must be between 1 and {len(y)} "
+                         f"(the size of its training set)")
+    if train_size < len(y):
+        keep = _balanced_subset(y, train_size, num_classes, seed)
+        x, y = x[keep], y[keep]
+    return x, y
+
+
+def _scaled_on_device(train_x: torch.Tensor, test_x: torch.Tensor, val_x: torch.Tensor | None, max_value: float,
+                      device: str | torch.device, invert: bool):
+    """The images to the device as they are (uint8: 4x less to copy), then scaled there to [0, 1] and, with
+    `invert`, turned into 1 - x."""
     train_x = train_x.to(device).float().div(max_value)  # out of place: raw may be shared
     test_x = test_x.to(device).float().div(max_value)
-    train_y, test_y = train_y.to(device), test_y.to(device)
     if val_x is not None:
-        val_x, val_y = val_x.to(device).float().div_(max_value), val_y.to(device)
+        val_x = val_x.to(device).float().div_(max_value)  # in place: a copy made by the split
     if invert:
         train_x, test_x = 1.0 - train_x, 1.0 - test_x
         val_x = None if val_x is None else 1.0 - val_x
+    return train_x, test_x, val_x
 
+
+def _preprocessed(train_x: torch.Tensor, test_x: torch.Tensor, val_x: torch.Tensor | None, preprocess: str):
+    """(train_x, test_x, val_x, augment): normalized with the training set's statistics ("paper": minus the mean
+    image; "standard": per-channel standardization; "none": unchanged) and the augmentation that goes with it."""
     if preprocess == "paper":
         mean = train_x.mean(dim=0, keepdim=True)  # the mean image [1, C, H, W]
         train_x, test_x = train_x - mean, test_x - mean
@@ -465,8 +494,7 @@ def load_dataset(
         augment = "standard"
     else:
         augment = "none"
-    return Dataset(name, train_x.contiguous(), train_y, test_x.contiguous(), test_y, num_classes, augment,
-                   None if val_x is None else val_x.contiguous(), val_y)
+    return train_x, test_x, val_x, augment
 
 
 # -----------------------------------------------------------------------------
