@@ -275,7 +275,7 @@ def smoke_session(folder: str, trials: int) -> int:
     study = smoke_grid_study(here, trials)
     spec = specs.load_spec(str(study))
     n = len(specs.trials(spec, "smoke"))
-    resources = specs.resolve(spec, "smoke")["resources"]
+    resources = specs.at_scale(spec, "smoke")["resources"]
     cluster.init_ray(None)
     try:
         try:

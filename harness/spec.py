@@ -233,7 +233,7 @@ def validate_spec(spec: Any, where: str) -> None:
                     raise SpecError(str(e)) from None
 
 
-def resolve(spec: dict, scale: str) -> dict:
+def at_scale(spec: dict, scale: str) -> dict:
     """The spec with one scale's overrides applied: base merged, grid/paired axes replaced."""
     if scale not in SCALES:
         raise SpecError(f"unknown scale '{scale}'; allowed: {', '.join(SCALES)}")
@@ -258,7 +258,7 @@ def resolve(spec: dict, scale: str) -> dict:
 
 def trials(spec: dict, scale: str, where: str = "study", workers: int | None = None) -> list[Trial]:
     """Expand one scale of a study into its trials, each config validated for the trial's world size."""
-    r = resolve(spec, scale)
+    r = at_scale(spec, scale)
     world = workers or r["resources"]["workers"]
     axes: list[list[dict]] = [opts for opts in r["paired"].values()]
     axes += [[{field: v} for v in values] for field, values in r["grid"].items()]

@@ -77,7 +77,7 @@ def history(config: dict, final: float, status: str) -> list[dict]:
 
 
 def summary(config: dict, records: list[dict], status: str) -> dict:
-    """The summary harness.trial.summarize computes from the same records."""
+    """The summary harness.trial.loop.trial_summary computes from the same records."""
     reach = next((r for r in records if r["test_acc"] >= config["target_acc"]), None) \
         if status == "completed" else None
     last = records[-1]
@@ -101,7 +101,7 @@ class Builder:
         body = {"name": name, "question": question, "claims": claims, "base": base, "paired": paired or {},
                 "grid": grid or {}, "scales": {scale: {"deviations": deviations or []}},
                 "analysis": {"comparisons": analysis or []}}
-        resolved = spec.resolve(body, scale)
+        resolved = spec.at_scale(body, scale)
         trials = spec.trials(body, scale)
         parent = tracking.start_study_run(
             self.uri, resolved, scale, f"/synthetic/ray_results/{name}-{scale}",

@@ -138,7 +138,7 @@ def test_the_smoke_grid_is_16_two_worker_trials(tmp_path):
     path = bench.smoke_grid_study(tmp_path, 16)
     spec = specs.load_spec(str(path))
     trials = specs.trials(spec, "smoke")
-    assert len(trials) == 16 and specs.resolve(spec, "smoke")["resources"]["workers"] == 2
+    assert len(trials) == 16 and specs.at_scale(spec, "smoke")["resources"]["workers"] == 2
     assert len({t.cell for t in trials}) == 4
 
 

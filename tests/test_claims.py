@@ -78,7 +78,7 @@ def test_the_verdicts_use_every_planned_trial_family_and_select_lr_scales_on_val
         test = 0.90 + 0.01 * (c["batch_size"] == 1000) + 0.002 * c["seed"] - 0.02 * (c["lr_scale"] != 1)
         return test, 0.90 + 0.05 * (c["lr_scale"] == 2)
     df = frame(trials, "paper", outcome)
-    ev = claims.evaluate_plan(comps, df, curves_for(df))
+    ev = claims.plan_verdicts(comps, df, curves_for(df))
     used = {rid for v in ev.verdicts for rid in v.run_ids}
     chosen = df[df["run_id"].isin(used)]
     assert set(chosen["lr_scale"]) == {2.0}                          # validation picked the scale, not the test set
@@ -165,7 +165,7 @@ def test_bootstrap_is_seeded_and_handles_misses():
 def test_below_min_n_there_is_no_interval_only_per_seed_values_and_the_direction():
     _, trials, comps = study("batch_size_effect", "quick")           # 2 seeds per cell
     df = frame(trials, "quick", lambda c: (0.85 - 0.1 * (c["batch_size"] == 1000) + 0.01 * c["seed"], None))
-    v = one(claims.evaluate_plan(comps, df, curves_for(df)), "SC4")
+    v = one(claims.plan_verdicts(comps, df, curves_for(df)), "SC4")
     assert v.n_a == v.n_b == 2 and not v.ci_shown and math.isnan(v.p)
     assert v.verdict == "inconclusive" and v.observed == "opposite to the claim"
     assert "s0 75.00%" in v.per_seed and "s1 86.00%" in v.per_seed and "CI" not in v.measured
@@ -174,7 +174,7 @@ def test_below_min_n_there_is_no_interval_only_per_seed_values_and_the_direction
 def test_smoke_scale_is_only_a_pipeline_check():
     _, trials, comps = study("batch_size_effect", "smoke")
     df = frame(trials, "smoke", lambda c: (0.9 + 0.05 * (c["batch_size"] == 1000), None))
-    v = one(claims.evaluate_plan(comps, df, curves_for(df)), "SC4")
+    v = one(claims.plan_verdicts(comps, df, curves_for(df)), "SC4")
     assert v.verdict == "pipeline check" and v.verdict_text.startswith("pipeline check (smoke scale): would be")
 
 
@@ -200,21 +200,21 @@ def test_best_level_and_best_shift_and_range_test():
     configs, comps = _three_seed_plan({"kind": "best_level", "field": "momentum", "a": [0.85, 0.9]},
                                       {"momentum": [0.8, 0.85, 0.9, 0.95]})
     acc = {0.8: 0.905, 0.85: 0.92, 0.9: 0.924, 0.95: 0.89}
-    v = claims.evaluate_plan(comps, _frame_of(configs, lambda c: acc[c["momentum"]] + 0.001 * c["seed"])).verdicts[0]
+    v = claims.plan_verdicts(comps, _frame_of(configs, lambda c: acc[c["momentum"]] + 0.001 * c["seed"])).verdicts[0]
     assert v.verdict == "supported" and v.median_a == pytest.approx(0.9255) and v.median_b == pytest.approx(0.9065)
     configs, comps = _three_seed_plan({"kind": "best_shift", "field": "weight_decay", "by": "schedule",
                                        "by_a": "one_cycle", "by_b": "constant"},
                                       {"weight_decay": [1e-3, 1e-4, 1e-5], "schedule": ["one_cycle", "constant"]})
     best = {"one_cycle": 1e-4, "constant": 1e-3}
     df = _frame_of(configs, lambda c: 0.9 + 0.02 * (c["weight_decay"] == best[c["schedule"]]) + 0.001 * c["seed"])
-    v = claims.evaluate_plan(comps, df).verdicts[0]
+    v = claims.plan_verdicts(comps, df).verdicts[0]
     assert v.verdict == "supported" and "0.0001 under schedule=one_cycle vs 0.001 under schedule=constant" in v.measured
     configs, comps = _three_seed_plan({"kind": "range_test", "field": "schedule", "where": {"schedule": "range_test"}},
                                       {"schedule": ["range_test"]})
     df = _frame_of(configs, lambda c: 0.8)
     curves = pd.DataFrame([{"run_id": r, "step": k, "lr": 3 * k / 10, "test_acc": 0.5 + 0.03 * k - 0.04 * (k == 10)}
                            for r in df["run_id"] for k in range(1, 11)])
-    v = claims.evaluate_plan(comps, df, curves).verdicts[0]
+    v = claims.plan_verdicts(comps, df, curves).verdicts[0]
     assert v.verdict == "supported" and v.median_a == pytest.approx(0.01)
 
 
@@ -230,7 +230,7 @@ def test_null_calibration_supported_at_most_5_percent():
     for _ in range(150):
         df = frame(trials, "paper", lambda c: (rng.normal(0.9, 0.01), rng.normal(0.9, 0.01)))
         small = _frame_of(configs, lambda c: rng.normal(0.9, 0.01))
-        verdicts = claims.evaluate_plan(comps, df).verdicts + claims.evaluate_plan(two_arm, small).verdicts
+        verdicts = claims.plan_verdicts(comps, df).verdicts + claims.plan_verdicts(two_arm, small).verdicts
         supported += sum(v.verdict == "supported" for v in verdicts)
         total += len(verdicts)
     assert total == 450

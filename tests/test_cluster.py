@@ -338,7 +338,7 @@ def cost_table() -> list[str]:
     rows = []
     for name, _ in specs.list_studies():
         spec = specs.load_spec(name)
-        resolved = specs.resolve(spec, "paper")
+        resolved = specs.at_scale(spec, "paper")
         c = cost(resolved, specs.trials(spec, "paper", where=name, workers=resolved["resources"]["workers"]),
                  measure=False)
         nodes = f"{c.node_hours(gpus_per_node):.2f}" if c.kind == "GPU" else "- (CPU only)"

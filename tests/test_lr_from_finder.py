@@ -47,7 +47,7 @@ def test_each_cell_takes_the_median_suggestion_of_its_own_finder_runs(tmp_path):
                   scale="smoke")  # another scale: ignored
     plain = Trial("study", "quick", 1, TrialConfig.from_dict({"max_lr": 0.5}))
     declared = _trial(mlp_activation="relu")
-    relu, square, steep = lr_from_finder.resolve(
+    relu, square, steep = lr_from_finder.with_finder_lrs(
         [declared, _trial(mlp_activation="square400"),
          _trial(mlp_activation="relu", lr_suggestion="steepest", lr_base_div=20.0)], uri, "quick")
     assert relu.config.max_lr == pytest.approx(0.3) and relu.config.base_lr == pytest.approx(0.03)
@@ -55,21 +55,21 @@ def test_each_cell_takes_the_median_suggestion_of_its_own_finder_runs(tmp_path):
     assert steep.config.max_lr == pytest.approx(0.15) and steep.config.base_lr == pytest.approx(0.0075)
     assert relu.name == declared.name and relu.key == declared.key  # the study file's config names it
     assert relu.declared == declared.config
-    assert lr_from_finder.resolve([plain], uri, "quick") == [plain]
+    assert lr_from_finder.with_finder_lrs([plain], uri, "quick") == [plain]
 
 
 def test_a_missing_finder_study_or_cell_is_one_line(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     MlflowClient(uri).search_experiments()
     with pytest.raises(tracking.TrackingError, match="no study 'finder'.*python -m harness.study finder --scale q"):
-        lr_from_finder.resolve([_trial(mlp_activation="relu")], uri, "quick")
+        lr_from_finder.with_finder_lrs([_trial(mlp_activation="relu")], uri, "quick")
     _finder_store(uri, "finder", [({"kind": "lr_finder", "mlp_activation": "relu", "seed": s}, {"lr_valley": 0.1})
                                   for s in (0, 1)] +
                   [({"kind": "lr_finder", "mlp_activation": "tanh", "seed": 0}, {"lr_valley": 0.1})])
     with pytest.raises(tracking.TrackingError, match="no completed finder run with mlp_activation=sigmoid"):
-        lr_from_finder.resolve([_trial(mlp_activation="sigmoid")], uri, "quick")
+        lr_from_finder.with_finder_lrs([_trial(mlp_activation="sigmoid")], uri, "quick")
     with pytest.raises(tracking.TrackingError, match="no finished run at scale paper"):
-        lr_from_finder.resolve([_trial(mlp_activation="relu")], uri, "paper")
+        lr_from_finder.with_finder_lrs([_trial(mlp_activation="relu")], uri, "paper")
 
 
 # ------------------------------------------------------------------------------------------------ negative images

@@ -61,7 +61,7 @@ def uri(tmp_path_factory) -> str:
 def test_every_shipped_trial_comes_back_typed_with_the_same_words(uri, study, scale):
     spec = specs.load_spec(study)
     trials = specs.trials(spec, scale, where=study)
-    parent = write(uri, trials, specs.resolve(spec, scale))
+    parent = write(uri, trials, specs.at_scale(spec, scale))
     res = load_study(study, uri, run=parent, curves=False)
     assert len(res.trials) == len(trials)
     rows = {r["trial_key"]: r for _, r in res.trials.iterrows()}
@@ -87,7 +87,7 @@ def test_a_null_design_value_matches_a_plan_that_says_null(uri):
         trials = specs.trials(spec, scale)
         if not any(t.config.stepsize is None for t in trials):
             continue
-        parent = write(uri, trials, specs.resolve(spec, scale))
+        parent = write(uri, trials, specs.at_scale(spec, scale))
         res = load_study("super_convergence", uri, run=parent, curves=False)
         assert res.trials["stepsize"].map(lambda v: v is None).any()
         matched = claims._match(res.trials, {"stepsize": (None,)})

@@ -106,11 +106,11 @@ def test_grid_expansion_pairs_lr_scales_and_names():
 def test_scales_override_base_grid_and_resources():
     study = {**TINY, "scales": {"quick": {"base": {"steps": 40}, "grid": {"seed": [7]},
                                           "resources": {"workers": 1}}}}
-    resolved = specs.resolve(study, "quick")
+    resolved = specs.at_scale(study, "quick")
     assert resolved["resources"] == {"workers": 1, "gpus_per_worker": 0, "cpus_per_worker": 1}
     assert {t.config.steps for t in specs.trials(study, "quick")} == {40}
     with pytest.raises(specs.SpecError, match="has no scale 'paper'"):
-        specs.resolve(study, "paper")
+        specs.at_scale(study, "paper")
 
 
 def test_dry_run_prints_trials_and_cost_and_runs_nothing(workdir, capsys):

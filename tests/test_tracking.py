@@ -24,11 +24,11 @@ def test_uri_resolution_order_and_absolute_paths(tmp_path, monkeypatch):
 
 def test_store_check_gives_one_line(tmp_path):
     with pytest.raises(tracking.TrackingError) as e:
-        tracking.check_store("http://127.0.0.1:9")
+        tracking.check_writable("http://127.0.0.1:9")
     assert "does not answer" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(tracking.TrackingError, match="no such writable folder"):
-        tracking.check_store(f"sqlite:///{tmp_path}/missing/dir/mlflow.db")
-    tracking.check_store(f"sqlite:///{tmp_path}/mlflow.db")  # creates and answers
+        tracking.check_writable(f"sqlite:///{tmp_path}/missing/dir/mlflow.db")
+    tracking.check_writable(f"sqlite:///{tmp_path}/mlflow.db")  # creates and answers
 
 
 def test_trial_run_carries_its_typed_config_and_a_title_in_words(tmp_path):

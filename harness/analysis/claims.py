@@ -3,7 +3,7 @@
 Every claim of the paper (IDs SC1..SC10, DA1..DA4, CLR1) is a `Claim`: its statement, setup, the paper's
 number and the authors' log number (transcribed as data: the report prints them beside ours). What a study
 compares is NOT inferred here: each study declares its comparisons in its file (`analysis:`, harness/plan.py),
-`--dry-run` pre-registers them, and `evaluate_plan` evaluates exactly those on the study's runs.
+`--dry-run` pre-registers them, and `plan_verdicts` evaluates exactly those on the study's runs.
 
 Which trials: those at the study's largest scale (smoke < quick < paper) whose status is completed or
 diverged. Diverged trials and trials that missed the target COUNT (as in AlgoPerf): a diverged trial's
@@ -625,7 +625,7 @@ def _eval_range_test(c: Comparison, rows: pd.DataFrame, scale: str, curves: pd.D
 
 
 # ------------------------------------------------------------------------------------------------ entry points
-def evaluate_plan(comparisons: list[Comparison], trials: pd.DataFrame, curves: pd.DataFrame | None = None,
+def plan_verdicts(comparisons: list[Comparison], trials: pd.DataFrame, curves: pd.DataFrame | None = None,
                   scale: str | None = None, claim_ids: list[str] | None = None) -> Evaluation:
     """Verdicts for exactly these (pre-registered) comparisons on these trials."""
     use, scale, excluded = usable_trials(trials, scale)
@@ -671,7 +671,7 @@ def planned_comparisons(spec: dict, scale: str, configs: list[dict] | None = Non
     return plans.expand(analysis, configs, where=spec.get("name", "study"))
 
 
-def evaluate(results, spec: dict | None = None) -> Evaluation:
+def verdicts(results, spec: dict | None = None) -> Evaluation:
     """Verdicts for a StudyResults: the plan of the spec its parent run logged (or `spec`, a study file)."""
     from harness import spec as specs
     claim_ids = requested_claims(results.parents)
@@ -683,7 +683,7 @@ def evaluate(results, spec: dict | None = None) -> Evaluation:
             spec = None
     use, scale, _ = usable_trials(results.trials)
     if not spec or not spec.get("analysis"):
-        ev = evaluate_plan([], results.trials, results.curves, scale, claim_ids)
+        ev = plan_verdicts([], results.trials, results.curves, scale, claim_ids)
         ev.not_tested = [(cid, "the study declares no analysis plan") for cid in claim_ids]
         return ev
     logged_scale = spec.get("scale")
@@ -698,7 +698,7 @@ def evaluate(results, spec: dict | None = None) -> Evaluation:
         from harness.config import FIELDS
         configs = [{f: r[f] for f in FIELDS if f in use.columns} for _, r in use.iterrows()]
         comparisons = plans.expand(spec["analysis"], configs, where=results.study)
-    return evaluate_plan(comparisons, results.trials, results.curves, scale, claim_ids)
+    return plan_verdicts(comparisons, results.trials, results.curves, scale, claim_ids)
 
 
 def sorted_levels(values) -> list:

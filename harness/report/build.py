@@ -99,7 +99,7 @@ def build_report(study: str, tracking_uri: str | None = None, run: str = "latest
         raise StudyError(f"empty study name; use {RUN_CHOICES} with a study name")
     res = load_study(study, tracking_uri, run)
     logged = res.logged_spec()      # the resolved spec the parent run logged (None for old runs)
-    evaluation = claims_mod.evaluate(res, spec=logged)
+    evaluation = claims_mod.verdicts(res, spec=logged)
     tables = Tables.build(res, evaluation, logged)
 
     out = Path(out) if out else Path("reports") / f"{study}.pdf"

@@ -98,7 +98,7 @@ def _main(args: argparse.Namespace) -> int:
         return _fail(problem)
     scale = _pick_scale(args.scale, address)
     try:
-        resolved = specs.resolve(spec, scale)
+        resolved = specs.at_scale(spec, scale)
         if args.workers_per_trial:
             resolved["resources"]["workers"] = args.workers_per_trial
         trials = specs.trials(spec, scale, where=args.name, workers=resolved["resources"]["workers"])
@@ -169,8 +169,8 @@ def _tracking_store(args, resolved: dict, trials: list[specs.Trial]) -> tuple[st
     quiet_console()  # from the first store access on (SQLAlchemy's warnings), held until the log file exists
     try:
         tracking.tracking_grace_s()
-        tracking.check_store(uri)
-        return uri, lr_from_finder.resolve(trials, uri, resolved["scale"])
+        tracking.check_writable(uri)
+        return uri, lr_from_finder.with_finder_lrs(trials, uri, resolved["scale"])
     except tracking.TrackingError as e:
         raise BadInput(str(e)) from None
 
@@ -203,7 +203,7 @@ def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, place: 
     t0, status = time.time(), "FAILED"
     try:
         results = _tuner(args, resolved, trials, place, run, log_file, plan.concurrent).fit()
-        outcome = summarize(results, resolved, time.time() - t0)
+        outcome = print_outcome(results, resolved, time.time() - t0)
         if outcome.unfinished:  # Tune's first Ctrl-C handler stopped the trials at a checkpoint and returned
             raise KeyboardInterrupt
         status = "FAILED" if outcome.errors else "FINISHED"
@@ -312,7 +312,7 @@ class Outcome:
     untracked: list[str]           # completed trials whose MLflow run misses items (a tracking outage)
 
 
-def summarize(results, resolved: dict, wall_s: float) -> Outcome:
+def print_outcome(results, resolved: dict, wall_s: float) -> Outcome:
     """Print one row per cell of finished trials and the errored ones; return what did not end well."""
     cells: dict[str, list[dict]] = {}
     out = Outcome([], [], [])

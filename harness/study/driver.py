@@ -47,13 +47,14 @@ class RelayToDriver(ray.train.UserCallback):
         self.relay.put(item)  # blocks until the queue actor holds it: fit() returns only after the last put
 
 
-def trial_driver(config: dict) -> None:
-    """Tune's function trainable: one Tune trial = one TorchTrainer run of N DDP workers."""
+def trial_driver(params: dict) -> None:
+    """Tune's function trainable: one Tune trial = one TorchTrainer run of N DDP workers. `params` is the trial's
+    point of Tune's param_space: the Trial (Trial.to_tune), tracking, resources, storage."""
     started = time.time()
-    quiet_console(config.get("harness_log"))
-    trial = Trial.from_tune(config["trial"])
+    quiet_console(params.get("harness_log"))
+    trial = Trial.from_tune(params["trial"])
     relay = Queue(actor_options={"num_cpus": 0})
-    trainer = _trainer(config, trial, relay, started)
+    trainer = _trainer(params, trial, relay, started)
     outcome: dict = {}
     fitting = threading.Thread(target=_fit, args=(trainer, outcome), daemon=True)
     fitting.start()
@@ -63,7 +64,7 @@ def trial_driver(config: dict) -> None:
     relay.shutdown()
     if "error" in outcome:
         e = outcome["error"]
-        track = config["tracking"]
+        track = params["tracking"]
         if track["uri"]:  # record it in the trial's run (never raises), then let Tune see the original error
             detail = "".join(traceback.format_exception_only(type(e), e)).strip()
             tracking.mark_trial_error(track["uri"], track["experiment_id"], track["parent_run_id"], trial, detail)
@@ -93,21 +94,21 @@ def _relay(relay: Queue, timeout_s: float) -> None:
         ray.tune.report(item)
 
 
-def _trainer(config: dict, trial: Trial, relay: Queue, started: float) -> TorchTrainer:
-    res = config["resources"]
+def _trainer(params: dict, trial: Trial, relay: Queue, started: float) -> TorchTrainer:
+    res = params["resources"]
     use_gpu = res["gpus_per_worker"] > 0
     worker_resources = {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**config, "driver_started_at": started, "raw_data": shared_raw_data(trial.config)},
+        train_loop_config={**params, "driver_started_at": started, "raw_data": shared_raw_data(trial.config)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=res["workers"], use_gpu=use_gpu,
                                                resources_per_worker=worker_resources,
                                                placement_strategy=res.get("placement", "PACK")),
         run_config=ray.train.RunConfig(
             name=f"train-{trial.key}",
-            storage_path=config["train_storage"],
-            failure_config=ray.train.FailureConfig(max_failures=config.get("max_failures", 1)),
+            storage_path=params["train_storage"],
+            failure_config=ray.train.FailureConfig(max_failures=params.get("max_failures", 1)),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=ray.LoggingConfig(log_level="WARNING"),  # Tune's table is the progress display
             callbacks=[RelayToDriver(relay)],

@@ -1,6 +1,6 @@
 """A trial's max LR taken from an LR finder study recorded in MLflow (`lr_from_finder: STUDY`).
 
-    trials = resolve(trials, uri, scale)   # the study runner, once the tracking store answers
+    trials = with_finder_lrs(trials, uri, scale)   # the study runner, once the tracking store answers
 
 For every trial whose config names a finder study, the finder runs of that study's latest finished invocation
 at the same scale are looked up; those of the trial's cell are the ones that agree with the trial on every
@@ -29,7 +29,7 @@ class FinderLookupError(tracking.TrackingError):
     """No finder run to take an LR from. The message is one line."""
 
 
-def resolve(trials: list[Trial], uri: str, scale: str) -> list[Trial]:
+def with_finder_lrs(trials: list[Trial], uri: str, scale: str) -> list[Trial]:
     """The trials with their LRs from finder runs (trials without lr_from_finder unchanged); a resolved trial
     keeps the study file's config as `declared`, so its name and key stay."""
     cache: dict[str, list[tuple[TrialConfig, dict]]] = {}

@@ -62,7 +62,7 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be used. The message is one line."""
 
 
-def check_store(uri: str, timeout_s: float = 10.0) -> None:
+def check_writable(uri: str, timeout_s: float = 10.0) -> None:
     """Raise TrackingError (one line) unless the store answers. Nothing is created on a remote server."""
     if uri.startswith(("http://", "https://")):
         try:

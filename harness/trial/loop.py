@@ -62,7 +62,7 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None,
         scheduler.load_state_dict(resume["scheduler"])
         p.update(resume["progress"])
     status, diverged_at, first_step_at = _train(s, scheduler, p, reporter)
-    return {**summarize(s, p, status, diverged_at), "first_step_at": first_step_at, "history": p["history"]}
+    return {**trial_summary(s, p, status, diverged_at), "first_step_at": first_step_at, "history": p["history"]}
 
 
 def _train(s: Setup, scheduler, p: dict, reporter: Reporter | None) -> tuple[str, int | None, float | None]:
@@ -147,7 +147,7 @@ def _evaluation(s: Setup, p: dict, lr: float, momentum: float, loss_sum: torch.T
     return record
 
 
-def summarize(s: Setup, p: dict, status: str, diverged_at: int | None) -> dict:
+def trial_summary(s: Setup, p: dict, status: str, diverged_at: int | None) -> dict:
     """The trial's summary metrics from its progress `p`."""
     last = p["history"][-1] if p["history"] else {}
     return {
