@@ -32,10 +32,12 @@ MODELS = (
     "resnet20", "resnet56", "resnet110",                    # the authors' Caffe ResNets (post-activation)
     "preact_resnet20", "preact_resnet56", "preact_resnet110",  # pre-activation, projection shortcuts
     "mlp", "small_cnn",
+    "caffe_cifar10_full", "caffe_lenet",                    # BVLC Caffe's example nets (CLR paper; MNIST LeNet)
 )
 MLP_ACTIVATIONS = ("relu", "tanh", "sigmoid", "square400")
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adagrad", "adadelta", "caffe_sgd")  # caffe_sgd: harness.trial.optim
-SCHEDULES = ("constant", "multistep", "triangular", "one_cycle", "one_cycle_cos", "cosine", "range_test")
+SCHEDULES = ("constant", "multistep", "triangular", "triangular2",  # triangular2: CLR, amplitude halved each cycle
+             "one_cycle", "one_cycle_cos", "cosine", "range_test")
 DEVICES = ("auto", "cpu", "cuda")
 KINDS = ("train", "lr_finder")              # lr_finder: harness.trial.finder
 FINDER_MODES = ("exp", "linear")
@@ -53,6 +55,18 @@ def _yaml_float(v):
         return float(v) if isinstance(v, str) else v
     except ValueError:
         return v
+
+
+def _lists(v):
+    return [_lists(x) for x in v] if isinstance(v, tuple) else v
+
+
+def _four_per_stage(v):
+    """clr_stages: a stage of another length is told as such (pydantic would say "missing required key '3'")."""
+    for stage in v if isinstance(v, (list, tuple)) else ():
+        if isinstance(stage, (list, tuple)) and len(stage) != 4:
+            raise ValueError(f"each stage must be [start step, base_lr, max_lr, stepsize], got {list(stage)}")
+    return v
 
 
 def _integral(v):
@@ -96,8 +110,13 @@ class TrialConfig(BaseModel):
     steps: PosInt = 200                   # optimizer steps in the trial
     stepsize: PosInt | None = None        # half-cycle; default 45% of steps (one_cycle), 25% (one_cycle_cos), steps/2
     milestones: tuple[Int, ...] = ()      # multistep: steps where lr *= gamma
+    # triangular*: restarts after the first stage (base_lr/max_lr/stepsize above, from step 0), each a fresh cycle
+    # counted from its start step: Smith 2015's Table 2 (CLR1) runs three stages
+    clr_stages: Annotated[tuple[tuple[Int, Float, Float, Int], ...], BeforeValidator(_four_per_stage)] = Field(
+        (), description="must be a list of [start step, base_lr, max_lr, stepsize] stages, e.g. "
+                        "[[16000, 0.0001, 0.0005, 1000]]")
     gamma: Float = 0.1
-    cycle_momentum: StrictBool = True     # one_cycle*, triangular: momentum max -> min -> max
+    cycle_momentum: StrictBool = True     # one_cycle*, triangular*: momentum max -> min -> max
     max_momentum: NonNegative = 0.95
     min_momentum: NonNegative = 0.85
     final_div: Float = Field(1000.0, ge=1)  # one_cycle annihilation: lr ends at base_lr / final_div
@@ -148,7 +167,8 @@ class TrialConfig(BaseModel):
             raise config_error(e, d) from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.model_dump().items()}
+        """The fields as plain JSON values: tuples (clr_stages' too) become lists."""
+        return {k: _lists(v) for k, v in self.model_dump().items()}
 
     def to_json(self) -> str:
         """The canonical JSON of the config (sorted keys): what Tune's param_space and MLflow's
@@ -180,7 +200,8 @@ class TrialConfig(BaseModel):
                                   f"{self.finder_smoothing} and {self.finder_stop_factor}")
         if not self.max_lr > 0:  # a peak LR of 0 trains nothing (base_lr may be 0: a cycle can start there)
             raise ConfigError(f"max_lr must be > 0 (the schedule's peak LR), got {self.max_lr}")
-        if self.schedule in ("triangular", "one_cycle", "one_cycle_cos", "range_test") and self.max_lr < self.base_lr:
+        if self.schedule in ("triangular", "triangular2", "one_cycle", "one_cycle_cos", "range_test") \
+                and self.max_lr < self.base_lr:
             raise ConfigError(f"max_lr ({self.max_lr}) must be >= base_lr ({self.base_lr}) "
                               f"for schedule '{self.schedule}'")
         if self.min_momentum > self.max_momentum:
@@ -193,15 +214,36 @@ class TrialConfig(BaseModel):
             raise ConfigError("schedule 'multistep' needs milestones, e.g. [50000, 70000]")
         if list(self.milestones) != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
             raise ConfigError(f"milestones must be increasing positive steps, got {list(self.milestones)}")
+        self._validate_clr_stages()
         if world_size is not None:
             self.micro_batches(world_size)  # raises on an impossible batch split
 
+    def _validate_clr_stages(self) -> None:
+        if not self.clr_stages:
+            return
+        if self.schedule not in ("triangular", "triangular2"):
+            raise ConfigError(f"clr_stages (restarts of a cyclical schedule) need schedule triangular or "
+                              f"triangular2, got '{self.schedule}'")
+        starts = [stage[0] for stage in self.clr_stages]
+        if any(b <= a for a, b in zip(starts, starts[1:])) or starts[0] <= 0 or starts[-1] >= self.steps:
+            raise ConfigError(f"clr_stages' start steps must be increasing, > 0 and < steps ({self.steps}), "
+                              f"got {starts}")
+        for i, (start, base, peak, stepsize) in enumerate(self.clr_stages):
+            if not 0 <= base <= peak or not peak > 0:
+                raise ConfigError(f"clr_stages[{i}] (from step {start}) needs 0 <= base_lr <= max_lr and max_lr > 0, "
+                                  f"got base_lr {base}, max_lr {peak}")
+            if stepsize < 1:
+                raise ConfigError(f"clr_stages[{i}] (from step {start}) needs stepsize >= 1, got {stepsize}")
+
     def scaled(self) -> TrialConfig:
-        """The config the trainer runs: base_lr and max_lr multiplied by lr_scale (which becomes 1)."""
+        """The config the trainer runs: base_lr and max_lr, and each of clr_stages' bounds, multiplied by lr_scale
+        (which becomes 1)."""
         if self.lr_scale == 1:
             return self
-        return self.model_copy(update={"base_lr": self.base_lr * self.lr_scale,
-                                       "max_lr": self.max_lr * self.lr_scale, "lr_scale": 1.0})
+        x = self.lr_scale
+        return self.model_copy(update={"base_lr": self.base_lr * x, "max_lr": self.max_lr * x, "lr_scale": 1.0,
+                                       "clr_stages": tuple((start, base * x, peak * x, stepsize)
+                                                           for start, base, peak, stepsize in self.clr_stages)})
 
     def micro_batches(self, world_size: int) -> tuple[int, int]:
         """(per-worker batch, micro-batches per worker) for this world size, or ConfigError."""

@@ -15,6 +15,7 @@ One place, so a writer and a reader cannot drift apart: a tag renamed here is re
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -72,6 +73,10 @@ EXTRA_EVAL_METRICS = ("dead_output_frac", "smoothed_loss", "batch_val_loss", "ba
 FINDER_SUMMARY_METRICS = ("lr_steepest", "lr_valley", "lr_smith", "lr_smith_base", "lr_smith_base_min",
                           "finder_stopped_early")
 SPEC_ARTIFACT = "study_spec.yaml"
+REPORT_ARTIFACT_DIR = "report"            # harness.report: the PDF, its Markdown twin and the verdicts CSV on the
+                                          # study (parent) run, overwritten in place by the next report
+VERDICT_TAG_PREFIX = "harness.verdict."   # + claim ID + "." + slug of the comparison: one tag per planned comparison
+                                          # on the parent run, value "<verdict word>: <observed difference>"
 CONFIG_ARTIFACT = "trial_config.json"
 HISTORY_ARTIFACT = "history.csv"
 
@@ -79,8 +84,8 @@ MAX_TAG_CHARS = 8000   # mlflow.utils.validation.MAX_TAG_VAL_LENGTH in MLflow 3.
 
 # ---- words for people (run names in the MLflow UI, cell labels in the report)
 SCHEDULE_WORDS = {"one_cycle": "one-cycle", "one_cycle_cos": "one-cycle (cosine)", "multistep": "multistep",
-                  "triangular": "CLR triangular", "constant": "constant LR", "cosine": "cosine",
-                  "range_test": "LR range test"}
+                  "triangular": "CLR triangular", "triangular2": "CLR triangular2", "constant": "constant LR",
+                  "cosine": "cosine", "range_test": "LR range test"}
 FIELD_WORDS = {"batch_size": "batch {}", "bn_batch": "BN batch {}", "max_lr": "max LR {}", "base_lr": "base LR {}",
                "lr_scale": "LR x{}", "seed": "seed {}", "weight_decay": "WD {}", "momentum": "momentum {}",
                "train_size": "{} train images", "steps": "{} steps", "stepsize": "stepsize {}",
@@ -135,3 +140,21 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
         path = uri.removeprefix("file:")
         uri = Path(path.removeprefix("//")).resolve().as_uri()
     return uri
+
+
+SHORT_HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
+@contextlib.contextmanager
+def short_http_retries():
+    """MLflow's client retries a failed HTTP call 7 times with backoff (~4 minutes) and times out after 120 s;
+    the harness's own buffer does the waiting, so its calls fail fast (the variables are read per call)."""
+    saved = {k: os.environ.get(k) for k in SHORT_HTTP_RETRIES}
+    os.environ.update({k: v for k, v in SHORT_HTTP_RETRIES.items() if saved[k] is None})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)

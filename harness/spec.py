@@ -72,7 +72,10 @@ class Trial:
     @property
     def key(self) -> str:
         """Deterministic hash of study, scale, world size and config: finds the MLflow run again."""
-        ident = [self.study, self.scale, self.workers, (self.declared or self.config).to_dict()]
+        config = (self.declared or self.config).to_dict()
+        if not config["clr_stages"]:  # added after keys were first written: at its default it leaves them as they were
+            del config["clr_stages"]
+        ident = [self.study, self.scale, self.workers, config]
         return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     @property

@@ -28,6 +28,7 @@ def install() -> None:
     if not plan_path:
         return
 
+    import harness.trial.data as data
     import harness.trial.loop as trial
 
     last_step = {"index": -1}
@@ -49,7 +50,7 @@ def install() -> None:
         time.sleep(SETTLE_S)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    original_get = trial.TrainBatches.get
+    original_get = data.TrainBatches.get
 
     @functools.wraps(original_get)
     def get(self, step):
@@ -64,7 +65,7 @@ def install() -> None:
         crash_if("eval", last_step["index"] + 1)
         return original_evaluate(*args, **kwargs)
 
-    trial.TrainBatches.get = get
+    data.TrainBatches.get = get
     trial.evaluate = evaluate
 
 

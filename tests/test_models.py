@@ -13,13 +13,18 @@ from torch import nn
 
 from harness.config import MODELS, TrialConfig
 from harness.trial.models import (
+    CAFFE_MULTIPLIER_MODELS,
     CaffeBatchNorm2d,
     CaffeBlock,
+    CaffeCifar10Full,
+    CaffeLeNet,
     CaffeResNet,
     PreActResNet,
     Square400,
+    WithinChannelLRN,
     build_model,
     caffe_param_multipliers,
+    caffe_pool_size,
     mlp,
     preact_resnet_cifar,
     resnet_cifar,
@@ -264,9 +269,226 @@ def test_bn_momentum_reaches_every_bn(model):
 
 
 # ------------------------------------------------------------------------------------------------
+# BVLC Caffe's example nets against their prototxt layer tables
+# ------------------------------------------------------------------------------------------------
+# examples/cifar10/cifar10_full_train_test.prototxt (BVLC Caffe), the TRAIN net after its Data layer, written down
+# from the file: (name, type, settings). Convolution/InnerProduct: num_output, kernel, pad, stride, the `param`
+# blocks as (lr_mult, decay_mult) per blob (missing fields: Caffe's default 1), the gaussian filler's std.
+CIFAR10_FULL = [
+    ("conv1", "Convolution", dict(num_output=32, kernel_size=5, pad=2, stride=1, mults=[(1, 1), (2, 1)], std=1e-4)),
+    ("pool1", "Pooling", dict(pool="MAX", kernel_size=3, stride=2)),
+    ("relu1", "ReLU", {}),
+    ("norm1", "LRN", dict(local_size=3, alpha=5e-5, beta=0.75, norm_region="WITHIN_CHANNEL")),
+    ("conv2", "Convolution", dict(num_output=32, kernel_size=5, pad=2, stride=1, mults=[(1, 1), (2, 1)], std=0.01)),
+    ("relu2", "ReLU", {}),
+    ("pool2", "Pooling", dict(pool="AVE", kernel_size=3, stride=2)),
+    ("norm2", "LRN", dict(local_size=3, alpha=5e-5, beta=0.75, norm_region="WITHIN_CHANNEL")),
+    ("conv3", "Convolution", dict(num_output=64, kernel_size=5, pad=2, stride=1, mults=[], std=0.01)),
+    ("relu3", "ReLU", {}),
+    ("pool3", "Pooling", dict(pool="AVE", kernel_size=3, stride=2)),
+    ("ip1", "InnerProduct", dict(num_output=10, mults=[(1, 250), (2, 0)], std=0.01)),
+]
+# examples/mnist/lenet_train_test.prototxt: every weight filler "xavier", every layer {lr_mult 1}, {lr_mult 2}.
+LENET = [
+    ("conv1", "Convolution", dict(num_output=20, kernel_size=5, pad=0, stride=1, mults=[(1, 1), (2, 1)])),
+    ("pool1", "Pooling", dict(pool="MAX", kernel_size=2, stride=2)),
+    ("conv2", "Convolution", dict(num_output=50, kernel_size=5, pad=0, stride=1, mults=[(1, 1), (2, 1)])),
+    ("pool2", "Pooling", dict(pool="MAX", kernel_size=2, stride=2)),
+    ("ip1", "InnerProduct", dict(num_output=500, mults=[(1, 1), (2, 1)])),
+    ("relu1", "ReLU", {}),
+    ("ip2", "InnerProduct", dict(num_output=10, mults=[(1, 1), (2, 1)])),
+]
+# By hand from the tables, 32x32x3 CIFAR-10: conv1 3*32*25+32 = 2,432; conv2 32*32*25+32 = 25,632;
+# conv3 32*64*25+64 = 51,264; pools 32 -> 16 -> 8 -> 4 (rounded up; floor would give 15, 7, 3), so ip1
+# 64*4*4*10+10 = 10,250. LeNet, 28x28x1 MNIST: conv1 1*20*25+20 = 520; conv2 20*50*25+50 = 25,050;
+# 28 -> 24 -> 12 -> 8 -> 4, ip1 50*4*4*500+500 = 400,500; ip2 500*10+10 = 5,010.
+CIFAR10_FULL_PARAMS = 2_432 + 25_632 + 51_264 + 10_250   # 89,578
+LENET_PARAMS = 520 + 25_050 + 400_500 + 5_010            # 431,080
+
+
+def layer_table(table, channels: int, image: int) -> tuple[list[dict], int]:
+    """Caffe's shape arithmetic over a layer table: each layer with `out_shape` (C, H, W) and `blobs` (numel and
+    (lr_mult, decay_mult) per learnable blob); and the learnable parameter count."""
+    shape, params, layers = (channels, image, image), 0, []
+    for name, kind, p in table:
+        c, h, w = shape
+        blobs = []
+        if kind == "Convolution":
+            k, pad, s = p["kernel_size"], p["pad"], p["stride"]
+            shape = (p["num_output"], (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1)
+            blobs = [c * k * k * p["num_output"], p["num_output"]]
+        elif kind == "Pooling":  # Caffe rounds up
+            shape = (c, math.ceil((h - p["kernel_size"]) / p["stride"]) + 1,
+                     math.ceil((w - p["kernel_size"]) / p["stride"]) + 1)
+        elif kind == "InnerProduct":
+            blobs = [c * h * w * p["num_output"], p["num_output"]]
+            shape = (p["num_output"], 1, 1)
+        mults = [tuple(map(float, m)) for m in p.get("mults", [])]
+        mults += [(1.0, 1.0)] * (len(blobs) - len(mults))
+        layers.append({"name": name, "type": kind, "out_shape": shape, "blobs": list(zip(blobs, mults)), **p})
+        params += sum(blobs)
+    return layers, params
+
+
+@pytest.mark.parametrize("name,table,channels,image,expected", [
+    ("caffe_cifar10_full", CIFAR10_FULL, 3, 32, CIFAR10_FULL_PARAMS),
+    ("caffe_lenet", LENET, 1, 28, LENET_PARAMS),
+])
+def test_caffe_example_nets_param_count_and_shapes_match_prototxt(name, table, channels, image, expected):
+    layers, proto_params = layer_table(table, channels, image)
+    assert proto_params == expected
+    model = build_model(TrialConfig(model=name), channels, 10, image)
+    print(f"{name}: prototxt {proto_params} params, ours {n_params(model)}")
+    assert n_params(model) == expected
+    # every learnable layer, in order, with the prototxt's output shape; the FC layers see the pooled maps
+    shapes = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            shapes[name] = (tuple(inputs[0].shape[1:]), tuple(output.shape[1:]))
+        return hook
+
+    learnable = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if m in learnable]
+    out = model(torch.randn(2, channels, image, image))
+    for h in hooks:
+        h.remove()
+    assert out.shape == (2, 10)
+    proto = [L for L in layers if L["type"] in ("Convolution", "InnerProduct")]
+    assert [n for n, m in model.named_modules() if m in learnable] == [L["name"] for L in proto]
+    for L in proto:
+        ours_in, ours_out = shapes[L["name"]]
+        if L["type"] == "Convolution":
+            assert ours_out == L["out_shape"], L["name"]
+        else:
+            assert ours_out == (L["num_output"],)
+            before = layers[layers.index(L) - 1]["out_shape"]
+            assert ours_in == (math.prod(before),), L["name"]  # e.g. cifar10_full's ip1: 64 x 4 x 4 = 1024
+
+
+def test_cifar10_full_structure_rounding_and_sizes():
+    layers, _ = layer_table(CIFAR10_FULL, 3, 32)
+    pools = [(L["pool"], L["out_shape"]) for L in layers if L["type"] == "Pooling"]
+    assert pools == [("MAX", (32, 16, 16)), ("AVE", (32, 8, 8)), ("AVE", (64, 4, 4))]
+    assert [caffe_pool_size(n, 3, 2) for n in (32, 16, 8, 28, 14, 7, 2)] == [16, 8, 4, 14, 7, 3, 1]
+    model = CaffeCifar10Full()
+    assert model.ip1.in_features == 1024 and model.ip1.out_features == 10
+    assert [type(m) for m in model.children()] == [nn.Conv2d, WithinChannelLRN, nn.Conv2d, WithinChannelLRN,
+                                                   nn.Conv2d, nn.Linear]
+    assert [(m.local_size, m.alpha, m.beta) for m in model.modules() if isinstance(m, WithinChannelLRN)] == [
+        (3, 5e-5, 0.75)] * 2
+    # one-channel 28x28 (Fashion-MNIST) and 8x8 (digits) inputs: 28 -> 14 -> 7 -> 3, 8 -> 4 -> 2 -> 1
+    assert CaffeCifar10Full(1, 10, 28).ip1.in_features == 64 * 3 * 3
+    assert CaffeCifar10Full(1, 10, 8)(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    assert CaffeCifar10Full(3, 100, 32)(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    with pytest.raises(ValueError, match="at least 3x3"):
+        CaffeCifar10Full(3, 10, 1)
+
+
+def test_lenet_structure_and_small_inputs():
+    model = CaffeLeNet()
+    assert [type(m) for m in model.children()] == [nn.Conv2d, nn.Conv2d, nn.Linear, nn.Linear]
+    assert model.ip1.in_features == 800 and all(c.padding == (0, 0) for c in convs(model))
+    assert CaffeLeNet(1, 10, 13)(torch.randn(2, 1, 13, 13)).shape == (2, 10)
+    with pytest.raises(ValueError, match="at least 13x13"):
+        CaffeLeNet(1, 10, 12)
+    with pytest.raises(ValueError, match="at least 13x13"):
+        build_model(TrialConfig(model="caffe_lenet"), 1, 10, 8)  # digits are too small for LeNet
+
+
+@pytest.mark.parametrize("name,table,channels,image", [
+    ("caffe_cifar10_full", CIFAR10_FULL, 3, 32), ("caffe_lenet", LENET, 1, 28)])
+def test_caffe_example_nets_lr_and_decay_multipliers_match_prototxt(name, table, channels, image):
+    layers, _ = layer_table(table, channels, image)
+    proto = {f"{L['name']}.{blob}": mult for L in layers for blob, (_, mult) in zip(("weight", "bias"), L["blobs"])}
+    model = build_model(TrialConfig(model=name), channels, 10, image)
+    assert caffe_param_multipliers(model) == proto
+    assert name in CAFFE_MULTIPLIER_MODELS
+    if name == "caffe_cifar10_full":  # spelled out: the surprises of cifar10_full's prototxt
+        assert proto["ip1.weight"] == (1.0, 250.0) and proto["ip1.bias"] == (2.0, 0.0)
+        assert proto["conv1.bias"] == proto["conv2.bias"] == (2.0, 1.0)  # lr_mult only: decay_mult stays 1
+        assert proto["conv3.weight"] == proto["conv3.bias"] == (1.0, 1.0)  # no param block at all
+
+
+def test_caffe_example_nets_fillers():
+    torch.manual_seed(0)
+    full = CaffeCifar10Full()
+    for layer, std in ((full.conv1, 1e-4), (full.conv2, 0.01), (full.conv3, 0.01), (full.ip1, 0.01)):
+        assert abs(layer.weight.std().item() / std - 1) < 0.1 and abs(layer.weight.mean().item()) < 0.1 * std
+        assert torch.count_nonzero(layer.bias) == 0
+    lenet = CaffeLeNet()
+    for layer in (lenet.conv1, lenet.conv2, lenet.ip1, lenet.ip2):  # xavier: uniform +-sqrt(3 / fan_in)
+        fan_in = layer.weight.numel() // layer.weight.shape[0]
+        bound = math.sqrt(3 / fan_in)
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.9 * bound
+        assert torch.count_nonzero(layer.bias) == 0
+    assert fan_in == 500
+
+
+def test_caffe_example_nets_see_caffes_pixel_scale():
+    """The harness's pixels are x/255; cifar10_full's data layer gives x (mean-subtracted, not scaled), LeNet's
+    x * 0.00390625. The same weights fed Caffe's pixels with input_scale 1 give the same outputs."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 32, 32) - 0.5
+    full = CaffeCifar10Full()
+    assert full.input_scale == 255.0
+    ref = CaffeCifar10Full(input_scale=1.0)
+    ref.load_state_dict(full.state_dict())
+    torch.testing.assert_close(full(x), ref(x * 255.0))
+    lenet = CaffeLeNet()
+    assert lenet.input_scale == 255.0 / 256.0
+    pixels = torch.randint(0, 256, (4, 1, 28, 28)).float()
+    ref = CaffeLeNet(input_scale=1.0)
+    ref.load_state_dict(lenet.state_dict())
+    torch.testing.assert_close(lenet(pixels / 255.0), ref(pixels * 0.00390625))
+
+
+def caffe_lrn_within_channel(x: torch.Tensor, size: int, alpha: float, beta: float) -> torch.Tensor:
+    """lrn_layer.cpp's WITHIN_CHANNEL path written out: square, AVE pool (pad (size-1)/2, stride 1; Caffe's divisor
+    is the window clipped to the PADDED image, i.e. size^2 here), power(shift 1, scale alpha, power -beta), product."""
+    n, c, h, w = x.shape
+    pad = (size - 1) // 2
+    sq = x * x
+    scale = torch.empty_like(x)
+    for i in range(h):
+        for j in range(w):
+            h0, w0 = i - pad, j - pad
+            h1, w1 = min(h0 + size, h + pad), min(w0 + size, w + pad)
+            count = (h1 - h0) * (w1 - w0)
+            window = sq[:, :, max(h0, 0):min(h1, h), max(w0, 0):min(w1, w)]
+            scale[:, :, i, j] = 1 + alpha * window.sum(dim=(2, 3)) / count
+    return x * scale.pow(-beta)
+
+
+def test_within_channel_lrn_is_caffes():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64) * 100  # pixel-scale activations: the alpha term matters
+    lrn = WithinChannelLRN(3, 5e-5, 0.75)
+    torch.testing.assert_close(lrn(x), caffe_lrn_within_channel(x, 3, 5e-5, 0.75))
+    torch.testing.assert_close(WithinChannelLRN(5, 1e-3, 0.5)(x), caffe_lrn_within_channel(x, 5, 1e-3, 0.5))
+    assert not torch.allclose(lrn(x), x)  # it does something at this scale ...
+    # ... and each output depends on its own channel only (torch's LocalResponseNorm mixes channels)
+    y = x.clone()
+    y[:, 1] *= 3
+    torch.testing.assert_close(lrn(y)[:, [0, 2]], lrn(x)[:, [0, 2]])
+    with pytest.raises(ValueError, match="odd"):
+        WithinChannelLRN(4)
+
+
+def test_cifar10_full_pools_are_caffes():
+    """MAX pool then two AVE pools, all 3/2 rounded up; AVE at the edge divides by the in-image pixels only."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, dtype=torch.float64)
+    torch.testing.assert_close(F.avg_pool2d(x, 3, 2, ceil_mode=True), caffe_ave_pool(x))
+    assert F.max_pool2d(x, 3, 2, ceil_mode=True).shape[-2:] == (8, 8)
+    assert F.max_pool2d(x, 3, 2).shape[-2:] == (7, 7)  # what floor rounding would give
+
+
+# ------------------------------------------------------------------------------------------------
 # Every model: deterministic, DDP-ready, depth validation
 # ------------------------------------------------------------------------------------------------
-ALL = [("resnet20", 3, 32), ("preact_resnet20", 3, 32), ("mlp", 1, 28), ("small_cnn", 1, 8)]
+ALL = [("resnet20", 3, 32), ("preact_resnet20", 3, 32), ("mlp", 1, 28), ("small_cnn", 1, 8),
+       ("caffe_cifar10_full", 3, 32), ("caffe_cifar10_full", 1, 8), ("caffe_lenet", 1, 28)]
 
 
 @pytest.mark.parametrize("name,channels,size", ALL)
@@ -382,8 +604,11 @@ def test_build_model_dispatch():
     assert build_model(TrialConfig(model="mlp"), 3, 100, 32)[1].in_features == 3 * 32 * 32
     sc = build_model(TrialConfig(model="small_cnn"), 1, 10, 8)
     assert sc(torch.randn(2, 1, 8, 8)).shape == (2, 10)
-    for name in MODELS:  # every name config.py allows is buildable
-        assert isinstance(build_model(TrialConfig(model=name), 1, 10, 8), nn.Module)
+    assert isinstance(build("caffe_cifar10_full"), CaffeCifar10Full)
+    assert isinstance(build_model(TrialConfig(model="caffe_lenet"), 1, 10, 28), CaffeLeNet)
+    for name in MODELS:  # every name config.py allows is buildable (LeNet's two 5x5 convs need >= 13 pixels)
+        size = 28 if name == "caffe_lenet" else 8
+        assert isinstance(build_model(TrialConfig(model=name), 1, 10, size), nn.Module)
 
 
 def test_build_model_unknown_name():

@@ -112,6 +112,28 @@ def test_run_selection(uri):
     assert set(load_study("super_convergence", uri, run=old, curves=False).trials["scale"]) == {"smoke"}
 
 
+def test_run_all_logs_to_the_newest_parent_run_and_says_so(uri, tmp_path, capsys):
+    """The sqlite store (file artifacts): --run all puts the report and the verdict tags on the newest parent run
+    only (tests/test_report_mlflow.py checks the rest against a real server)."""
+    from mlflow.tracking import MlflowClient
+
+    from harness import names
+    both = load_study("super_convergence", uri, run="all", curves=False)
+    newest, old = (p["run_id"] for p in both.parents)
+    code, _ = run_report(uri, "super_convergence", tmp_path, "--run", "all")
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"logged to parent run {newest} (the newest of the 2 parent runs" in printed, printed
+    client = MlflowClient(uri)
+    verdicts = pd.read_csv(tmp_path / "super_convergence.verdicts.csv")
+    tags = {k: v for k, v in client.get_run(newest).data.tags.items() if k.startswith(names.VERDICT_TAG_PREFIX)}
+    assert [v.split(":")[0] for v in tags.values()] == verdicts["verdict"].tolist() and len(tags) == 1
+    assert {a.path for a in client.list_artifacts(newest, names.REPORT_ARTIFACT_DIR)} == {
+        f"report/super_convergence{ext}" for ext in (".pdf", ".md", ".verdicts.csv")}
+    assert not any(k.startswith(names.VERDICT_TAG_PREFIX) for k in client.get_run(old).data.tags)
+    assert client.list_artifacts(old, names.REPORT_ARTIFACT_DIR) == []
+
+
 def test_curves_loaded_in_bulk_match_the_per_run_history(uri):
     from mlflow.tracking import MlflowClient
     res = load_study("batch_size_effect", uri)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.config import SCHEDULES, TrialConfig
+from harness.config import SCHEDULES, ConfigError, TrialConfig
 from harness.trial.schedules import build_scheduler, curve, lr_momentum
 
 try:
@@ -137,6 +137,178 @@ def test_triangular_default_stepsize_is_half_the_steps():
     assert lr.idxmax() == 50 and lr[50] == 1.0 and lr[0] == 0.1
 
 
+# --- triangular2 (CLR with the amplitude halved every cycle) ------------------------------------------------------
+CLR1_ARM = {"schedule": "triangular2", "base_lr": 0.001, "max_lr": 0.005, "stepsize": 2000, "steps": 25000}
+
+
+def triangular2_formula(k: int, base: float, peak: float, stepsize: int) -> float:
+    """Smith 2015 (arXiv 1506.01186), Section 3.1: cycle = floor(1 + k / (2 stepsize)),
+    x = |k / stepsize - 2 cycle + 1|, lr = base + (max - base) * max(0, 1 - x) / 2^(cycle - 1)."""
+    cycle = np.floor(1 + k / (2 * stepsize))
+    x = np.abs(k / stepsize - 2 * cycle + 1)
+    return base + (peak - base) * np.maximum(0, 1 - x) / 2 ** (cycle - 1)
+
+
+def test_triangular2_matches_the_paper_formula_at_chosen_steps():
+    lr = curve(cfg_of(**CLR1_ARM)).lr.to_numpy()
+    by_hand = {0: 0.001, 1000: 0.003, 2000: 0.005, 3000: 0.003, 4000: 0.001,   # cycle 1: full amplitude 0.004
+               5000: 0.002, 6000: 0.003, 8000: 0.001,                        # cycle 2: 0.002
+               10000: 0.002, 14000: 0.0015, 18000: 0.00125, 22000: 0.001125,  # cycles 3-6 peak at 0.004 / 2^(c-1)
+               24000: 0.001, 24999: 0.001 + 0.004 / 64 * (999 / 2000)}       # cycle 7 rises 1/64 of the way
+    for k, value in by_hand.items():
+        assert lr[k] == pytest.approx(value, rel=1e-12), f"step {k}"
+        assert lr[k] == pytest.approx(triangular2_formula(k, 0.001, 0.005, 2000), rel=1e-12), f"step {k}"
+    k = np.arange(25000)
+    np.testing.assert_allclose(lr, triangular2_formula(k, 0.001, 0.005, 2000), rtol=1e-12, atol=0)
+    assert lr.max() == pytest.approx(0.005, rel=1e-12) and lr.argmax() == 2000 and lr.min() == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_triangular2_is_torch_cycliclr_triangular2_every_step(opt_name):
+    cfg = cfg_of(schedule="triangular2", base_lr=0.1, max_lr=1.0, stepsize=20, steps=130, optimizer=opt_name)
+    ours = curve(cfg)
+    ref_opt = optimizer_for(opt_name, 1.0)
+    ref = run(ref_opt, torch.optim.lr_scheduler.CyclicLR(
+        ref_opt, 0.1, 1.0, step_size_up=20, mode="triangular2", cycle_momentum=True,
+        base_momentum=0.85, max_momentum=0.95), 130)
+    assert list(ours.lr) == [lr for lr, _ in ref] and list(ours.momentum) == [m for _, m in ref]
+    # the momentum's swing halves with the lr's: 0.95 -> 0.85 in cycle 1, -> 0.90 in cycle 2
+    assert ours.momentum[20] == pytest.approx(0.85) and ours.momentum[60] == pytest.approx(0.90)
+    no_cycle = curve(cfg.replace(cycle_momentum=False, momentum=0.9))
+    assert list(no_cycle.lr) == list(ours.lr) and (no_cycle.momentum == 0.9).all()
+
+
+def test_triangular2_differs_from_triangular_only_after_the_first_cycle():
+    kw = {"base_lr": 0.1, "max_lr": 1.0, "stepsize": 10, "steps": 60}
+    tri, tri2 = curve(cfg_of(schedule="triangular", **kw)).lr, curve(cfg_of(schedule="triangular2", **kw)).lr
+    assert list(tri[:21]) == list(tri2[:21])
+    assert tri[30] == 1.0 and tri2[30] == pytest.approx(0.55) and tri2[50] == pytest.approx(0.325)
+
+
+# --- CLR stages (restarts): the run of Smith 2015's Figure 1 / Table 1, Table 2's three triangular2 stages ---------
+TABLE2 = (                     # (start step, base_lr, max_lr, stepsize)
+    (0, 0.001, 0.005, 2000),
+    (16000, 0.0001, 0.0005, 1000),
+    (22000, 0.00001, 0.00005, 500),
+)
+CLR1_TABLE2 = {**CLR1_ARM, "clr_stages": [list(stage) for stage in TABLE2[1:]]}
+
+
+def staged_formula(k: int, stages=TABLE2) -> float:
+    """The stage in effect at step k, its triangular2 counted from its own start."""
+    start, base, peak, stepsize = next(stage for stage in reversed(stages) if k >= stage[0])
+    return triangular2_formula(k - start, base, peak, stepsize)
+
+
+def test_table2_stages_match_the_paper_formula_at_chosen_steps():
+    lr = curve(cfg_of(**CLR1_TABLE2)).lr.to_numpy()
+    by_hand = {
+        0: 0.001, 2000: 0.005, 6000: 0.003,        # stage 1: base, peak of cycle 1, peak of cycle 2 (half height)
+        15999: 0.001 + 0.004 / 8 * 0.0005,         # cycle 4, one step before its end (x = 0.9995)
+        16000: 0.0001, 17000: 0.0005,              # stage 2 restarts: its base, then its full peak a stepsize on
+        19000: 0.0001 + 0.0004 / 2,                # its cycle 2 peak
+        21999: 0.0001 + 0.0004 / 4 * 0.001,        # its cycle 3, one step before its end (x = 0.999)
+        22000: 0.00001, 22500: 0.00005,            # stage 3: base, full peak
+        23500: 0.00001 + 0.00004 / 2,              # its cycle 2 peak
+        24999: 0.00001 + 0.00004 / 4 * 0.002,      # its cycle 3, the trial's last step (x = 0.998)
+    }
+    for k, value in by_hand.items():
+        assert lr[k] == pytest.approx(value, rel=1e-12), f"step {k}"
+        assert lr[k] == pytest.approx(staged_formula(k), rel=1e-12), f"step {k}"
+    np.testing.assert_allclose(lr, [staged_formula(k) for k in range(25000)], rtol=1e-12, atol=0)
+    # the first stage is the one-stage arm's curve up to the restart, exactly
+    assert list(lr[:16000]) == list(curve(cfg_of(**CLR1_ARM), 16000).lr)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_each_stage_is_a_fresh_torch_cycliclr_every_step(opt_name):
+    stages = ((0, 0.1, 1.0, 10), (45, 0.01, 0.2, 5), (70, 0.001, 0.05, 3))
+    cfg = cfg_of(schedule="triangular2", base_lr=0.1, max_lr=1.0, stepsize=10, steps=90, optimizer=opt_name,
+                 clr_stages=[list(stage) for stage in stages[1:]])
+    ours = curve(cfg)
+    ends = [stage[0] for stage in stages[1:]] + [90]
+    for (start, base, peak, stepsize), end in zip(stages, ends):
+        ref_opt = optimizer_for(opt_name, peak)
+        ref = run(ref_opt, torch.optim.lr_scheduler.CyclicLR(
+            ref_opt, base, peak, step_size_up=stepsize, mode="triangular2", cycle_momentum=True,
+            base_momentum=0.85, max_momentum=0.95), end - start)
+        assert list(ours.lr[start:end]) == [lr for lr, _ in ref], f"stage from {start}"
+        assert list(ours.momentum[start:end]) == [m for _, m in ref], f"stage from {start}"
+    assert ours.momentum[45] == 0.95 and ours.momentum[50] == pytest.approx(0.85)  # momentum restarts too
+    tri = curve(cfg.replace(schedule="triangular")).lr  # triangular stages: the same restarts, no halving
+    assert tri[45] == pytest.approx(0.01) and tri[50] == pytest.approx(0.2) and tri[60] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("cut", [15999, 16000, 17500, 22000, 23456])  # at, beside and between restarts
+def test_staged_schedule_resumes_from_a_state_dict_as_if_uninterrupted(cut):
+    cfg = cfg_of(**CLR1_TABLE2, cycle_momentum=True)
+    full = curve(cfg)
+    opt = optimizer_for("sgd", 0.005)
+    sched = build_scheduler(opt, cfg)
+    run(opt, sched, cut)  # leaves step cut-1 in effect
+    opt.step()
+    sched.step()          # step `cut`: the checkpoint is taken here
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    opt2 = optimizer_for("sgd", 0.005)   # a fresh process: build as at the start, then load both states
+    sched2 = build_scheduler(opt2, cfg)
+    opt2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["sched"])
+    resumed = run(opt2, sched2, 25000 - cut)
+    assert [lr for lr, _ in resumed] == list(full.lr[cut:])
+    assert [m for _, m in resumed] == list(full.momentum[cut:])
+
+
+def test_lr_scale_scales_every_stage():
+    plain, half = curve(cfg_of(**CLR1_TABLE2)).lr.to_numpy(), curve(cfg_of(**CLR1_TABLE2, lr_scale=0.5)).lr.to_numpy()
+    np.testing.assert_allclose(half, 0.5 * plain, rtol=1e-12, atol=0)
+    assert half[2000] == pytest.approx(0.0025) and half[17000] == pytest.approx(0.00025)
+    assert half[22500] == pytest.approx(0.000025) and half[24999] == pytest.approx(0.5 * plain[24999])
+    scaled = cfg_of(**CLR1_TABLE2, lr_scale=0.5).scaled()
+    assert scaled.clr_stages == ((16000, 0.00005, 0.00025, 1000), (22000, 0.000005, 0.000025, 500))
+    assert scaled.lr_scale == 1.0 and scaled.base_lr == 0.0005 and scaled.max_lr == 0.0025
+
+
+def test_stages_round_trip_through_json_and_default_to_none():
+    cfg = cfg_of(**CLR1_TABLE2)
+    assert cfg.clr_stages == TABLE2[1:] and all(isinstance(stage, tuple) for stage in cfg.clr_stages)
+    assert cfg.to_dict()["clr_stages"] == [list(stage) for stage in TABLE2[1:]]
+    back = TrialConfig.from_json(cfg.to_json())
+    assert back == cfg and back.clr_stages == TABLE2[1:]
+    plain = cfg_of(**CLR1_ARM)
+    assert plain.clr_stages == () and plain.to_dict()["clr_stages"] == []
+    opt = optimizer_for("sgd", 1.0)
+    assert type(build_scheduler(opt, plain)) is torch.optim.lr_scheduler.CyclicLR  # one stage: as before
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"schedule": "one_cycle"}, "clr_stages (restarts of a cyclical schedule) need schedule triangular or "
+                                "triangular2, got 'one_cycle'"),
+    ({"clr_stages": [[22000, 1e-4, 5e-4, 1000], [16000, 1e-5, 5e-5, 500]]},
+     "clr_stages' start steps must be increasing, > 0 and < steps (25000), got [22000, 16000]"),
+    ({"clr_stages": [[16000, 1e-4, 5e-4, 1000], [16000, 1e-5, 5e-5, 500]]},
+     "clr_stages' start steps must be increasing, > 0 and < steps (25000), got [16000, 16000]"),
+    ({"clr_stages": [[0, 1e-4, 5e-4, 1000]]}, "clr_stages' start steps must be increasing, > 0 and < steps"),
+    ({"clr_stages": [[25000, 1e-4, 5e-4, 1000]]}, "clr_stages' start steps must be increasing, > 0 and < steps"),
+    ({"clr_stages": [[16000, 5e-4, 1e-4, 1000]]},
+     "clr_stages[0] (from step 16000) needs 0 <= base_lr <= max_lr and max_lr > 0, got base_lr 0.0005, "
+     "max_lr 0.0001"),
+    ({"clr_stages": [[16000, -1e-4, 5e-4, 1000]]}, "clr_stages[0] (from step 16000) needs 0 <= base_lr <= max_lr"),
+    ({"clr_stages": [[16000, 1e-4, 5e-4, 1000], [22000, 1e-5, 5e-5, 0]]},
+     "clr_stages[1] (from step 22000) needs stepsize >= 1, got 0"),
+    ({"clr_stages": [[16000, 1e-4, 5e-4]]},
+     "clr_stages: each stage must be [start step, base_lr, max_lr, stepsize], got [16000, 0.0001, 0.0005]"),
+    ({"clr_stages": [[16000.5, 1e-4, 5e-4, 1000]]},
+     "clr_stages must be a list of [start step, base_lr, max_lr, stepsize] stages"),
+])
+def test_a_bad_stage_is_one_clear_config_error_line(change, message):
+    with pytest.raises(ConfigError) as err:
+        cfg_of(**{**CLR1_TABLE2, **change})
+    assert "\n" not in str(err.value) and message in str(err.value)
+
+
 def test_range_test_matches_caffe_logs():
     # range3Iter5kFig2b, range3Iter20kFig2b, range3Iter100kFig2b (0 -> 3), range2SS80kRes56LR (0 -> 2)
     rng = {"schedule": "range_test", "base_lr": 0.0, "max_lr": 3.0}
@@ -252,7 +424,7 @@ def test_one_cycle_cos_is_torch_onecyclelr_cos(stepsize, pct):
 
 
 # --- momentum --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("schedule", ["triangular", "one_cycle", "one_cycle_cos"])
+@pytest.mark.parametrize("schedule", ["triangular", "triangular2", "one_cycle", "one_cycle_cos"])
 @pytest.mark.parametrize("opt_name", ["sgd", "nesterov", "adam"])
 def test_momentum_cycles_in_every_group_for_sgd_and_adam_beta1(schedule, opt_name):
     cfg = cfg_of(schedule=schedule, base_lr=0.1, max_lr=1.0, steps=100, optimizer=opt_name)

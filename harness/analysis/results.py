@@ -22,6 +22,9 @@ test_acc), `steps_to_target_eff` (steps_to_target, or +inf when the target was m
 AlgoPerf's convention), `train_seconds` (cumulative training time at the end), `images` (steps_run x
 batch_size), `scale`, `trial_key`, `parent_run_id`, `error`, `superseded` (False: duplicates are dropped).
 
+The one writer, `log_report`, attaches a finished report to its study (parent) run: files under one artifact
+folder, the verdicts as tags (`harness.report` decides what; this module only talks to MLflow).
+
 Curves come from each finished trial's `history.csv` artifact (one download per run, every evaluation metric at
 once); a run without it (still running, or errored) gives its metric histories (`get_metric_history`), 16
 requests at a time.
@@ -153,6 +156,25 @@ def list_studies(uri: str) -> list[str]:
         if found:
             studies.append(exp.name)
     return sorted(studies)
+
+
+def log_report(uri: str, run_id: str, files: list[Path], folder: str, tags: dict[str, str], prefix: str) -> list[str]:
+    """Attach a report to a run, replacing the previous one: `files` under the artifact folder `folder` (a file of
+    the same name is overwritten in place), `tags` set, and every other tag of the run whose key starts with
+    `prefix` deleted (a comparison that is no longer in the plan). Returns the deleted keys. Public MlflowClient
+    calls only, failing fast over HTTP; raises what MLflow raises (a store that refuses writes): the caller
+    decides what a refused write means."""
+
+    client = mlflow_client(uri)
+    with names.short_http_retries():
+        for path in files:
+            client.log_artifact(run_id, str(path), folder)
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        stale = sorted(k for k in client.get_run(run_id).data.tags if k.startswith(prefix) and k not in tags)
+        for key in stale:
+            client.delete_tag(run_id, key)
+    return stale
 
 
 # ------------------------------------------------------------------------------------------------ loading

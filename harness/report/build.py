@@ -4,10 +4,17 @@
     python -m harness.report batch_size_effect --run all             # every invocation of the study
     python -m harness.report batch_size_effect --run <parent run id> --tracking-uri sqlite:///abs/mlflow.db
     python -m harness.report batch_size_effect --out reports/batch_size_effect.pdf
+    python -m harness.report batch_size_effect --no-mlflow                # write nothing to the store
 
 Writes NAME.pdf, its Markdown twin NAME.md, and the tables as NAME.verdicts.csv, NAME.cells.csv and
 NAME.trials.csv next to it (default folder: reports/). On bad input (unknown study, no runs, unreachable
 store, unknown run id) it prints one line on stderr, writes nothing and exits with code 2.
+
+Then, unless --no-mlflow, it puts the verdicts where people browse the runs (`log_to_mlflow`): the study's parent
+run (the newest one under --run all) gets the PDF, the Markdown and the verdicts CSV as artifacts under report/
+(named after the study, overwritten in place by the next report) and one tag per planned comparison,
+harness.verdict.<claim>.<comparison slug> = "<verdict>: <observed difference>"; verdict tags of comparisons no
+longer in the plan are deleted. A store that refuses the writes costs one warning line, not the report.
 
 PDF layout: page 1 = the study's question, the verdict table (claim, paper says, we measured, verdict,
 evidence), claims not tested, the decision rule and the setup; then one section per tested claim (its
@@ -24,10 +31,12 @@ import argparse
 import datetime as dt
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +45,7 @@ import pandas as pd
 
 from harness import REPO_ROOT, names
 from harness.analysis import claims as claims_mod
-from harness.analysis.results import RUN_CHOICES, StudyError, StudyResults, load_study, schedule_curves
+from harness.analysis.results import RUN_CHOICES, StudyError, StudyResults, load_study, log_report, schedule_curves
 from harness.report import setup as rsetup
 
 DECISION_RULE = (
@@ -61,6 +70,8 @@ class ReportFiles:
     load_seconds: float
     n_trials: int
     min_font: float = math.nan    # the smallest text on any page, in points
+    mlflow_note: str = ""         # what was logged to the parent run ("" with --no-mlflow)
+    mlflow_warning: str = ""      # why nothing (or not everything) was logged: the store refused
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -76,24 +87,32 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="which invocation of the study: latest (default), all, or a parent run id")
     ap.add_argument("--out", type=Path, default=None, help="PDF path (default: reports/NAME.pdf); the .md and "
                     ".csv twins go next to it")
+    ap.add_argument("--no-mlflow", action="store_true",
+                    help="write nothing to the MLflow store (default: the PDF, Markdown and verdicts CSV become "
+                         f"artifacts under {names.REPORT_ARTIFACT_DIR}/ of the study's parent run, each verdict a "
+                         f"{names.VERDICT_TAG_PREFIX}* tag on it)")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        files = build_report(args.study, args.tracking_uri, args.run, args.out)
+        files = build_report(args.study, args.tracking_uri, args.run, args.out, mlflow=not args.no_mlflow)
     except StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     others = ", ".join(p.name for p in [files.markdown, *files.csvs])
     print(f"report: {files.pages} pages -> {files.pdf} (+ {others}) in {files.seconds:.1f} s "
           f"(loading {files.n_trials} trials from MLflow: {files.load_seconds:.1f} s)")
+    if files.mlflow_note:
+        print(f"mlflow: {files.mlflow_note}")
+    if files.mlflow_warning:
+        print(f"warning: {files.mlflow_warning}", file=sys.stderr)
     return 0
 
 
-def build_report(study: str, tracking_uri: str | None = None, run: str = "latest", out: Path | None = None
-                 ) -> ReportFiles:
+def build_report(study: str, tracking_uri: str | None = None, run: str = "latest", out: Path | None = None,
+                 mlflow: bool = True) -> ReportFiles:
     t0 = time.perf_counter()
     if not study.strip():
         raise StudyError(f"empty study name; use {RUN_CHOICES} with a study name")
@@ -120,10 +139,82 @@ def build_report(study: str, tracking_uri: str | None = None, run: str = "latest
             os.replace(tmp / name, folder / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    note, warning = log_to_mlflow(res, evaluation, tables, {k: folder / v for k, v in file_names.items()}) \
+        if mlflow else ("", "")
     return ReportFiles(pdf=folder / file_names["pdf"], markdown=folder / file_names["md"],
                        csvs=[folder / file_names[k] for k in ("verdicts", "cells", "trials", "curves")], pages=pages,
                        seconds=time.perf_counter() - t0, load_seconds=res.timings.get("total_s", 0.0),
-                       n_trials=len(res.trials), min_font=min_font)
+                       n_trials=len(res.trials), min_font=min_font, mlflow_note=note, mlflow_warning=warning)
+
+
+# ------------------------------------------------------------------------------------------------ MLflow
+TAG_SLUG_CHARS = 60     # a comparison's slug in its tag key; a longer one is cut and ends in a hash of the whole
+
+
+def _slug(text: str, limit: int = TAG_SLUG_CHARS) -> str:
+    """`batch_size=1000 vs batch_size=250 [schedule=one_cycle]` -> `batch_size-1000-vs-batch_size-250-schedule-
+    one_cycle`: letters, digits, `_`, `-` and single dots only (MLflow's tag key rules, no path-like names)."""
+    slug = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9_.]+", "-", text)).strip("-.") or "comparison"
+    if len(slug) > limit:
+        slug = f"{slug[:limit - 9].rstrip('-.')}-{zlib.crc32(text.encode()):08x}"
+    return slug
+
+
+def verdict_tags(ev: claims_mod.Evaluation) -> dict[str, str]:
+    """One tag per planned comparison that has a verdict: key = prefix + claim ID + "." + slug of the comparison
+    (its arms and stratum), the same for the same comparison in every report; value = the verdict word and the
+    observed difference (arm A - arm B), e.g. `supported: +7.00 pp`. Two comparisons with the same title (they
+    differ only in a `where` filter, which the title does not show) are told apart by -2, -3 in plan order."""
+    tags: dict[str, str] = {}
+    for v in ev.verdicts:
+        base = f"{names.VERDICT_TAG_PREFIX}{_slug(v.claim_id, 20)}.{_slug(v.comparison)}"
+        key, i = base, 2
+        while key in tags:
+            key, i = f"{base}-{i}", i + 1
+        diff = "n/a" if v.diff is None or np.isnan(v.diff) else _diff_text(v, v.diff)
+        if v.metric == "steps_to_target" and "argmax" not in v.test and diff != "n/a":
+            diff += " steps"
+        value = f"{v.verdict}: {diff}"
+        if v.would_be and v.would_be != v.verdict:
+            value += f" (would be {v.would_be})"
+        tags[key] = value[:names.MAX_TAG_CHARS]
+    return tags
+
+
+def log_to_mlflow(res: StudyResults, ev: claims_mod.Evaluation, tables: Tables, written: dict[str, Path]
+                  ) -> tuple[str, str]:
+    """The report on its study's parent run (the newest one when several are reported together): the PDF, the
+    Markdown and the verdicts CSV under report/, named after the study whatever --out said (so the next report
+    overwrites them), and `verdict_tags` (stale ones deleted). Returns (what was logged, a warning): the local
+    report stands whether or not the store takes the writes."""
+    run_id = res.parent["run_id"]
+    names_in_run = {"pdf": f"{res.study}.pdf", "md": f"{res.study}.md", "verdicts": f"{res.study}.verdicts.csv",
+                    "cells": f"{res.study}.cells.csv", "trials": f"{res.study}.trials.csv",
+                    "curves": f"{res.study}.curves.csv"}
+    tags = verdict_tags(ev)
+    try:
+        with tempfile.TemporaryDirectory(prefix="harness-report-") as d:
+            staged = []
+            for k in ("pdf", "md", "verdicts"):
+                staged.append(Path(d) / names_in_run[k])
+                if k == "md" and written[k].name != names_in_run[k]:   # its links name the files as logged
+                    staged[-1].write_text(markdown(res, ev, tables, names_in_run))
+                else:
+                    shutil.copyfile(written[k], staged[-1])
+            stale = log_report(res.tracking_uri, run_id, staged, names.REPORT_ARTIFACT_DIR, tags,
+                               names.VERDICT_TAG_PREFIX)
+    except Exception as e:  # noqa: BLE001 - a read-only or unreachable store: the report itself is done
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        return "", (f"the report was not logged to MLflow run {run_id} in {res.tracking_uri} ({type(e).__name__}: "
+                    f"{first}); pass --no-mlflow to skip this step")
+    which = f"parent run {run_id}"
+    if len(res.parents) > 1:
+        which += f" (the newest of the {len(res.parents)} parent runs whose trials these verdicts read)"
+    note = (f"{', '.join(p.name for p in staged)} under {names.REPORT_ARTIFACT_DIR}/ and {len(tags)} verdict "
+            f"tag(s) {names.VERDICT_TAG_PREFIX}* logged to {which}")
+    if stale:
+        note += f"; removed {len(stale)} tag(s) of comparisons no longer in the plan"
+    return note, ""
 
 
 # ------------------------------------------------------------------------------------------------ tables

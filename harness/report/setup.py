@@ -119,7 +119,7 @@ def _lrs(c: dict) -> str:
 
 
 def _momentum(c: dict) -> str:
-    cycles = c.get("cycle_momentum") and c["schedule"] in ("triangular", "one_cycle", "one_cycle_cos")
+    cycles = c.get("cycle_momentum") and c["schedule"] in ("triangular", "triangular2", "one_cycle", "one_cycle_cos")
     mom = f"cyclical {_v('', c['max_momentum'])} to {_v('', c['min_momentum'])}" if cycles \
         else f"{_v('', c['momentum'])}"
     return f"{c['optimizer']}, momentum {mom}, weight decay {_v('', c['weight_decay'])}"

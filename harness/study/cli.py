@@ -317,10 +317,11 @@ def print_outcome(results, resolved: dict, wall_s: float) -> Outcome:
     cells: dict[str, list[dict]] = {}
     out = Outcome([], [], [])
     for r in results:
-        trial, metrics = specs.Trial.from_tune(r.config["trial"]), r.metrics or {}
-        if r.error is not None:
-            out.errors.append((trial.name, str(r.error).strip().splitlines()[-1][:300]))
+        if r.error is not None:  # a trial whose actor died may come back without its config: name it by its folder
+            name = specs.Trial.from_tune(r.config["trial"]).name if r.config else Path(str(r.path)).name
+            out.errors.append((name, str(r.error).strip().splitlines()[-1][:300]))
             continue
+        trial, metrics = specs.Trial.from_tune(r.config["trial"]), r.metrics or {}
         if not metrics.get("finished"):  # Tune stopped it before trial_driver reported its end (an interrupt)
             out.unfinished.append(trial.name)
             continue
@@ -446,7 +447,8 @@ def measure_images_per_s(config: TrialConfig, steps: int = 4, warmup: int = 2) -
     """Training images/s of the first `steps` steps after `warmup` of this trial on the device it would use."""
     from harness.trial.loop import run_trial
     probe = config.replace(steps=warmup + steps, eval_every=warmup + steps, warmup_steps=warmup, stepsize=None,
-                           milestones=[], schedule="constant" if config.schedule == "multistep" else config.schedule)
+                           clr_stages=[], milestones=[],
+                           schedule="constant" if config.schedule == "multistep" else config.schedule)
     rates: list[float] = []
     run_trial(probe, reporter=lambda m, s: rates.append(m["images_per_s"]))
     return rates[-1]

@@ -28,7 +28,6 @@ a store failure there is a warning line, so the error the user sees is the first
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -44,7 +43,7 @@ from typing import Any
 import harness
 from harness import names
 from harness.config import TrialConfig
-from harness.names import resolve_tracking_uri  # noqa: F401 - the writer's entry to it
+from harness.names import SHORT_HTTP_RETRIES, resolve_tracking_uri, short_http_retries  # noqa: F401
 from harness.spec import Trial
 
 EVAL_METRICS = names.EVAL_METRICS
@@ -54,8 +53,6 @@ FINDER_SUMMARY_METRICS = names.FINDER_SUMMARY_METRICS
 TRACKING_GRACE_ENV = "HARNESS_TRACKING_GRACE_S"  # how long a trial waits at its end for a tracking outage
 DEFAULT_GRACE_S = 300.0
 BACKOFF_START_S, BACKOFF_MAX_S = 1.0, 30.0
-SHORT_HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
 
 class TrackingError(RuntimeError):
@@ -434,20 +431,6 @@ def tracking_grace_s() -> float:
         raise TrackingError(f"{TRACKING_GRACE_ENV}={value!r} is not a number of seconds >= 0 (default "
                             f"{DEFAULT_GRACE_S:g})")
     return grace
-
-
-@contextlib.contextmanager
-def short_http_retries():
-    """MLflow's client retries a failed HTTP call 7 times with backoff (~4 minutes) and times out after 120 s;
-    the harness's own buffer does the waiting, so its calls fail fast (the variables are read per call)."""
-    saved = {k: os.environ.get(k) for k in SHORT_HTTP_RETRIES}
-    os.environ.update({k: v for k, v in SHORT_HTTP_RETRIES.items() if saved[k] is None})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
 
 
 def trial_label(trial: Trial | None) -> str:

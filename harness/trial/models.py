@@ -1,4 +1,5 @@
-"""The networks: the authors' Caffe ResNets, a pre-activation ResNet, MLPs and a tiny CNN.
+"""The networks: the authors' Caffe ResNets, Caffe's cifar10_full and LeNet, a pre-activation ResNet, MLPs
+and a tiny CNN.
 
 `build_model(cfg, in_channels, num_classes, image_size)` is the one entry point the trainer uses.
 Every model uses all of its parameters in every forward pass (DDP needs no `find_unused_parameters`)
@@ -14,6 +15,13 @@ and is initialised only from torch's global RNG (same `torch.manual_seed` -> sam
   so the zeros enter the next block's input and identity shortcut;
 - an 8x8 average pool (here: global average pool, the same on 32x32 inputs), FC with Caffe's "xavier"
   filler (uniform +-sqrt(3 / fan_in)), bias 0.
+
+`caffe_cifar10_full` and `caffe_lenet` are BVLC Caffe's example nets, layer for layer as
+examples/cifar10/cifar10_full_train_test.prototxt (the net of the CLR paper, arXiv 1506.01186, Section 4.1.1)
+and examples/mnist/lenet_train_test.prototxt: pooling rounds its output size UP as Caffe does, LRN is Caffe's
+WITHIN_CHANNEL LRN, fillers and the per-blob lr_mult / decay_mult (`caffe_param_multipliers`) are the
+prototxt's. The harness feeds pixels scaled to [0, 1]; each net multiplies its input back to the scale its
+Caffe data layer produced (`input_scale`: cifar10_full has no `scale`, so 255; LeNet has 0.00390625 = 1/256).
 """
 
 from __future__ import annotations
@@ -129,13 +137,19 @@ def resnet_cifar(depth: int, num_classes: int = 10, in_channels: int = 3, bn_mom
 
 
 def caffe_param_multipliers(model: nn.Module) -> dict[str, tuple[float, float]]:
-    """(lr_mult, decay_mult) of every parameter of a `resnet_cifar` model, as the prototxt sets them:
+    """(lr_mult, decay_mult) of every parameter of a Caffe model, as its prototxt sets them.
+
+    A layer that carries its prototxt's `param` blocks (`caffe_mults`: parameter name -> (lr_mult, decay_mult),
+    set by `_caffe_params`; the cifar10_full and LeNet nets) gets those. Otherwise the `resnet_cifar` rules:
     conv weight 1/1, conv bias 2/0; Scale (BN gamma, beta) has no `param` block, so Caffe's defaults 1/1
     apply (they ARE weight-decayed); FC weight 1/1, FC bias 2/1 (lr_mult only, decay_mult defaults to 1)."""
     mults = {}
     for mod_name, module in model.named_modules():
+        declared = getattr(module, "caffe_mults", None)
         for p_name, _ in module.named_parameters(recurse=False):
-            if isinstance(module, nn.Conv2d):
+            if declared is not None:
+                mult = declared[p_name]
+            elif isinstance(module, nn.Conv2d):
                 mult = (1.0, 1.0) if p_name == "weight" else (2.0, 0.0)
             elif isinstance(module, nn.BatchNorm2d):
                 mult = (1.0, 1.0)
@@ -145,6 +159,140 @@ def caffe_param_multipliers(model: nn.Module) -> dict[str, tuple[float, float]]:
                 raise TypeError(f"no Caffe multipliers for {type(module).__name__} parameter {mod_name}.{p_name}")
             mults[f"{mod_name}.{p_name}" if mod_name else p_name] = mult
     return mults
+
+
+# --------------------------------------------------------------------------------------------
+# BVLC Caffe's example nets: cifar10_full (the CLR paper's CIFAR-10 net) and LeNet
+# --------------------------------------------------------------------------------------------
+CAFFE_MULTIPLIER_MODELS = ("resnet20", "resnet56", "resnet110", "caffe_cifar10_full", "caffe_lenet")
+"""The models whose per-parameter (lr_mult, decay_mult) `caffe_param_multipliers` gives as their prototxt sets them."""
+
+
+def caffe_pool_size(size: int, kernel: int, stride: int, pad: int = 0) -> int:
+    """Caffe PoolingLayer's output size: rounded UP (PyTorch's ceil_mode), and with padding the last window must
+    start inside the image (pooling_layer.cpp, Reshape)."""
+    out = math.ceil((size + 2 * pad - kernel) / stride) + 1
+    if pad and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def _caffe_params(layer: nn.Module, weight: tuple[float, float] = (1.0, 1.0),
+                  bias: tuple[float, float] = (1.0, 1.0)) -> nn.Module:
+    """Record the layer's prototxt `param` blocks as (lr_mult, decay_mult) per blob (Caffe's default 1/1 where
+    the prototxt gives none) for `caffe_param_multipliers`."""
+    layer.caffe_mults = {"weight": weight, "bias": bias}
+    return layer
+
+
+def _gaussian(layer: nn.Module, std: float) -> nn.Module:
+    """Caffe's "gaussian" weight filler (mean 0) and "constant" bias filler (value 0)."""
+    nn.init.normal_(layer.weight, 0.0, std)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def _xavier(layer: nn.Module) -> nn.Module:
+    """Caffe's "xavier" weight filler (variance_norm FAN_IN: uniform +-sqrt(3 / fan_in), fan_in = count / num),
+    "constant" bias filler (0)."""
+    bound = math.sqrt(3.0 / (layer.weight.numel() // layer.weight.shape[0]))
+    nn.init.uniform_(layer.weight, -bound, bound)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class WithinChannelLRN(nn.Module):
+    """Caffe's LRN layer with `norm_region: WITHIN_CHANNEL` (lrn_layer.cpp): y = x * (1 + alpha * m)^-beta, m the
+    mean of x^2 over a local_size x local_size window (Caffe's AVE pooling, pad (local_size - 1) / 2, stride 1,
+    whose divisor counts the padded zeros: always local_size^2 here). Not torch's LocalResponseNorm, which
+    normalises ACROSS_CHANNELS."""
+
+    def __init__(self, local_size: int = 3, alpha: float = 5e-5, beta: float = 0.75):
+        super().__init__()
+        if local_size % 2 != 1:
+            raise ValueError(f"LRN only supports odd values for local_size, got {local_size}")
+        self.local_size, self.alpha, self.beta = local_size, alpha, beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean_sq = F.avg_pool2d(x * x, self.local_size, stride=1, padding=self.local_size // 2,
+                               count_include_pad=True)
+        return x * (1.0 + self.alpha * mean_sq).pow(-self.beta)
+
+    def extra_repr(self) -> str:
+        return f"local_size={self.local_size}, alpha={self.alpha}, beta={self.beta}, WITHIN_CHANNEL"
+
+
+class CaffeCifar10Full(nn.Module):
+    """Caffe's `cifar10_full` (examples/cifar10/cifar10_full_train_test.prototxt), the net of the CLR paper's
+    CIFAR-10 runs (arXiv 1506.01186, Section 4.1.1):
+
+        conv1 32 5x5 pad 2 -> MAX pool 3/2 -> ReLU -> LRN -> conv2 32 5x5 pad 2 -> ReLU -> AVE pool 3/2 -> LRN
+        -> conv3 64 5x5 pad 2 -> ReLU -> AVE pool 3/2 -> ip1 (num_classes)
+
+    LRN: local_size 3, alpha 5e-5, beta 0.75, WITHIN_CHANNEL. Pools round up: 32 -> 16 -> 8 -> 4, so ip1 sees
+    64 x 4 x 4 (with floor it would be 15 -> 7 -> 3); 28 -> 14 -> 7 -> 3; 8 -> 4 -> 2 -> 1. Fillers: gaussian std 1e-4
+    (conv1), 0.01 (conv2, conv3, ip1), biases 0. `param` blocks: conv1 and conv2 {lr_mult 1}, {lr_mult 2}
+    (decay_mult defaults to 1: their biases ARE decayed); conv3 none (1/1 for both blobs); ip1
+    {lr_mult 1, decay_mult 250}, {lr_mult 2, decay_mult 0}. No BatchNorm, no dropout.
+
+    The data layer subtracts the mean image and does not scale (pixels in 0..255): `input_scale` 255 turns the
+    harness's [0, 1] pixels back into Caffe's, so the fillers and LRN's alpha see the magnitudes they were set for.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
+                 input_scale: float = 255.0):
+        super().__init__()
+        self.input_scale = input_scale
+        side = image_size
+        for _ in range(3):  # the convs keep the size (5x5, pad 2); each pool is 3/2, rounded up
+            side = caffe_pool_size(side, 3, 2)
+        if side < 1:
+            raise ValueError(f"caffe_cifar10_full needs inputs of at least 3x3 pixels, got {image_size}x{image_size}")
+        self.conv1 = _caffe_params(_gaussian(nn.Conv2d(in_channels, 32, 5, padding=2), 1e-4), bias=(2.0, 1.0))
+        self.norm1 = WithinChannelLRN(3, 5e-5, 0.75)
+        self.conv2 = _caffe_params(_gaussian(nn.Conv2d(32, 32, 5, padding=2), 0.01), bias=(2.0, 1.0))
+        self.norm2 = WithinChannelLRN(3, 5e-5, 0.75)
+        self.conv3 = _caffe_params(_gaussian(nn.Conv2d(32, 64, 5, padding=2), 0.01))
+        self.ip1 = _caffe_params(_gaussian(nn.Linear(64 * side * side, num_classes), 0.01),
+                                 weight=(1.0, 250.0), bias=(2.0, 0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x * self.input_scale)
+        x = self.norm1(F.relu(F.max_pool2d(x, 3, 2, ceil_mode=True)))
+        x = self.norm2(F.avg_pool2d(F.relu(self.conv2(x)), 3, 2, ceil_mode=True))
+        x = F.avg_pool2d(F.relu(self.conv3(x)), 3, 2, ceil_mode=True)  # pad 0: the edge divides by in-image pixels
+        return self.ip1(torch.flatten(x, 1))
+
+
+class CaffeLeNet(nn.Module):
+    """Caffe's LeNet (examples/mnist/lenet_train_test.prototxt):
+
+        conv1 20 5x5 -> MAX pool 2/2 -> conv2 50 5x5 -> MAX pool 2/2 -> ip1 500 -> ReLU -> ip2 (num_classes)
+
+    No nonlinearity between the convolutions (as the prototxt). 28x28 inputs: 24 -> 12 -> 8 -> 4, ip1 sees
+    50 x 4 x 4 = 800; 431,080 parameters. Fillers: xavier weights, constant 0 biases. Every layer has
+    {lr_mult 1}, {lr_mult 2} (decay_mult defaults to 1: biases ARE decayed). The data layer scales pixels by
+    0.00390625 = 1/256 (no mean): `input_scale` 255/256 turns the harness's x/255 into Caffe's x/256.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
+                 input_scale: float = 255.0 / 256.0):
+        super().__init__()
+        self.input_scale = input_scale
+        side = caffe_pool_size(image_size - 4, 2, 2) - 4
+        side = caffe_pool_size(side, 2, 2) if side >= 1 else 0
+        if side < 1:
+            raise ValueError(f"caffe_lenet needs inputs of at least 13x13 pixels (Caffe's LeNet: 28x28 MNIST), "
+                             f"got {image_size}x{image_size}")
+        self.conv1 = _caffe_params(_xavier(nn.Conv2d(in_channels, 20, 5)), bias=(2.0, 1.0))
+        self.conv2 = _caffe_params(_xavier(nn.Conv2d(20, 50, 5)), bias=(2.0, 1.0))
+        self.ip1 = _caffe_params(_xavier(nn.Linear(50 * side * side, 500)), bias=(2.0, 1.0))
+        self.ip2 = _caffe_params(_xavier(nn.Linear(500, num_classes)), bias=(2.0, 1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(self.conv1(x * self.input_scale), 2, 2, ceil_mode=True)
+        x = F.max_pool2d(self.conv2(x), 2, 2, ceil_mode=True)
+        return self.ip2(F.relu(self.ip1(torch.flatten(x, 1))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +387,7 @@ def small_cnn(in_channels: int = 1, num_classes: int = 10, bn_momentum: float = 
 
 # --------------------------------------------------------------------------------------------
 MODEL_NAMES = ("resnet20", "resnet56", "resnet110", "preact_resnet20", "preact_resnet56", "preact_resnet110",
-               "mlp", "small_cnn")
+               "mlp", "small_cnn", "caffe_cifar10_full", "caffe_lenet")
 
 
 def build_model(cfg, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
@@ -254,4 +402,8 @@ def build_model(cfg, in_channels: int, num_classes: int, image_size: int) -> nn.
                    cfg.mlp_final_relu)
     if name == "small_cnn":
         return small_cnn(in_channels, num_classes, cfg.bn_momentum)
+    if name == "caffe_cifar10_full":
+        return CaffeCifar10Full(in_channels, num_classes, image_size)
+    if name == "caffe_lenet":
+        return CaffeLeNet(in_channels, num_classes, image_size)
     raise ValueError(f"unknown model '{name}'; allowed: {', '.join(MODEL_NAMES)}")

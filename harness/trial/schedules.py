@@ -9,6 +9,13 @@ Peak convention: `max_lr` is the largest lr of every schedule; `base_lr` is the 
 - constant:      max_lr throughout.
 - multistep:     PC-LR, max_lr x gamma at each milestone (torch MultiStepLR; Caffe "multistep").
 - triangular:    Caffe CLR, base -> max over `stepsize` steps and back, repeating (torch CyclicLR).
+- triangular2:   the same, with the amplitude halved every cycle (Smith 2015, arXiv 1506.01186, Section 3.1;
+                 torch CyclicLR mode "triangular2"): lr = base + (max - base) * max(0, 1 - |x|) / 2^(cycle - 1),
+                 cycle = floor(1 + k / (2 stepsize)), x = k / stepsize - 2 cycle + 1. Default stepsize: steps/2.
+  with cfg.clr_stages (triangular and triangular2): restarts, as the run of Smith 2015's Figure 1 (Table 2):
+                 the cycle above from step 0, then at each stage's start step a fresh CyclicLR with that
+                 stage's (base_lr, max_lr, stepsize), counted from its start (k - start in the formula),
+                 chained by torch SequentialLR (milestones = the start steps).
 - one_cycle:     Smith's 1cycle, exactly: base -> max at step=stepsize -> base at 2*stepsize, then linear
                  annihilation to base/final_div at the last step (our `OneCycle`, see why there).
 - one_cycle_cos: the fastai/torch shape, torch OneCycleLR(anneal_strategy="cos"), rise over `stepsize`
@@ -19,11 +26,13 @@ Peak convention: `max_lr` is the largest lr of every schedule; `base_lr` is the 
                  authors' range-test logs (so the last step runs at max - (max-base)/steps; max_lr itself
                  would be step `steps`). A given `stepsize` replaces `steps` there.
 Momentum cycles max_momentum -> min_momentum -> max_momentum, mirroring the lr, for one_cycle,
-one_cycle_cos and triangular when cfg.cycle_momentum; optimizers without momentum (adagrad, adadelta)
-are silently not cycled. Otherwise momentum is left at what the optimizer was built with (cfg.momentum).
+one_cycle_cos, triangular and triangular2 (whose momentum swing halves with the lr's) when cfg.cycle_momentum;
+optimizers without momentum (adagrad, adadelta) are silently not cycled. Otherwise momentum is left at what
+the optimizer was built with (cfg.momentum).
 
 Resuming: build optimizer and scheduler as at the start, then load the optimizer's state_dict and the
 scheduler's (MultiStepLR and CosineAnnealingLR compute each lr from the previous one held in the optimizer).
+SequentialLR's state_dict holds its step and each stage's, so a resumed staged schedule is the same per step.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from torch.optim import lr_scheduler
 
 from harness.config import SCHEDULES, TrialConfig
 
-MOMENTUM_CYCLING = ("triangular", "one_cycle", "one_cycle_cos")
+MOMENTUM_CYCLING = ("triangular", "triangular2", "one_cycle", "one_cycle_cos")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig) -> lr_scheduler.LRScheduler:
@@ -53,11 +62,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig) -> lr_sc
         return lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
     if name == "cosine":
         return lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps, eta_min=0.0)
-    if name in ("triangular", "range_test"):
-        default = max(1, cfg.steps // 2) if name == "triangular" else cfg.steps
-        return lr_scheduler.CyclicLR(optimizer, base_lr=cfg.base_lr, max_lr=cfg.max_lr,
-                                     step_size_up=cfg.stepsize or default, mode="triangular",
-                                     cycle_momentum=cycle, **moms)
+    if name in ("triangular", "triangular2", "range_test"):
+        default = cfg.steps if name == "range_test" else max(1, cfg.steps // 2)
+        mode = "triangular2" if name == "triangular2" else "triangular"
+        stages = [(0, cfg.base_lr, cfg.max_lr, cfg.stepsize or default), *cfg.clr_stages]
+        cyclic = [lr_scheduler.CyclicLR(optimizer, base_lr=base, max_lr=peak, step_size_up=stepsize, mode=mode,
+                                        cycle_momentum=cycle, **moms)
+                  for _, base, peak, stepsize in stages]
+        if len(cyclic) == 1:
+            return cyclic[0]
+        return staged(optimizer, cyclic, [start for start, *_ in cfg.clr_stages])
     if name == "one_cycle":
         stepsize = cfg.stepsize or max(1, int(0.45 * cfg.steps))
         return OneCycle(optimizer, cfg.base_lr, cfg.max_lr, stepsize, cfg.steps, cfg.final_div,
@@ -69,6 +83,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig) -> lr_sc
                                    div_factor=cfg.max_lr / cfg.base_lr if cfg.base_lr > 0 else math.inf,
                                    final_div_factor=cfg.final_div, anneal_strategy="cos",
                                    cycle_momentum=cycle, **moms)
+
+
+def staged(optimizer: torch.optim.Optimizer, schedulers: list[lr_scheduler.LRScheduler],
+           starts: list[int]) -> lr_scheduler.SequentialLR:
+    """schedulers[0] from step 0, schedulers[i] restarted at step starts[i-1] (its own step 0 there).
+
+    torch's SequentialLR is exactly this for CyclicLR stages (checked per step against each stage's own CyclicLR
+    and through state_dict round trips in tests/test_schedules.py): each CyclicLR sets the optimizer's lr (and
+    momentum) to its own step 0 when built, but SequentialLR then undoes the later stages' initial steps and
+    redoes the first's, so step 0 is stage 0's; at a start step it sets that stage's step to 0 (`_update_lr(0)`,
+    since torch 2.9 without the old `step(0)` deprecation warning) and steps it from there, and CyclicLR computes
+    each lr from its own step alone, never from the optimizer's current lr. Its state_dict holds its own step and
+    every stage's state."""
+    return lr_scheduler.SequentialLR(optimizer, schedulers, milestones=list(starts))
 
 
 class OneCycle(lr_scheduler.LRScheduler):

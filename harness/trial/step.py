@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harness.config import TrialConfig
 from harness.trial.data import Dataset, RawData, TrainBatches, load_dataset, test_batches
-from harness.trial.models import build_model, caffe_param_multipliers
+from harness.trial.models import CAFFE_MULTIPLIER_MODELS, build_model, caffe_param_multipliers
 from harness.trial.optim import CaffeSGD
 
 EVAL_BATCH = 1000
@@ -124,12 +124,13 @@ def workload(cfg: TrialConfig, device: torch.device, raw: RawData | None = None)
 def build_optimizer(model: torch.nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer:
     """SGD/Nesterov/Adam/AdaGrad/AdaDelta/Caffe SGD with the paper's weight-decay exemptions.
 
-    The authors' Caffe ResNets decay what their prototxt decays (decay_mult): conv biases are exempt, BN scale
-    and shift and the FC bias are not. Other models exempt every bias and BN parameter (the common convention).
+    The authors' Caffe ResNets (and Caffe's cifar10_full and LeNet) decay what their prototxt decays
+    (decay_mult): the ResNets' conv biases are exempt, BN scale and shift and the FC bias are not. Other models
+    exempt every bias and BN parameter (the common convention).
     Caffe's lr_mult 2 on biases is reproduced by `caffe_sgd` only (harness.trial.optim.CaffeSGD, groups by
     (lr_mult, decay_mult); other models: lr_mult 1); every other optimizer follows the schedule's lr.
     """
-    if cfg.model in ("resnet20", "resnet56", "resnet110"):
+    if cfg.model in CAFFE_MULTIPLIER_MODELS:  # the authors' ResNets, Caffe's cifar10_full and LeNet
         mults = caffe_param_multipliers(model)
         decayed = {n for n, (_, decay_mult) in mults.items() if decay_mult > 0}
     else:
