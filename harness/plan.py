@@ -6,12 +6,18 @@
         - {claim: SC4, kind: two_arm, field: batch_size, a: max, b: min, where: {schedule: one_cycle}}
         - {claim: question, kind: interaction, field: batch_size, a: max, b: min,
            by: schedule, by_a: one_cycle, by_b: multistep}
+        - {claim: question, kind: non_inferior, field: schedule, a: one_cycle, b: multistep, margin: 0.005}
 
 `expand(analysis, configs)` turns the plan into concrete `Comparison`s for the trial configs of one scale:
 `max`/`min` become the largest/smallest value present, `strata` split a comparison per value, and each arm
-knows the trials it takes and how many units (seeds) it has after tuning. `python -m harness.study NAME
---dry-run` prints `Comparison.line()` for each (the pre-registration) and `harness.analysis.claims` evaluates exactly
-these comparisons on the runs. Nothing is inferred from names: arms are typed field values.
+knows the trials it takes and how many units (seeds) it has after tuning: the n the evaluation uses (for
+best_level, the units of one level of each arm, since only each arm's best level is compared). `python -m
+harness.study NAME --dry-run` prints `Comparison.line()` for each (the pre-registration) and
+`harness.analysis.claims` evaluates exactly these comparisons on the runs. Nothing is inferred from names: arms
+are typed field values.
+
+`non_inferior` asks whether arm a is not worse than arm b by more than a declared `margin` (in the metric's
+unit: 0.005 is half a point of accuracy, 500 is 500 steps); the margin is required for it and only for it.
 
 Tuning (AlgoPerf's rule): with `best_on_validation`, the trials of an arm that differ only in `lr_scale`
 form one unit (one seed of one configuration); the unit's outcome is the trial with the best final
@@ -31,13 +37,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from harness import names
 from harness.config import one_line, suggest
 
-KINDS = ("two_arm", "trend", "interaction", "best_level", "best_shift", "range_test")
+KINDS = ("two_arm", "trend", "interaction", "best_level", "best_shift", "range_test", "non_inferior")
 METRICS = {  # metric -> (label, direction that is "better")
     "final_acc": ("final test accuracy", +1),
     "steps_to_target": ("steps to target", -1),
     "acc_at_time_budget": ("test accuracy at a fixed training-time budget", +1),
     "range_drop": ("accuracy lost between the peak and the largest LR", -1),
 }
+FRACTIONS = ("final_acc", "acc_at_time_budget", "range_drop")   # metrics in [0, 1]: their margins are read in pp
 TUNING = ("best_on_validation", "each_scale")
 NOT_DESIGN = ("seed", "lr_scale", "device", "data_dir", "eval_every", "target_acc")  # never confounds
 
@@ -77,6 +84,13 @@ def fmt(f: str, v) -> str:
     return f"{f}={v}"
 
 
+def margin_text(metric: str, margin: float) -> str:
+    """A non-inferiority margin as declared, and in words: '0.005 (0.5 pp)', '500 steps'."""
+    if metric in FRACTIONS:
+        return f"{margin:g} ({100 * margin:g} pp)"
+    return f"{margin:g} steps" if metric == "steps_to_target" else f"{margin:g}"
+
+
 def _as_tuple(v) -> tuple:
     return tuple(v) if isinstance(v, (list, tuple)) else (v,)
 
@@ -97,6 +111,7 @@ class PlannedComparison(BaseModel):
     by: str | None = None
     by_a: Any = None
     by_b: Any = None
+    margin: float | None = None     # non_inferior: how much worse than b arm a may be, in the metric's unit
     note: Any = None
 
     @model_validator(mode="after")
@@ -114,6 +129,14 @@ class PlannedComparison(BaseModel):
             raise ValueError(f"kind {self.kind} needs arms a and b")
         if self.kind == "best_level" and "a" not in self.model_fields_set:
             raise ValueError("kind best_level needs a (the claimed best level or levels)")
+        if self.kind == "non_inferior":
+            if not {"a", "b"} <= self.model_fields_set:
+                raise ValueError("kind non_inferior needs arms a and b")
+            if self.margin is None or not math.isfinite(self.margin) or self.margin <= 0:
+                raise ValueError(f"kind non_inferior needs margin, a positive number in the metric's unit (e.g. "
+                                 f"0.005 for half a point of accuracy), got {self.margin!r}")
+        elif self.margin is not None:
+            raise ValueError(f"margin is only for kind non_inferior, not {self.kind}")
         return self
 
 
@@ -162,8 +185,11 @@ class Comparison:
     by: str | None = None
     by_a: tuple = ()
     by_b: tuple = ()
-    n_a: int = 0                    # planned units (after tuning) per arm; interaction: per cell (min)
-    n_b: int = 0
+    n_a: int = 0                    # planned units (after tuning) per arm; interaction: per cell (min);
+    n_b: int = 0                    # best_level, best_shift: per level (the fewest of the arm's levels)
+    n_a_max: int = 0                # best_level: the most units of one of the arm's levels, when levels differ
+    n_b_max: int = 0
+    margin: float | None = None     # non_inferior: how much worse than b arm a may be (the metric's unit)
     confounds: tuple = ()           # "steps 19200 vs 5800": what else differs between the arms
     note: str = ""
 
@@ -192,6 +218,8 @@ class Comparison:
             text = "LR range test: accuracy at the largest LR vs the run's peak"
         elif self.kind == "best_level":
             text = f"claimed best {self.a.label} vs the best other {self.field}"
+        elif self.kind == "non_inferior":
+            text = f"{self.a.label} not worse than {self.b.label} by more than {margin_text(self.metric, self.margin)}"
         else:
             text = f"{self.a.label} vs {self.b.label}"
         return text + (f" [{self.stratum_text}]" if self.stratum else "")
@@ -210,6 +238,8 @@ class Comparison:
             text = "LR range test: accuracy at the largest LR vs the run's peak"
         elif self.kind == "best_level":
             text = f"claimed best {a} vs the best other {field_words}"
+        elif self.kind == "non_inferior":
+            text = f"{a} not worse than {b} by more than {margin_text(self.metric, self.margin)}"
         else:
             text = f"{a} vs {b}"
         stratum = ", ".join(names.value_words(f, v) for f, v in self.stratum.items())
@@ -225,7 +255,8 @@ class Comparison:
 
     def line(self) -> str:
         """The pre-registration line: `CLAIM: arm A vs arm B [stratum], n per arm, metric (tuning)`."""
-        n = f"n={self.n_a} vs {self.n_b} per arm" if self.n_a != self.n_b else f"n={self.n_a} per arm"
+        na, nb = (f"{n}-{hi}" if hi > n else str(n) for n, hi in ((self.n_a, self.n_a_max), (self.n_b, self.n_b_max)))
+        n = f"n={na} vs {nb} per arm" if na != nb else f"n={na} per arm"
         extra = f"; arms also differ: {', '.join(self.confounds)}" if self.confounds else ""
         return f"{self.claim}: {self.title}, {n}, {self.metric_label} ({self.tuning_text}){extra}"
 
@@ -317,7 +348,7 @@ def expand(analysis: dict, configs: list[dict], where: str = "study") -> list[Co
             if rows:
                 common = dict(claim=c["claim"], kind=c["kind"], field=c["field"], tuning=tuning,
                               metric=c.get("metric", "range_drop" if c["kind"] == "range_test" else "final_acc"),
-                              n_lr_scales=n_scales, stratum=combo, note=c.get("note", ""),
+                              n_lr_scales=n_scales, stratum=combo, note=c.get("note", ""), margin=c.get("margin"),
                               _where=tuple(restrict.items()))
                 out.append(_comparison(c, rows, common, tuning, at))
     return out
@@ -349,6 +380,12 @@ def _comparison(c: dict, rows: list[dict], common: dict, tuning: str, at: str) -
             raise PlanError(f"{at}: an interaction cell has no trials (each arm needs both {c['by']} values)")
         n_a, n_b = min(_units(x, tuning) for x in cells[:2]), min(_units(x, tuning) for x in cells[2:])
         conf = _confounds(cells[0], cells[1], {f, c["by"]})
+    elif kind == "best_level":   # the evaluation compares the best level of each arm: n is one level's units
+        per_level = [[_units(_filter(r, {f: (v,)}), tuning) for v in vals] for r, vals in ((ra, a_vals), (rb, b_vals))]
+        per_level = [[n for n in ns if n] or [0] for ns in per_level]
+        n_a, n_b = min(per_level[0]), min(per_level[1])
+        common.update(n_a_max=max(per_level[0]), n_b_max=max(per_level[1]))
+        conf = _confounds(ra, rb, {f})
     else:
         n_a, n_b = _units(ra, tuning), _units(rb, tuning)
         conf = _confounds(ra, rb, {f})

@@ -149,8 +149,15 @@ def test_decision_rule():
     assert claims.decide(-0.05, -0.01, 0.001, +1, [4, 4])[0] == "contradicted"
     assert claims.decide(-0.01, 0.05, 0.001, +1, [4, 4])[0] == "inconclusive"
     assert claims.decide(0.01, 0.05, 0.2, +1, [4, 4])[0] == "inconclusive"
-    assert claims.decide(0.01, 0.05, 0.001, +1, [2, 4])[0] == "inconclusive"        # n < MIN_N
+    assert claims.decide(0.01, 0.05, 0.001, +1, [1, 4])[0] == "inconclusive"        # one unit: nothing to test
     assert claims.decide(-math.inf, -math.inf, 0.03, -1, [4, 4])[0] == "supported"  # fewer steps, the other missed
+    assert claims.decide(0.01, 0.05, math.nan, +1, [6, 6], no_test="why")[1].endswith("but no test: why")
+    # below MIN_N the bounds are the per-seed range and the test exact; the reason names both and p's floor
+    verdict, reason = claims.decide(0.01, 0.02, 0.1, +1, [3, 3], "the range of the per-seed differences",
+                                    "exact permutation test", p_min=0.1)
+    assert verdict == "inconclusive" and reason == (
+        "the range of the per-seed differences excludes 0 in the claimed direction, but exact permutation test "
+        "p = 0.1 >= 0.05 (3 vs 3 units: this test cannot give p below 0.1)")
 
 
 def test_bootstrap_is_seeded_and_handles_misses():
@@ -162,11 +169,13 @@ def test_bootstrap_is_seeded_and_handles_misses():
     assert d == lo == hi == -np.inf
 
 
-def test_below_min_n_there_is_no_interval_only_per_seed_values_and_the_direction():
+def test_below_min_n_there_is_no_interval_only_per_seed_values_the_direction_and_an_exact_test():
     _, trials, comps = study("batch_size_effect", "quick")           # 2 seeds per cell
     df = frame(trials, "quick", lambda c: (0.85 - 0.1 * (c["batch_size"] == 1000) + 0.01 * c["seed"], None))
     v = one(claims.plan_verdicts(comps, df, curves_for(df)), "SC4")
-    assert v.n_a == v.n_b == 2 and not v.ci_shown and math.isnan(v.p)
+    assert v.n_a == v.n_b == 2 and not v.ci_shown
+    assert v.p == pytest.approx(1 / 3) and v.test.startswith("exact permutation test")  # 2 vs 2: 6 splits
+    assert v.seed_label == "per-seed differences (paired by seed)" and v.seed_high == pytest.approx(-0.1)
     assert v.verdict == "inconclusive" and v.observed == "opposite to the claim"
     assert "s0 75.00%" in v.per_seed and "s1 86.00%" in v.per_seed and "CI" not in v.measured
 
@@ -204,13 +213,14 @@ def test_best_level_and_best_shift_and_range_test():
     assert v.verdict == "supported" and v.median_a == pytest.approx(0.9255) and v.median_b == pytest.approx(0.9065)
     configs, comps = _three_seed_plan({"kind": "best_shift", "field": "weight_decay", "by": "schedule",
                                        "by_a": "one_cycle", "by_b": "constant"},
-                                      {"weight_decay": [1e-3, 1e-4, 1e-5], "schedule": ["one_cycle", "constant"]})
+                                      {"weight_decay": [1e-3, 1e-4, 1e-5], "schedule": ["one_cycle", "constant"]},
+                                      seeds=5)   # below 5 per level: per-seed shifts only (tests/test_statistics.py)
     best = {"one_cycle": 1e-4, "constant": 1e-3}
     df = _frame_of(configs, lambda c: 0.9 + 0.02 * (c["weight_decay"] == best[c["schedule"]]) + 0.001 * c["seed"])
     v = claims.plan_verdicts(comps, df).verdicts[0]
     assert v.verdict == "supported" and "0.0001 under schedule=one_cycle vs 0.001 under schedule=constant" in v.measured
     configs, comps = _three_seed_plan({"kind": "range_test", "field": "schedule", "where": {"schedule": "range_test"}},
-                                      {"schedule": ["range_test"]})
+                                      {"schedule": ["range_test"]}, seeds=6)   # equal drops: a sign-flip test, 2/64
     df = _frame_of(configs, lambda c: 0.8)
     curves = pd.DataFrame([{"run_id": r, "step": k, "lr": 3 * k / 10, "test_acc": 0.5 + 0.03 * k - 0.04 * (k == 10)}
                            for r in df["run_id"] for k in range(1, 11)])

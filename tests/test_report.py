@@ -226,17 +226,17 @@ def test_verdict_details_are_rendered_and_merged_sections(uri, tmp_path):
     # SC4 and DA2 read the same trials: one section, one figure
     assert "SC4 and DA2: Larger total batch sizes" in text and text.count("SC4 paper setup") == 1
     for t in ("pre-registered", "SC4: batch_size=1024 vs batch_size=256, n=3 per arm", "observed direction",
-              "opposite to the claim", "interval and test", "95% percentile-bootstrap interval",
-              "with only 3 units per arm there are just 10 distinct resamples", "coarse interval", "LR tuning",
+              "opposite to the claim", "interval and test", "no interval: fewer than 5 units in an arm (n = 3 vs 3)",
+              "exact permutation test on the difference of means (all 20 splits of the units): p = 0.1", "LR tuning",
               "arms also differ in", "batch 1024 vs batch 256"):
         assert t in text, t
     md = (tmp_path / "batch_size_effect.md").read_text()
-    assert "| observed direction | opposite to the claim |" in md and "just 10 distinct resamples" in md
+    assert "| observed direction | opposite to the claim |" in md and "all 20 splits of the units" in md
     assert "| pre-registered |" in md
-    # below 3 units per arm: no interval, the per-seed values and the direction instead
+    # below 2 units per arm: no interval, no range, no test; the per-seed values and the direction instead
     code, smoke = run_report(uri, "smoke_check", tmp_path)
     smoke_text = " ".join(" ".join(pdf_text(smoke)).split())
-    assert "none: fewer than 3 units in an arm (n = 1 vs 1), so no interval and no p-value" in smoke_text
+    assert "none: fewer than 2 units in an arm (n = 1 vs 1), so no interval, no range and no test" in smoke_text
     assert "per seed one-cycle: s0 60.00%; multistep: s0 40.00%" in smoke_text
 
 

@@ -13,21 +13,36 @@ trials are excluded and reported.
 Tuning (harness/plan.py): with `best_on_validation`, each unit of an arm (one seed of one configuration)
 contributes the LR scale whose final validation accuracy is best; its TEST metric is what is compared.
 
-Decision rule (the same for every comparison; ALPHA = 0.05, MIN_N = 3):
-  * below MIN_N units in an arm: no interval and no p-value; the per-seed values and the observed direction
-    ("same as the claim" / "opposite to the claim") are shown, the verdict is inconclusive;
-  * statistic: difference of medians (arm A - arm B), with a 95% percentile-bootstrap interval from
-    BOOTSTRAP resamples of the units within each arm (seeded from the comparison, so reports are
-    reproducible). With 3-4 units per arm the bootstrap has only a few distinct resamples: it is a coarse
-    interval and is labelled so;
-  * test: Welch's t-test for accuracies; Mann-Whitney U for steps-to-target (a miss is +inf, which ranks
-    last); a bootstrap sign p-value for contrasts of contrasts (interaction, best_shift); a one-sample t-test
-    against the threshold for the LR range test;
-  * supported    : n >= MIN_N in every arm, the 95% CI excludes 0 on the claimed side, and p < ALPHA;
-  * contradicted : n >= MIN_N in every arm, the 95% CI excludes 0 on the opposite side, and p < ALPHA;
-  * inconclusive : otherwise (the reason is given).
-  Trends also need Spearman's rho over all levels to have the claimed sign to be supported. A smoke-scale
-  study never yields more than "pipeline check (smoke scale): would be <verdict>".
+Decision rule (the same for every comparison; ALPHA = 0.05, MIN_N = 5): the evidence is a pair of bounds on the
+difference (arm A - arm B) and a test; supported when the bounds exclude 0 on the claimed side and p < ALPHA,
+contradicted when they exclude 0 on the opposite side and p < ALPHA, inconclusive otherwise (the reason is given).
+What the bounds and the test are depends on how many units (seeds after tuning) each arm has:
+  * n >= MIN_N in every arm: the difference of medians with a 95% percentile-bootstrap interval from BOOTSTRAP
+    resamples of the units within each arm (seeded from the comparison, so reports are reproducible), and
+    Welch's t-test for accuracies, Mann-Whitney U for steps-to-target (a miss is +inf, which ranks last), a
+    bootstrap sign p-value for contrasts of contrasts (interaction, best_shift), a one-sample t-test against the
+    threshold for the LR range test. No Welch, Mann-Whitney or one-sample t test runs on an arm whose units all
+    have the same value ("no ... test: an arm has no spread": its variance estimate of 0 would make any difference
+    look certain); a permutation test (below) takes its place;
+  * 2 <= n < MIN_N: no interval (a bootstrap of 3 or 4 units has a handful of distinct resamples, and its
+    "95%" interval is the range of their medians). Instead, labelled as such: the range of the per-seed
+    differences (paired by seed where both arms have one unit per seed and the same seeds, else every pair of
+    units), and an exact permutation test (scipy.stats.permutation_test, which enumerates every split of the
+    units when there are at most EXACT_MAX) on the difference of MEANS for accuracies, of mean RANKS for
+    steps-to-target. Means, not medians: the median of 3 or 4 units moves only with its middle values, so its
+    permutation distribution is a few tied values, while the mean uses every unit and is what Welch's test is
+    about at larger n; ranks for steps because a miss is +inf, which only ranks can weigh (Mann-Whitney's
+    statistic). With 3 vs 3 units the smallest p any exact test can give is 2/20 = 0.1, so such a comparison is
+    never supported; the reason says so. Contrasts of contrasts and range tests get an exact sign-flip test on
+    the per-seed contrasts (per-run margins) when the units pair up by seed, else no test;
+  * n < 2 in an arm: nothing but the per-seed values and the observed direction; inconclusive.
+Trends also need Spearman's rho over all levels to have the claimed sign to be supported; no rho is computed on
+fewer than MIN_LEVELS distinct levels (with 2 levels it only restates the two-arm difference).
+Non-inferiority (kind non_inferior, a declared margin in the metric's unit): supported when the lower bound of
+the evidence for "A better than B" (the 95% CI at n >= MIN_N; below, the worst per-seed difference) is above
+-margin; contradicted when its upper bound is below -margin (A clearly worse by more than the margin); else
+inconclusive. Below MIN_N this is a description of the seeds at hand, not a confidence statement, and is labelled.
+A smoke-scale study never yields more than "pipeline check (smoke scale): would be <verdict>".
 """
 
 from __future__ import annotations
@@ -47,13 +62,31 @@ from harness import plan as plans
 from harness.plan import Comparison, fmt, key, level_value
 
 ALPHA = 0.05
-MIN_N = 3
+MIN_N = 5           # units per arm below which no interval is shown (per-seed differences and an exact test instead)
+MIN_LEVELS = 3      # distinct levels below which no rank correlation is computed
+EXACT_MAX = 200_000  # splits an exact permutation test enumerates at most; beyond, PERMUTATIONS seeded random ones
+PERMUTATIONS = 9999
 BOOTSTRAP = 2000
 SCALE_ORDER = ("smoke", "quick", "paper")
 STRENGTH = {"smoke": "none: pipeline check only", "quick": "indicative: reduced setup",
             "paper": "full: the paper's setup"}
 COLUMN = {"final_acc": "outcome_acc", "steps_to_target": "steps_to_target_eff",
           "acc_at_time_budget": "acc_at_budget"}   # metric -> trials column it reads
+DECISION_RULE = (  # the rule of the module docstring in one paragraph, for the report's method section
+    f"Decision rule: for each comparison, the difference of medians (arm A - arm B). With at least {MIN_N} units "
+    f"(seeds after tuning) per arm: a 95% percentile-bootstrap interval ({BOOTSTRAP} resamples of the units in each "
+    f"arm, seeded) and a test (Welch t for accuracy, Mann-Whitney U for steps-to-target, where a miss counts as "
+    f"infinitely many steps; on an arm whose units all have the same value neither runs, and a permutation test "
+    f"takes its place). With 2 to {MIN_N - 1} units per arm: no interval; the range of the per-seed differences "
+    f"(paired by seed where the arms share seeds) and an exact permutation test over every split of the units (of "
+    f"the difference of means for accuracy, of mean ranks for steps), which cannot give p below 0.05 with 3 vs 3 "
+    f"units. Supported: the interval (or every per-seed difference) excludes 0 in the claimed direction and "
+    f"p < {ALPHA}. Contradicted: the same in the opposite direction. Otherwise inconclusive. Trends also need "
+    f"Spearman's rho in the claimed direction (computed on {MIN_LEVELS} or more levels only). Non-inferiority "
+    f"(A not worse than B by more than a declared margin): supported when the worse end of the interval (below "
+    f"{MIN_N} units: the worst per-seed difference) is within the margin, contradicted when the better end is "
+    f"beyond it. Diverged trials count with their real final accuracy; errored trials are excluded and listed. A "
+    f"smoke-scale study only checks the pipeline.")
 RANGE_DROP = 0.10   # SC3: "stays accurate" = accuracy at the largest LR at most 10 points below the run's peak
 
 
@@ -157,7 +190,13 @@ class Verdict:
     ci_low: float = math.nan        # NaN when no interval is shown (n < MIN_N)
     ci_high: float = math.nan
     p: float = math.nan
-    test: str = ""
+    test: str = ""                  # what p comes from, labelled ("exact permutation test, ... (all 20 splits)")
+    p_min: float = math.nan         # an exact test's smallest possible p (2 / its number of splits)
+    no_test: str = ""               # why the usual test did not run ("no Welch t test: an arm has no spread")
+    seed_low: float = math.nan      # below MIN_N: the range of the per-seed differences (arm A - arm B) ...
+    seed_high: float = math.nan
+    seed_label: str = ""            # ... and what they are ("per-seed differences (paired by seed)")
+    margin: float = math.nan        # non_inferior: the declared margin (the metric's unit)
     rho: float = math.nan
     rho_p: float = math.nan
     scale: str = ""
@@ -178,6 +217,31 @@ class Verdict:
     def ci_shown(self) -> bool:
         """False below MIN_N units per arm: no interval is computed or printed."""
         return not (math.isnan(self.ci_low) or math.isnan(self.ci_high))
+
+    @property
+    def interval_and_test(self) -> str:
+        """The interval and the test this verdict rests on, each labelled for what it is (the report's row)."""
+        diff = (lambda x: f"{x:+.0f} grid positions") if "argmax" in self.test or self.seed_label.startswith(
+            "per-seed shifts") else (lambda x: _fmt_diff(self.metric, x))
+        parts = []
+        if self.ci_shown:
+            parts.append(f"95% percentile-bootstrap interval of the difference of medians: [{diff(self.ci_low)}, "
+                         f"{diff(self.ci_high)}] ({BOOTSTRAP} resamples)")
+        elif min(self.n_a, self.n_b) < 2:
+            return (f"none: fewer than 2 units in an arm (n = {self.n_a} vs {self.n_b}), so no interval, no range "
+                    f"and no test; the per-seed values and the observed direction are the evidence")
+        else:
+            parts.append(f"no interval: fewer than {MIN_N} units in an arm (n = {self.n_a} vs {self.n_b})")
+        if self.seed_label and not (np.isnan(self.seed_low) or np.isnan(self.seed_high)):
+            parts.append(f"{self.seed_label}: from {diff(self.seed_low)} to {diff(self.seed_high)}")
+        if self.no_test:
+            parts.append(self.no_test)
+        if self.test and not np.isnan(self.p):
+            bound = f" (the smallest p it can give is {self.p_min:.2g})" if np.isfinite(self.p_min) else ""
+            parts.append(f"{self.test}: p = {self.p:.2g}{bound}")
+        if not np.isnan(self.margin):
+            parts.append(f"non-inferiority margin {_fmt_margin(self.metric, self.margin)}")
+        return "; ".join(parts)
 
     def row(self) -> dict:
         d = asdict(self)
@@ -229,13 +293,19 @@ def _ci(boot: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def no_spread(x) -> bool:
+    """All values the same (e.g. every run diverged to chance, or every run missed the target)."""
+    x = np.asarray(x, dtype=float)
+    return len(x) > 0 and (len(set(x.tolist())) == 1 or (np.all(np.isfinite(x)) and np.ptp(x) < 1e-12))
+
+
 def welch_p(a, b) -> float:
+    """Welch's t-test; NaN with fewer than 2 units in an arm or when an arm has no spread (its variance estimate
+    of 0 makes the standard error that of the other arm alone, and any difference look near-certain)."""
     from scipy import stats
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if min(len(a), len(b)) < 2:
+    if min(len(a), len(b)) < 2 or no_spread(a) or no_spread(b):
         return math.nan
-    if np.ptp(a) < 1e-12 and np.ptp(b) < 1e-12:       # no spread at all: the difference is exact
-        return 1.0 if abs(a.mean() - b.mean()) < 1e-12 else 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         p = stats.ttest_ind(a, b, equal_var=False).pvalue
@@ -243,26 +313,103 @@ def welch_p(a, b) -> float:
 
 
 def mannwhitney_p(a, b) -> float:
+    """Mann-Whitney U (two-sided); NaN with fewer than 2 units in an arm or when an arm has no spread."""
     from scipy import stats
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if min(len(a), len(b)) < 2:
+    if min(len(a), len(b)) < 2 or no_spread(a) or no_spread(b):
         return math.nan
-    if len(set(np.concatenate([a, b]).tolist())) == 1:
-        return 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(stats.mannwhitneyu(a, b, alternative="two-sided").pvalue)
 
 
 def spearman(x, y) -> tuple[float, float]:
+    """Spearman's rho of y on the levels x; NaN on fewer than MIN_LEVELS distinct levels (with two levels a rank
+    correlation only restates the difference between them, with a p-value that counts every trial as a level)."""
     from scipy import stats
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if len(x) < 3 or np.ptp(x) == 0 or len(set(y.tolist())) < 2:
+    if len(set(x.tolist())) < MIN_LEVELS or len(set(y.tolist())) < 2:
         return math.nan, math.nan
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         r = stats.spearmanr(x, y)
     return float(r.statistic), float(r.pvalue)
+
+
+@dataclass(frozen=True)
+class Permutation:
+    """A permutation test's two-sided p, what it tested (labelled), and the smallest p its splits allow."""
+    p: float
+    label: str
+    p_min: float = math.nan         # exact tests: 2 / number of splits (ties can only make it larger)
+
+
+def _diff_of_means(x, y, axis=-1):
+    return np.mean(x, axis=axis) - np.mean(y, axis=axis)
+
+
+def _mean(x, axis=-1):
+    return np.mean(x, axis=axis)
+
+
+def _permute(data: tuple, statistic, n_splits: int, kind: str, seed: int) -> tuple[float, bool]:
+    """scipy.stats.permutation_test, exact (every split enumerated once: n_resamples >= the number of distinct
+    splits, scipy's rule) when there are at most EXACT_MAX splits, else PERMUTATIONS seeded random ones."""
+    from scipy import stats
+    exact = n_splits <= EXACT_MAX
+    res = stats.permutation_test(data, statistic, permutation_type=kind, vectorized=True,
+                                 n_resamples=math.inf if exact else PERMUTATIONS, alternative="two-sided",
+                                 rng=np.random.default_rng(seed))
+    return float(res.pvalue), exact
+
+
+def permutation_test(a, b, metric: str, seed: int = 0) -> Permutation:
+    """Are the two arms' units exchangeable? Two-sided test of the difference of means (accuracies) or of mean
+    ranks (steps-to-target, where a miss is +inf and only ranks can weigh it), over every split of the pooled
+    units into arms of these sizes (module docstring: why means and not medians)."""
+    from scipy import stats
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if min(len(a), len(b)) < 1:
+        return Permutation(math.nan, "")
+    ranks = metric == "steps_to_target" or not np.all(np.isfinite(np.concatenate([a, b])))
+    if ranks:
+        r = stats.rankdata(np.concatenate([a, b]))
+        a, b = r[:len(a)], r[len(a):]
+    splits = math.comb(len(a) + len(b), len(a))
+    p, exact = _permute((a, b), _diff_of_means, splits, "independent", seed)
+    what = "difference of mean ranks" if ranks else "difference of means"
+    how = f"all {splits} splits of the units" if exact else f"{PERMUTATIONS} random splits of the units, seeded"
+    return Permutation(p, f"{'exact' if exact else 'randomized'} permutation test on the {what} ({how})",
+                       min(1.0, 2 / splits) if exact else math.nan)
+
+
+def sign_flip_test(d, what: str, seed: int = 0) -> Permutation:
+    """Is the mean of the paired values `d` (per-seed contrasts, per-run margins) 0? Every sign pattern of the
+    values (2^n) is enumerated; infinite values (missed targets) are tested on their signed ranks instead."""
+    from scipy import stats
+    d = np.asarray(d, dtype=float)
+    if len(d) < 2:
+        return Permutation(math.nan, "")
+    ranked = not np.all(np.isfinite(d))
+    if ranked:
+        d = np.sign(d) * stats.rankdata(np.abs(d))
+    p, exact = _permute((d,), _mean, 2 ** len(d), "samples", seed)
+    how = f"all {2 ** len(d)} sign patterns" if exact else f"{PERMUTATIONS} random sign patterns, seeded"
+    return Permutation(p, f"{'exact' if exact else 'randomized'} sign-flip test on the mean "
+                          f"{'signed rank of the ' if ranked else ''}{what} ({how})",
+                       min(1.0, 2 / 2 ** len(d)) if exact else math.nan)
+
+
+def seed_differences(ra: pd.DataFrame, rb: pd.DataFrame, col: str) -> tuple[np.ndarray, str]:
+    """Arm A - arm B per seed when both arms have one unit per seed and the same seeds ("paired by seed"); else
+    the difference of every pair of units (A's unit minus B's). Returns (differences, their label)."""
+    a, b = ra[col].astype(float), rb[col].astype(float)
+    if "seed" in ra and "seed" in rb and ra["seed"].is_unique and rb["seed"].is_unique \
+            and set(ra["seed"]) == set(rb["seed"]):
+        sa, sb = dict(zip(ra["seed"], a, strict=True)), dict(zip(rb["seed"], b, strict=True))
+        return _sub([sa[s] for s in sorted(sa)], [sb[s] for s in sorted(sa)]), "per-seed differences (paired by seed)"
+    return (_sub(a.to_numpy()[:, None], b.to_numpy()[None, :]).ravel(),
+            "differences of every pair of units (the arms do not share seeds one to one)")
 
 
 def _boot_p(boot: np.ndarray) -> float:
@@ -272,20 +419,51 @@ def _boot_p(boot: np.ndarray) -> float:
     return float(min(1.0, 2 * (tail + 1) / (n + 1)))
 
 
-def decide(lo: float, hi: float, p: float, direction: int, ns: list[int]) -> tuple[str, str]:
-    """The decision rule of the module docstring: (verdict, reason)."""
-    if min(ns) < MIN_N:
-        return "inconclusive", f"fewer than {MIN_N} units in an arm (n = {' vs '.join(map(str, ns))}): " \
+def decide(lo: float, hi: float, p: float, direction: int, ns: list[int], bounds: str = "the 95% CI",
+           test: str = "the test's", p_min: float = math.nan, no_test: str = "") -> tuple[str, str]:
+    """The decision rule of the module docstring: (verdict, reason). `lo`, `hi` bound the difference A - B (the
+    95% CI at n >= MIN_N, the range of the per-seed differences below, named by `bounds`); `p` comes from `test`
+    (NaN: none ran, `no_test` says why); `p_min` is an exact test's smallest possible p."""
+    if min(ns) < 2:
+        return "inconclusive", f"fewer than 2 units in an arm (n = {' vs '.join(map(str, ns))}): " \
                                "per-seed values and the observed direction only"
+    if np.isnan(lo) or np.isnan(hi):
+        return "inconclusive", f"no bounds on the difference ({bounds})"
     claimed = lo > 0 if direction > 0 else hi < 0
     opposite = hi < 0 if direction > 0 else lo > 0
-    if claimed and p < ALPHA:
-        return "supported", "95% CI excludes 0 in the claimed direction and p < 0.05"
-    if opposite and p < ALPHA:
-        return "contradicted", "95% CI excludes 0 in the opposite direction and p < 0.05"
     if not (claimed or opposite):
-        return "inconclusive", "95% CI includes 0"
-    return "inconclusive", f"p = {p:.2g} >= 0.05"
+        return "inconclusive", f"{bounds} includes 0"
+    side = "claimed" if claimed else "opposite"
+    if np.isnan(p):
+        return "inconclusive", f"{bounds} excludes 0 in the {side} direction, but no test: {no_test or 'none ran'}"
+    if p < ALPHA:
+        return ("supported" if claimed else "contradicted"), \
+            f"{bounds} excludes 0 in the {side} direction and {test} p < {ALPHA:g}"
+    reason = f"{bounds} excludes 0 in the {side} direction, but {test} p = {p:.2g} >= {ALPHA:g}"
+    if np.isfinite(p_min) and p_min >= ALPHA:
+        reason += f" ({' vs '.join(map(str, ns))} units: this test cannot give p below {p_min:.2g})"
+    return "inconclusive", reason
+
+
+def decide_non_inferior(lo: float, hi: float, margin: float, direction: int, ns: list[int], bounds: str,
+                        metric: str) -> tuple[str, str]:
+    """Non-inferiority of A to B by `margin` (module docstring). `lo`, `hi` bound A - B as in `decide`; `bounds`
+    names the end that is worse for A ("the worse end of the 95% CI", "the worst per-seed difference")."""
+    if min(ns) < 2:
+        return "inconclusive", f"fewer than 2 units in an arm (n = {' vs '.join(map(str, ns))}): " \
+                               "per-seed values only"
+    if np.isnan(lo) or np.isnan(hi):
+        return "inconclusive", f"no bounds on the difference ({bounds})"
+    worst, best = (lo, hi) if direction > 0 else (-hi, -lo)       # "A better than B" is positive
+    m = _fmt_margin(metric, margin)
+    if worst > -margin:
+        return "supported", f"{bounds}, {_fmt_diff(metric, direction * worst)}, is within the margin of {m}: A is " \
+                            f"not worse than B by more than the margin"
+    if best < -margin:
+        return "contradicted", f"even the other end of the evidence, {_fmt_diff(metric, direction * best)}, is " \
+                               f"beyond the margin of {m}: A is worse than B by more than the margin"
+    return "inconclusive", f"{bounds}, {_fmt_diff(metric, direction * worst)}, is beyond the margin of {m}, the " \
+                           f"other end, {_fmt_diff(metric, direction * best)}, within it"
 
 
 def observed_direction(diff: float, direction: int) -> str:
@@ -376,6 +554,12 @@ def _fmt_diff(metric: str, v: float) -> str:
     return f"{v:+,.0f}"
 
 
+def _fmt_margin(metric: str, margin: float) -> str:
+    if metric in ("final_acc", "acc_at_time_budget", "range_drop"):
+        return f"{100 * margin:.2f} pp"
+    return f"{margin:,.0f} steps" if metric == "steps_to_target" else f"{margin:g}"
+
+
 def _per_seed(label: str, rows: pd.DataFrame, col: str, metric: str) -> str:
     vals = [f"s{r.get('seed')} {_fmt_value(metric, float(r[col]))}" for _, r in rows.sort_values("seed").iterrows()]
     return f"{label}: {', '.join(vals) or 'none'}"
@@ -390,7 +574,10 @@ def _outcome_counts(df: pd.DataFrame) -> str:
     return ", ".join(parts)
 
 
-def _verdict(c: Comparison, scale: str, used: pd.DataFrame, verdict: str, reason: str, **kw) -> Verdict:
+def _verdict(c: Comparison, scale: str, used: pd.DataFrame, verdict: str, reason: str, notes: tuple = (),
+             **kw) -> Verdict:
+    """The Verdict of `c`; its evidence line lists the n, the test (or why none ran), the per-seed range below
+    MIN_N, the trend's rho (or why none), each labelled, plus `notes`."""
     claim = CLAIMS.get(c.claim, QUESTION)
     kw.setdefault("measured", "")
     paper, log = claim.numbers_for({**c.stratum, **{f: v[0] for f, v in c.a.match.items() if v}})
@@ -400,10 +587,21 @@ def _verdict(c: Comparison, scale: str, used: pd.DataFrame, verdict: str, reason
     n_a, n_b = kw.get("n_a", 0), kw.get("n_b", 0)
     bits = [f"{scale} scale ({STRENGTH.get(scale, scale)})", f"n = {n_a} vs {n_b} (planned {c.n_a} vs {c.n_b})",
             c.tuning_text]
-    if kw.get("test") and np.isfinite(kw.get("p", math.nan)):
-        bits.append(f"{kw['test']} p = {kw['p']:.2g}")
-    if np.isfinite(kw.get("rho", math.nan)):
+    if kw.get("no_test"):
+        bits.append(kw["no_test"])
+    if kw.get("test") and not np.isnan(kw.get("p", math.nan)):
+        p_min = kw.get("p_min", math.nan)
+        bits.append(f"{kw['test']} p = {kw['p']:.2g}" + (f" (at best {p_min:.2g})" if np.isfinite(p_min) else ""))
+    if kw.get("seed_label") and not np.isnan(kw.get("seed_low", math.nan)):
+        fmt_d = (lambda x: f"{x:+.0f}") if kw["seed_label"].startswith("per-seed shifts") else \
+            (lambda x: _fmt_diff(c.metric, x))
+        bits.append(f"{kw['seed_label']} from {fmt_d(kw['seed_low'])} to {fmt_d(kw['seed_high'])}")
+    if not np.isnan(kw.get("rho", math.nan)):
         bits.append(f"Spearman rho = {kw['rho']:+.2f} (p = {kw['rho_p']:.2g})")
+    bits.extend(notes)
+    if c.margin is not None:
+        kw["margin"] = float(c.margin)
+        bits.append(f"non-inferiority margin {_fmt_margin(c.metric, c.margin)}")
     if _outcome_counts(used):
         bits.append(_outcome_counts(used))
     if c.note:
@@ -416,37 +614,69 @@ def _verdict(c: Comparison, scale: str, used: pd.DataFrame, verdict: str, reason
                    cells=[lbl for lbl, _ in c.cells()], run_ids=used["run_id"].tolist(), **kw)
 
 
+def _arm_test(va, vb, metric: str, seed: int) -> dict:
+    """n >= MIN_N: Welch t (accuracies) or Mann-Whitney U (steps); on an arm with no spread, neither: the
+    permutation test instead, and `no_test` says why."""
+    name = "Mann-Whitney U" if metric == "steps_to_target" else "Welch t"
+    if no_spread(va) or no_spread(vb):
+        perm = permutation_test(va, vb, metric, seed)
+        return dict(p=perm.p, test=perm.label, p_min=perm.p_min, no_test=f"no {name} test: an arm has no spread")
+    return dict(p=mannwhitney_p(va, vb) if metric == "steps_to_target" else welch_p(va, vb), test=name)
+
+
 def _two_groups(c: Comparison, scale: str, ra: pd.DataFrame, rb: pd.DataFrame, col: str, used: pd.DataFrame,
-                extra: str = "", rho=(math.nan, math.nan), tuning: str = "") -> Verdict:
+                extra: str = "", rho=(math.nan, math.nan), tuning: str = "", notes: tuple = ()) -> Verdict:
+    per_seed = "; ".join([_per_seed(c.a.words, ra, col, c.metric), _per_seed(c.b.words, rb, col, c.metric)])
+    ra, rb = ra[ra[col].astype(float).notna()], rb[rb[col].astype(float).notna()]   # the units with a value
     va, vb = ra[col].astype(float).to_numpy(), rb[col].astype(float).to_numpy()
-    va, vb = va[~np.isnan(va)], vb[~np.isnan(vb)]
     if not len(va) or not len(vb):
         return _verdict(c, scale, used, "inconclusive", "an arm has no value of the metric", a_label=c.a.label,
                         b_label=c.b.label, n_a=len(va), n_b=len(vb), median_a=math.nan, median_b=math.nan,
                         diff=math.nan, observed="no value", tuning=tuning, plot_x=c.field)
+    ns = [len(va), len(vb)]
     ma, mb = float(np.median(va)), float(np.median(vb))
     diff = float(_sub(ma, mb))
-    observed = observed_direction(diff, c.direction)
-    per_seed = "; ".join([_per_seed(c.a.words, ra, col, c.metric), _per_seed(c.b.words, rb, col, c.metric)])
+    inferior = c.kind == "non_inferior"
+    observed = observed_direction(diff, c.direction) if not inferior else \
+        "within the margin" if c.direction * diff > -c.margin else "worse than the margin"
+    seed = _seed(c.claim, c.title, c.metric)
+    head = (f"{c.metric_label}: {c.a.words} {_fmt_value(c.metric, ma)} vs {c.b.words} "
+            f"{_fmt_value(c.metric, mb)}")
     stats_kw: dict = {}
-    if min(len(va), len(vb)) >= MIN_N:
-        _, lo, hi = bootstrap_median_diff(va, vb, _seed(c.claim, c.title, c.metric))
-        p, test = (mannwhitney_p(va, vb), "Mann-Whitney U") if c.metric == "steps_to_target" \
-            else (welch_p(va, vb), "Welch t")
-        verdict, reason = decide(lo, hi, p, c.direction, [len(va), len(vb)])
-        if np.isfinite(rho[0]) and verdict == "supported" and rho[0] * c.direction <= 0:
-            verdict, reason = "inconclusive", "the extremes differ as claimed but the Spearman trend does not agree"
-        coarse = " (coarse: bootstrap over 3-4 units)" if min(len(va), len(vb)) < 5 else ""
-        measured = (f"{c.metric_label}: {c.a.words} {_fmt_value(c.metric, ma)} vs {c.b.words} "
-                    f"{_fmt_value(c.metric, mb)} (diff {_fmt_diff(c.metric, diff)}, 95% CI "
-                    f"[{_fmt_diff(c.metric, lo)}, {_fmt_diff(c.metric, hi)}]{coarse})")
-        stats_kw = dict(ci_low=lo, ci_high=hi, p=p, test=test)
+    if min(ns) >= MIN_N:
+        _, lo, hi = bootstrap_median_diff(va, vb, seed)
+        if inferior:
+            verdict, reason = decide_non_inferior(lo, hi, c.margin, c.direction, ns, "the worse end of the 95% CI",
+                                                  c.metric)
+        else:
+            stats_kw = _arm_test(va, vb, c.metric, seed)
+            verdict, reason = decide(lo, hi, stats_kw["p"], c.direction, ns, "the 95% CI", stats_kw["test"],
+                                     stats_kw.get("p_min", math.nan), stats_kw.get("no_test", ""))
+        measured = (f"{head} (diff {_fmt_diff(c.metric, diff)}, 95% CI "
+                    f"[{_fmt_diff(c.metric, lo)}, {_fmt_diff(c.metric, hi)}])")
+        stats_kw.update(ci_low=lo, ci_high=hi)
+    elif min(ns) >= 2:
+        d, label = seed_differences(ra, rb, col)
+        lo, hi = float(np.min(d)), float(np.max(d))
+        if inferior:
+            worst = "the worst " + label.replace("differences", "difference", 1)
+            verdict, reason = decide_non_inferior(lo, hi, c.margin, c.direction, ns, worst, c.metric)
+        else:
+            perm = permutation_test(va, vb, c.metric, seed)
+            stats_kw = dict(p=perm.p, test=perm.label, p_min=perm.p_min)
+            verdict, reason = decide(lo, hi, perm.p, c.direction, ns, f"the range of the {label}", perm.label,
+                                     perm.p_min)
+        stats_kw.update(seed_low=lo, seed_high=hi, seed_label=label)
+        measured = (f"{head} (medians, diff {_fmt_diff(c.metric, diff)}: {observed}; {label} from "
+                    f"{_fmt_diff(c.metric, lo)} to {_fmt_diff(c.metric, hi)}); per seed {per_seed}")
     else:
-        verdict, reason = decide(math.nan, math.nan, math.nan, c.direction, [len(va), len(vb)])
-        measured = (f"{c.metric_label}: {c.a.words} {_fmt_value(c.metric, ma)} vs {c.b.words} "
-                    f"{_fmt_value(c.metric, mb)} (medians, diff {_fmt_diff(c.metric, diff)}: {observed}); "
-                    f"per seed {per_seed}")
-    return _verdict(c, scale, used, verdict, reason, measured=measured + extra, a_label=c.a.label,
+        verdict, reason = (decide_non_inferior if inferior else decide)(
+            *((math.nan, math.nan, c.margin, c.direction, ns, "", c.metric) if inferior
+              else (math.nan, math.nan, math.nan, c.direction, ns)))
+        measured = f"{head} (medians, diff {_fmt_diff(c.metric, diff)}: {observed}); per seed {per_seed}"
+    if not np.isnan(rho[0]) and verdict == "supported" and rho[0] * c.direction <= 0:
+        verdict, reason = "inconclusive", "the extremes differ as claimed but the Spearman trend does not agree"
+    return _verdict(c, scale, used, verdict, reason, notes=notes, measured=measured + extra, a_label=c.a.label,
                     b_label=c.b.label, n_a=len(va), n_b=len(vb), median_a=ma, median_b=mb, diff=diff,
                     observed=observed, per_seed=per_seed, rho=rho[0], rho_p=rho[1], tuning=tuning,
                     plot_x=c.field, plot_hue=next(iter(c.where_match()), ""), **stats_kw)
@@ -481,18 +711,20 @@ def _eval_comparison(c: Comparison, df: pd.DataFrame, scale: str, curves: pd.Dat
         used, budget = add_time_budget(used, [ra, rb], curves)
         ra, rb = used.loc[ra.index], used.loc[rb.index]
         extra = f"; budget {budget:.1f} training seconds (the shortest arm's median)"
-    rho = (math.nan, math.nan)
+    rho, notes = (math.nan, math.nan), ()
     if c.kind == "trend":
         every = select_lr_scale(pool, c.tuning)[0]
         x = every[c.field].map(level_value).to_numpy(dtype=float)
         rho = spearman(x, every[COLUMN.get(c.metric, "outcome_acc")].astype(float).to_numpy())
+        if len(set(x.tolist())) < MIN_LEVELS:
+            notes = (f"no Spearman rho: fewer than {MIN_LEVELS} levels of {c.field}",)
         med = every.groupby(every[c.field].map(key))["outcome_acc"].median()
         extra += "; medians by " + c.field + ": " + ", ".join(
             f"{json.loads(k) if k != 'null' else 'full'}: {100 * v:.2f}%"
             for k, v in sorted(med.items(), key=lambda kv: level_value(json.loads(kv[0]))))
     if c.kind == "best_level":
         extra += f"; levels {', '.join(fmt(c.field, v) for v in c.levels)}"
-    return _two_groups(c, scale, ra, rb, col, used, extra=extra, rho=rho, tuning=tuning)
+    return _two_groups(c, scale, ra, rb, col, used, extra=extra, rho=rho, tuning=tuning, notes=notes)
 
 
 def _best_level_rows(rows: pd.DataFrame, c: Comparison) -> pd.DataFrame:
@@ -533,6 +765,19 @@ def _eval_interaction(c: Comparison, pool: pd.DataFrame, scale: str) -> Verdict 
         measured = f"{adv}; difference {_fmt_diff(c.metric, diff)}, 95% CI [{_fmt_diff(c.metric, lo)}, " \
                    f"{_fmt_diff(c.metric, hi)}]"
         kw = dict(ci_low=lo, ci_high=hi, p=p, test="bootstrap (difference of differences)")
+    elif min(ns) >= 2:
+        d, label, paired = _contrasts(used, col)
+        lo, hi = float(np.min(d)), float(np.max(d))
+        kw = dict(seed_low=lo, seed_high=hi, seed_label=label)
+        if paired:
+            perm = sign_flip_test(d, "per-seed contrast", _seed(c.claim, c.title))
+            kw.update(p=perm.p, test=perm.label, p_min=perm.p_min)
+        else:
+            kw["no_test"] = "no exact test: the four cells do not share seeds one to one"
+        verdict, reason = decide(lo, hi, kw.get("p", math.nan), c.direction, ns, f"the range of the {label}",
+                                 kw.get("test", ""), kw.get("p_min", math.nan), kw.get("no_test", ""))
+        measured = (f"{adv}; difference {_fmt_diff(c.metric, diff)} ({observed}; {label} from "
+                    f"{_fmt_diff(c.metric, lo)} to {_fmt_diff(c.metric, hi)})")
     else:
         verdict, reason = decide(math.nan, math.nan, math.nan, c.direction, ns)
         measured = f"{adv}; difference {_fmt_diff(c.metric, diff)} ({observed})"
@@ -545,6 +790,36 @@ def _eval_interaction(c: Comparison, pool: pd.DataFrame, scale: str) -> Verdict 
                     b_label=f"under {c.by}={c.by_b[0]}", n_a=min(ns[:2]), n_b=min(ns[2:]), median_a=meds[0] - meds[1],
                     median_b=meds[2] - meds[3], diff=diff, observed=observed, per_seed=per_seed, plot_x=c.field,
                     plot_hue=c.by, tuning=c.tuning_text, **kw)
+
+
+def _contrasts(cells: list[pd.DataFrame], col: str) -> tuple[np.ndarray, str, bool]:
+    """(A - B under by_a) - (A - B under by_b) per seed when the four cells have one unit per seed and the same
+    seeds; else the extremes over every combination of units. Returns (contrasts, their label, paired)."""
+    seeds = [set(r["seed"]) if "seed" in r and r["seed"].is_unique else None for r in cells]
+    if all(x is not None and x == seeds[0] for x in seeds):
+        v = [dict(zip(r["seed"], r[col].astype(float), strict=True)) for r in cells]
+        order = sorted(seeds[0])
+        col_of = [np.array([x[s] for s in order]) for x in v]
+        return _sub(_sub(col_of[0], col_of[1]), _sub(col_of[2], col_of[3])), \
+            "per-seed contrasts (paired by seed)", True
+    v = [r[col].astype(float).to_numpy() for r in cells]
+    lo = _sub(_sub(v[0].min(), v[1].max()), _sub(v[2].max(), v[3].min()))
+    hi = _sub(_sub(v[0].max(), v[1].min()), _sub(v[2].min(), v[3].max()))
+    return np.array([float(lo), float(hi)]), \
+        "contrasts of every combination of units (the cells do not share seeds one to one)", False
+
+
+def _seed_best_levels(g: pd.DataFrame, f: str, pos: dict) -> dict | None:
+    """Seed -> grid position of the level with the best outcome for that seed, when every level has one unit per
+    seed and the same seeds; else None."""
+    if "seed" not in g:
+        return None
+    by_level = {k: dict(zip(r["seed"], r["outcome_acc"].astype(float), strict=True))
+                for k, r in g.groupby(g[f].map(key)) if r["seed"].is_unique}
+    if len(by_level) != g[f].map(key).nunique() or len({frozenset(x) for x in by_level.values()}) != 1:
+        return None
+    ks = sorted(by_level, key=lambda k: pos[k])
+    return {s: pos[ks[int(np.argmax([by_level[k][s] for k in ks]))]] for s in next(iter(by_level.values()))}
 
 
 def _eval_best_shift(c: Comparison, pool: pd.DataFrame, scale: str) -> Verdict | str:
@@ -563,6 +838,7 @@ def _eval_best_shift(c: Comparison, pool: pd.DataFrame, scale: str) -> Verdict |
         boot = np.array([pos[ks[i]] for i in np.argmax(np.stack([_boot_medians(v, rng) for v in vals]), axis=0)])
         results.append((point, boot, min(len(v) for v in vals)))
         groups.append(g)
+    per_seed_best = [_seed_best_levels(g, f, pos) for g in groups]
     (b1, boot1, n1), (b2, boot2, n2) = results
     diff = float(pos[b1] - pos[b2])
     observed = observed_direction(diff, -1)
@@ -573,12 +849,27 @@ def _eval_best_shift(c: Comparison, pool: pd.DataFrame, scale: str) -> Verdict |
         p = _boot_p(boot)
         verdict, reason = decide(lo, hi, p, -1, [n1, n2])
         kw = dict(ci_low=lo, ci_high=hi, p=p, test="bootstrap (argmax level)")
+    elif min(n1, n2) >= 2 and None not in per_seed_best and set(per_seed_best[0]) == set(per_seed_best[1]):
+        order = sorted(per_seed_best[0])
+        d = np.array([per_seed_best[0][s] - per_seed_best[1][s] for s in order], dtype=float)
+        label = "per-seed shifts of the best level (grid positions, paired by seed)"
+        perm = sign_flip_test(d, "per-seed shift", _seed(c.claim, c.title))
+        kw = dict(seed_low=float(d.min()), seed_high=float(d.max()), seed_label=label, p=perm.p, test=perm.label,
+                  p_min=perm.p_min)
+        verdict, reason = decide(kw["seed_low"], kw["seed_high"], perm.p, -1, [n1, n2], f"the range of the {label}",
+                                 perm.label, perm.p_min)
+    elif min(n1, n2) >= 2:
+        kw = dict(no_test="no range and no test: the levels do not share seeds one to one")
+        verdict, reason = "inconclusive", f"fewer than {MIN_N} units per level and no pairing by seed: the " \
+                                          "observed best levels only"
     else:
         verdict, reason = decide(math.nan, math.nan, math.nan, -1, [n1, n2])
     name = lambda k: json.loads(k)  # noqa: E731
     measured = (f"best {f}: {name(b1)} under {c.by}={'/'.join(map(str, c.by_a))} vs {name(b2)} under "
                 f"{c.by}={'/'.join(map(str, c.by_b))} (difference in grid positions {diff:+.0f}: {observed}; "
                 f"levels {', '.join(str(v) for v in levels)})")
+    if kw.get("seed_label"):
+        measured += f"; {kw['seed_label']} from {kw['seed_low']:+.0f} to {kw['seed_high']:+.0f}"
     return _verdict(c, scale, pd.concat(groups), verdict, reason, measured=measured, a_label=f"best {f} (A)",
                     b_label=f"best {f} (B)", n_a=n1, n_b=n2, median_a=pos[b1], median_b=pos[b2], diff=diff,
                     observed=observed, plot_x=f, plot_hue=c.by, tuning=c.tuning_text, **kw)
@@ -588,6 +879,7 @@ def _eval_range_test(c: Comparison, rows: pd.DataFrame, scale: str, curves: pd.D
     from scipy import stats
     if curves is None or curves.empty:
         return f"{c.title}: needs the range test's test-accuracy curves (none logged)"
+    rows, _ = select_lr_scale(rows, c.tuning)   # one run per unit, as the plan counts them
     drops, lr_top, used = [], [], []
     for _, r in rows.iterrows():
         cv = curves[curves["run_id"] == r["run_id"]].dropna(subset=["test_acc"]).sort_values("step")
@@ -608,15 +900,25 @@ def _eval_range_test(c: Comparison, rows: pd.DataFrame, scale: str, curves: pd.D
         rng = np.random.default_rng(_seed(c.claim, c.title))
         lo, hi = _ci(_boot_medians(d, rng))
         margin = RANGE_DROP - d
-        if np.ptp(d) < 1e-12:
-            p = 0.0 if abs(margin[0]) > 1e-12 else 1.0
+        if no_spread(d):
+            perm = sign_flip_test(margin, "per-run margin (threshold minus drop)", _seed(c.claim, c.title))
+            kw = dict(p=perm.p, test=perm.label, p_min=perm.p_min, no_test="no one-sample t test: the runs have "
+                                                                          "no spread")
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                p = float(stats.ttest_1samp(margin, 0.0).pvalue)
-        verdict, reason = decide(RANGE_DROP - hi, RANGE_DROP - lo, p, +1, [len(d)])
+                kw = dict(p=float(stats.ttest_1samp(margin, 0.0).pvalue), test="one-sample t")
+        verdict, reason = decide(RANGE_DROP - hi, RANGE_DROP - lo, kw["p"], +1, [len(d)], "the 95% CI", kw["test"],
+                                 kw.get("p_min", math.nan), kw.get("no_test", ""))
         measured += f"; 95% CI of the median drop [{100 * lo:.1f}, {100 * hi:.1f}]"
-        kw = dict(ci_low=lo - RANGE_DROP, ci_high=hi - RANGE_DROP, p=p, test="one-sample t")
+        kw.update(ci_low=lo - RANGE_DROP, ci_high=hi - RANGE_DROP)
+    elif len(d) >= 2:
+        label = "per-run drops minus the threshold"
+        perm = sign_flip_test(RANGE_DROP - d, "per-run margin (threshold minus drop)", _seed(c.claim, c.title))
+        kw = dict(p=perm.p, test=perm.label, p_min=perm.p_min, seed_label=label,
+                  seed_low=float(d.min() - RANGE_DROP), seed_high=float(d.max() - RANGE_DROP))
+        verdict, reason = decide(RANGE_DROP - d.max(), RANGE_DROP - d.min(), perm.p, +1, [len(d)],
+                                 "the range of the per-run margins (threshold minus drop)", perm.label, perm.p_min)
     else:
         verdict, reason = decide(math.nan, math.nan, math.nan, +1, [len(d)])
     return _verdict(c, scale, pd.DataFrame(used), verdict, reason, measured=measured, a_label="drop",

@@ -48,14 +48,7 @@ from harness.analysis import claims as claims_mod
 from harness.analysis.results import RUN_CHOICES, StudyError, StudyResults, load_study, log_report, schedule_curves
 from harness.report import setup as rsetup
 
-DECISION_RULE = (
-    f"Decision rule: for each comparison, the difference of medians (arm A - arm B) with a 95% bootstrap interval "
-    f"({claims_mod.BOOTSTRAP} resamples of the trials in each arm, seeded) and a test (Welch t for accuracy, "
-    f"Mann-Whitney U for steps-to-target, where a miss counts as infinitely many steps). Supported: at least "
-    f"{claims_mod.MIN_N} trials per arm, the interval excludes 0 in the claimed direction and p < {claims_mod.ALPHA}. "
-    f"Contradicted: the same in the opposite direction. Otherwise inconclusive. Diverged trials count with "
-    f"their real final accuracy; errored trials are excluded and listed. Trends also need Spearman's rho in the "
-    f"claimed direction. A smoke-scale study only checks the pipeline.")
+DECISION_RULE = claims_mod.DECISION_RULE  # one statement of the rule: the verdicts' own module
 VERDICT_COLORS = {"supported": "#1a7f37", "contradicted": "#b42318", "inconclusive": "#8a6d00",
                   "pipeline check": "#555555"}
 
@@ -418,19 +411,8 @@ def _diff_text(v, x: float) -> str:
 
 
 def interval_text(v) -> str:
-    """The interval and test of a verdict, labelled for what it is (none below MIN_N units per arm)."""
-    if not v.ci_shown:
-        return (f"none: fewer than {claims_mod.MIN_N} units in an arm (n = {v.n_a} vs {v.n_b}), so no interval "
-                f"and no p-value are computed; the per-seed values and the observed direction are the evidence")
-    n = min(v.n_a, v.n_b)
-    text = (f"95% percentile-bootstrap interval of the difference of medians: [{_diff_text(v, v.ci_low)}, "
-            f"{_diff_text(v, v.ci_high)}] ({claims_mod.BOOTSTRAP} resamples)")
-    if n < 5:
-        text += (f"; with only {n} units per arm there are just {math.comb(2 * n - 1, n)} distinct resamples of "
-                 f"an arm, so this is a coarse interval, not a 95% confidence statement")
-    if v.test and np.isfinite(v.p):
-        text += f"; {v.test} p = {v.p:.2g}"
-    return text
+    """The interval and test of a verdict, labelled for what it is (harness.analysis.claims decides which)."""
+    return v.interval_and_test
 
 
 def verdict_details(vs: list) -> tuple[list[str], list[list[str]], list[dict]]:
