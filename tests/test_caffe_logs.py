@@ -1,4 +1,4 @@
-"""The authors' Caffe logs -> harness/reference/*.csv (parser, committed CSVs, setup matching)."""
+"""The authors' Caffe logs -> harness/analysis/reference/*.csv (parser, committed CSVs, setup matching)."""
 
 from __future__ import annotations
 

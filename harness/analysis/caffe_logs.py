@@ -2,8 +2,8 @@
 
 `python -m harness.analysis.caffe_logs [--logs DIR] [--out DIR]` parses every `*.log.gz` in the logs folder
 (default ../shared/paper/caffe-logs beside the repository, or $HARNESS_CAFFE_LOGS) into
-`harness/reference/<log>.csv` with columns iteration, lr, test_acc, train_loss, and writes
-`harness/reference/index.csv`: one row per log with the setup read from the log itself (dataset, model,
+`harness/analysis/reference/<log>.csv` with columns iteration, lr, test_acc, train_loss, and writes
+`harness/analysis/reference/index.csv`: one row per log with the setup read from the log itself (dataset, model,
 schedule, total batch, base/max LR, steps, momentum, weight decay, optimizer, training images) and its final
 and best test accuracy.
 
@@ -276,7 +276,8 @@ def _isnan(v) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.analysis.caffe_logs",
-                                 description="Parse the authors' Caffe logs into harness/reference/*.csv + index.csv.")
+                                 description="Parse the authors' Caffe logs into "
+                                             "harness/analysis/reference/*.csv + index.csv.")
     ap.add_argument("--logs", type=Path, default=LOGS_DIR, help=f"folder of *.log.gz (default {LOGS_DIR})")
     ap.add_argument("--out", type=Path, default=REFERENCE_DIR, help=f"output folder (default {REFERENCE_DIR})")
     args = ap.parse_args(argv)
