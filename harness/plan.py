@@ -42,7 +42,7 @@ METRICS = {  # metric -> (label, direction that is "better")
     "final_acc": ("final test accuracy", +1),
     "steps_to_target": ("steps to target", -1),
     "acc_at_time_budget": ("test accuracy at a fixed training-time budget", +1),
-    "range_drop": ("accuracy lost between the peak and the largest LR", -1),
+    "range_drop": ("accuracy lost from LR 0.3-1.2 to the lowest at LR 2-3 (the SC3 rule)", -1),
 }
 FRACTIONS = ("final_acc", "acc_at_time_budget", "range_drop")   # metrics in [0, 1]: their margins are read in pp
 TUNING = ("best_on_validation", "each_scale")

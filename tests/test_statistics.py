@@ -189,11 +189,13 @@ def test_best_shift_below_5_units_gets_per_seed_shifts():
 
 
 def range_curves(drop):
-    """Test accuracy rising to a peak of 0.77 at step 9, then `drop(run index)` lost at the largest LR."""
+    """A 30-evaluation ramp to LR 3: accuracy 0.8 below LR 2, then 0.75 - `drop(run index)` on LR 2-3, so under
+    the SC3 rule each run drops 0.05 + drop(i) from its reference (0.8 at LR 0.3-1.2): 0.10 - drop(i) within the
+    threshold of 0.15."""
     def curves(df):
-        return pd.DataFrame([{"run_id": r, "step": k, "lr": 3 * k / 10,
-                              "test_acc": 0.5 + 0.03 * k - (0.03 + drop(i)) * (k == 10)}
-                             for i, r in enumerate(df["run_id"]) for k in range(1, 11)])
+        return pd.DataFrame([{"run_id": r, "step": k, "lr": k / 10,
+                              "test_acc": 0.8 if k < 20 else 0.75 - drop(i)}
+                             for i, r in enumerate(df["run_id"]) for k in range(1, 31)])
     return curves
 
 
