@@ -27,6 +27,8 @@ from mlflow.tracking import MlflowClient
 from mlflow_checks import EVAL, check_study_runs
 from servers import MlflowServer, kill_group
 
+from harness.config import TrialConfig
+from harness.spec import Trial
 from harness.study import backfill, tracking
 from harness.study.cli import main
 from harness.study.cluster import DRIVER_RESOURCE, RAY_ENV
@@ -289,7 +291,7 @@ def test_mlflow_down_past_the_grace_bound_then_backfill_fills_it_once(hooked_ray
 
 def test_store_failures_are_warnings_that_never_mask_the_first_error(capsys):
     down = "http://127.0.0.1:9"  # nothing listens: refused at once
-    trial = {"key": "k", "name": "t", "study": "s", "scale": "smoke", "cell": "c"}
+    trial = Trial("s", "smoke", 1, TrialConfig(), ())
     tracking.mark_trial_error(down, "0", "p", trial, "RuntimeError: the real problem")
     assert tracking.end_study_run(down, "p", "FAILED") is False
     logger = tracking.TrialLogger(down, experiment_id="0", parent_run_id="p", trial=trial, grace_s=0)
@@ -297,7 +299,7 @@ def test_store_failures_are_warnings_that_never_mask_the_first_error(capsys):
     assert logger.pending == 2  # the run's status update and the record wait in the buffer
     assert logger.finish({"status": "completed", "steps_run": 5, "final_acc": 0.5}, []) is False
     err = capsys.readouterr().err
-    assert "could not record the error of trial t" in err and "could not mark the study run p FAILED" in err
+    assert f"could not record the error of trial {trial.name}" in err and "could not mark the study run p FAILED" in err
     assert "still unreachable after 0 s" in err and "Traceback" not in err
 
 
