@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "digits")
-PREPROCESS = ("paper", "standard", "none")
+PREPROCESS = ("paper", "mean", "standard", "none")
 MODELS = (
     "resnet20", "resnet56", "resnet110",                    # the authors' Caffe ResNets (post-activation)
     "preact_resnet20", "preact_resnet56", "preact_resnet110",  # pre-activation, projection shortcuts
@@ -35,7 +35,9 @@ MODELS = (
     "caffe_cifar10_full", "caffe_lenet",                    # BVLC Caffe's example nets (CLR paper; MNIST LeNet)
 )
 MLP_ACTIVATIONS = ("relu", "tanh", "sigmoid", "square400")
-OPTIMIZERS = ("sgd", "nesterov", "adam", "adagrad", "adadelta", "caffe_sgd")  # caffe_sgd: harness.trial.optim
+TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000, "mnist": 60000, "fashion_mnist": 60000,  # full training sets
+                "digits": 1437}                                                              # (digits: our split)
+OPTIMIZERS = ("sgd", "adam", "adagrad", "adadelta", "caffe_sgd")  # caffe_sgd: harness.trial.optim; Nesterov: nesterov
 SCHEDULES = ("constant", "multistep", "triangular", "triangular2",  # triangular2: CLR, amplitude halved each cycle
              "one_cycle", "one_cycle_cos", "cosine", "range_test")
 DEVICES = ("auto", "cpu", "cuda")
@@ -91,7 +93,7 @@ class TrialConfig(BaseModel):
     data_dir: StrictStr | None = None     # explicit data location (searched first)
     train_size: PosInt | None = None      # class-balanced, seeded subset of the training set
     val_size: PosInt | None = None        # held out of the training set (same split for every seed): val_acc, val_loss
-    preprocess: Literal[PREPROCESS] = "paper"  # paper: per-pixel mean; standard: standardize, pad-4 crop; both mirror
+    preprocess: Literal[PREPROCESS] = "paper"  # paper: mean image, mirror; mean: mean image; standard: see data.py
     # --- workload: model ---
     model: Literal[MODELS] = "small_cnn"
     # bn_momentum: PyTorch convention; Caffe moving_average_fraction 0.95 == 0.05
@@ -102,6 +104,7 @@ class TrialConfig(BaseModel):
     # --- training algorithm: optimizer ---
     optimizer: Literal[OPTIMIZERS] = "sgd"
     momentum: NonNegative = 0.9           # SGD momentum (Adam: beta1) when the schedule does not cycle it
+    nesterov: StrictBool = False          # sgd / caffe_sgd with Nesterov momentum (Caffe's solver type "Nesterov")
     weight_decay: NonNegative = 1e-4      # exemptions as the paper's prototxt (conv biases); see trial.build_optimizer
     # --- training algorithm: schedule (per optimizer step) ---
     schedule: Literal[SCHEDULES] = "one_cycle"
@@ -214,6 +217,8 @@ class TrialConfig(BaseModel):
             raise ConfigError("schedule 'multistep' needs milestones, e.g. [50000, 70000]")
         if list(self.milestones) != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
             raise ConfigError(f"milestones must be increasing positive steps, got {list(self.milestones)}")
+        if self.nesterov and self.optimizer not in ("sgd", "caffe_sgd"):
+            raise ConfigError(f"nesterov needs optimizer sgd or caffe_sgd (Nesterov momentum), got '{self.optimizer}'")
         self._validate_clr_stages()
         if world_size is not None:
             self.micro_batches(world_size)  # raises on an impossible batch split

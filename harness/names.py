@@ -94,9 +94,11 @@ FIELD_WORDS = {"batch_size": "batch {}", "bn_batch": "BN batch {}", "max_lr": "m
                "invert_images": "inverted images {}", "optimizer": "{}"}
 ACTIVATION_WORDS = {"relu": "ReLU", "tanh": "tanh", "sigmoid": "sigmoid", "square400": "x*x*400"}
 BOOL_WORDS = {"invert_images": ("inverted images", "plain images"), "mlp_final_relu": ("final ReLU", "no final ReLU"),
-              "cycle_momentum": ("cyclical momentum", "constant momentum")}   # (True, False) in words
-TITLE_ORDER = ("dataset", "model", "optimizer", "batch_size", "bn_batch", "schedule", "train_size", "weight_decay",
-               "momentum", "cycle_momentum", "stepsize", "steps", "max_lr", "base_lr", "lr_scale", "seed")
+              "cycle_momentum": ("cyclical momentum", "constant momentum"),
+              "nesterov": ("Nesterov", "no Nesterov")}                         # (True, False) in words
+TITLE_ORDER = ("dataset", "model", "optimizer", "nesterov", "batch_size", "bn_batch", "schedule", "train_size",
+               "weight_decay", "momentum", "cycle_momentum", "stepsize", "steps", "max_lr", "base_lr", "lr_scale",
+               "seed")
 
 
 def value_words(field: str, value) -> str:

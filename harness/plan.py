@@ -16,6 +16,15 @@ harness.study NAME --dry-run` prints `Comparison.line()` for each (the pre-regis
 `harness.analysis.claims` evaluates exactly these comparisons on the runs. Nothing is inferred from names: arms
 are typed field values.
 
+`a_where` / `b_where` (two_arm, non_inferior) add conditions that only one arm's trials must meet, for arms that
+differ in more than the compared field: DA1's cyclical momentum (whose `momentum` is not used) against constant
+momentum 0.95 is `field: cycle_momentum, a: true, b: false, b_where: {momentum: 0.95}`.
+
+`equal_time: true` says the claim compares the arms at equal training time, which the study gives each arm as its
+own budget of epochs (DA2: the paper's 128/48 ... 1024/116, its equal-time budgets on its hardware): the line names
+each arm's epochs, and the verdict reports each arm's measured training seconds and whether this hardware gave them
+equal time.
+
 `non_inferior` asks whether arm a is not worse than arm b by more than a declared `margin` (in the metric's
 unit: 0.005 is half a point of accuracy, 500 is 500 steps); the margin is required for it and only for it.
 
@@ -35,16 +44,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from harness import names
-from harness.config import one_line, suggest
+from harness.config import TRAIN_IMAGES, one_line, suggest
 
 KINDS = ("two_arm", "trend", "interaction", "best_level", "best_shift", "range_test", "non_inferior")
 METRICS = {  # metric -> (label, direction that is "better")
     "final_acc": ("final test accuracy", +1),
     "steps_to_target": ("steps to target", -1),
-    "acc_at_time_budget": ("test accuracy at a fixed training-time budget", +1),
     "range_drop": ("accuracy lost from LR 0.3-1.2 to the lowest at LR 2-3 (the SC3 rule)", -1),
 }
-FRACTIONS = ("final_acc", "acc_at_time_budget", "range_drop")   # metrics in [0, 1]: their margins are read in pp
+FRACTIONS = ("final_acc", "range_drop")   # metrics in [0, 1]: their margins are read in pp
 TUNING = ("best_on_validation", "each_scale")
 NOT_DESIGN = ("seed", "lr_scale", "device", "data_dir", "eval_every", "target_acc")  # never confounds
 
@@ -112,6 +120,9 @@ class PlannedComparison(BaseModel):
     by_a: Any = None
     by_b: Any = None
     margin: float | None = None     # non_inferior: how much worse than b arm a may be, in the metric's unit
+    a_where: dict = Field(None, description="must map trial fields to a value or a list of values")
+    b_where: dict = Field(None, description="must map trial fields to a value or a list of values")
+    equal_time: bool = False        # the claim is about equal training time: report each arm's measured seconds
     note: Any = None
 
     @model_validator(mode="after")
@@ -120,7 +131,8 @@ class PlannedComparison(BaseModel):
         if self.claim != "question" and self.claim not in claims:
             raise ValueError(f"claim '{self.claim}' is not known{suggest(self.claim, claims)}; "
                              f"allowed: question, {', '.join(claims)}")
-        for f in [self.field, *(self.where or {}), *(self.strata or []), *([self.by] if self.by else [])]:
+        for f in [self.field, *(self.where or {}), *(self.strata or []), *([self.by] if self.by else []),
+                  *(self.a_where or {}), *(self.b_where or {})]:
             if f not in fields:
                 raise ValueError(f"'{f}' is not a trial field{suggest(f, fields)}")
         if self.kind in ("interaction", "best_shift") and None in (self.by, self.by_a, self.by_b):
@@ -137,6 +149,8 @@ class PlannedComparison(BaseModel):
                                  f"0.005 for half a point of accuracy), got {self.margin!r}")
         elif self.margin is not None:
             raise ValueError(f"margin is only for kind non_inferior, not {self.kind}")
+        if (self.a_where or self.b_where) and self.kind not in ("two_arm", "non_inferior"):
+            raise ValueError(f"a_where and b_where are only for kinds two_arm and non_inferior, not {self.kind}")
         return self
 
 
@@ -190,6 +204,8 @@ class Comparison:
     n_a_max: int = 0                # best_level: the most units of one of the arm's levels, when levels differ
     n_b_max: int = 0
     margin: float | None = None     # non_inferior: how much worse than b arm a may be (the metric's unit)
+    equal_time: bool = False        # the arms' budgets stand for equal training time (see the module docstring)
+    epochs: tuple = ()              # equal_time: (arm a's epochs, arm b's epochs) as the plan's trials set them
     confounds: tuple = ()           # "steps 19200 vs 5800": what else differs between the arms
     note: str = ""
 
@@ -258,7 +274,19 @@ class Comparison:
         na, nb = (f"{n}-{hi}" if hi > n else str(n) for n, hi in ((self.n_a, self.n_a_max), (self.n_b, self.n_b_max)))
         n = f"n={na} vs {nb} per arm" if na != nb else f"n={na} per arm"
         extra = f"; arms also differ: {', '.join(self.confounds)}" if self.confounds else ""
-        return f"{self.claim}: {self.title}, {n}, {self.metric_label} ({self.tuning_text}){extra}"
+        only = "; ".join(f"{f} {'/'.join(fmt(f, v).split('=', 1)[1] for v in vals)}" for f, vals in self._where)
+        only = f", trials with {only}" if only else ""
+        return (f"{self.claim}: {self.title}{only}, {n}, {self.metric_label}{self.budget_text} ({self.tuning_text})"
+                f"{extra}")
+
+    @property
+    def budget_text(self) -> str:
+        """equal_time: ' at each arm's own epoch budget (116 vs 48 epochs, ...)'; else ''."""
+        if not self.equal_time:
+            return ""
+        ea, eb = ("/".join(f"{e:g}" for e in arm) for arm in self.epochs)
+        return (f" at each arm's own epoch budget ({ea} vs {eb} epochs, the claim's equal-time budgets; the "
+                f"verdict reports the arms' measured training seconds)")
 
     def cells(self) -> list[tuple[str, dict]]:
         """(label, field -> allowed values) of each group whose trials the comparison reads."""
@@ -337,6 +365,7 @@ def expand(analysis: dict, configs: list[dict], where: str = "study") -> list[Co
         at = f"{where}: analysis.comparisons[{i}] ({c['claim']})"
         restrict = {g: _as_tuple(v) for g, v in (c.get("where") or {}).items()}
         pool = _filter(configs, restrict)
+        restrict = {g: tuple(v for v in vals if _filter(pool, {g: (v,)})) for g, vals in restrict.items()}  # present
         if not pool:
             raise PlanError(f"{at}: no trial matches where {c.get('where')}")
         strata = list(c.get("strata") or []) + (["lr_scale"] if tuning == "each_scale" else [])
@@ -349,7 +378,7 @@ def expand(analysis: dict, configs: list[dict], where: str = "study") -> list[Co
                 common = dict(claim=c["claim"], kind=c["kind"], field=c["field"], tuning=tuning,
                               metric=c.get("metric", "range_drop" if c["kind"] == "range_test" else "final_acc"),
                               n_lr_scales=n_scales, stratum=combo, note=c.get("note", ""), margin=c.get("margin"),
-                              _where=tuple(restrict.items()))
+                              equal_time=c.get("equal_time", False), _where=tuple(restrict.items()))
                 out.append(_comparison(c, rows, common, tuning, at))
     return out
 
@@ -371,9 +400,13 @@ def _comparison(c: dict, rows: list[dict], common: dict, tuning: str, at: str) -
         arm = Arm(f"best {f}", {})
         return Comparison(**common, a=arm, b=arm, levels=tuple(present), n_a=n[0], n_b=n[1])
     a_vals, b_vals = _arm_values(c, present, at)
-    arm_a = Arm(" / ".join(fmt(f, v) for v in a_vals), {f: a_vals})
-    arm_b = Arm(" / ".join(fmt(f, v) for v in b_vals), {f: b_vals})
+    arm_a, arm_b = (_arm(f, vals, c.get(side)) for vals, side in ((a_vals, "a_where"), (b_vals, "b_where")))
     ra, rb = _filter(rows, arm_a.match), _filter(rows, arm_b.match)
+    for arm, r in (("a", ra), ("b", rb)):
+        if not r:
+            raise PlanError(f"{at}: arm {arm} ({(arm_a, arm_b)[arm == 'b'].label}) matches no trial")
+    if common["equal_time"]:
+        common["epochs"] = tuple(tuple(sorted({_epochs(x) for x in r})) for r in (ra, rb))
     if kind == "interaction":
         cells = [_filter(r, {c["by"]: by}) for by in (common["by_a"], common["by_b"]) for r in (ra, rb)]
         if any(not x for x in cells):
@@ -388,9 +421,21 @@ def _comparison(c: dict, rows: list[dict], common: dict, tuning: str, at: str) -
         conf = _confounds(ra, rb, {f})
     else:
         n_a, n_b = _units(ra, tuning), _units(rb, tuning)
-        conf = _confounds(ra, rb, {f})
+        conf = _confounds(ra, rb, {f, *(c.get("a_where") or {}), *(c.get("b_where") or {})})  # those are in the labels
     levels = tuple(present) if kind in ("trend", "best_level") else ()
     return Comparison(**common, a=arm_a, b=arm_b, levels=levels, n_a=n_a, n_b=n_b, confounds=conf)
+
+
+def _arm(f: str, values: tuple, extra: dict | None) -> Arm:
+    """An arm: the compared field's values, plus the conditions of its own a_where / b_where."""
+    match = {f: values, **{g: _as_tuple(v) for g, v in (extra or {}).items()}}
+    return Arm(", ".join(" / ".join(fmt(g, v) for v in vals) for g, vals in match.items()), match)
+
+
+def _epochs(config: dict) -> float:
+    """Passes over the dataset's training set (train_size, or the whole set as the paper counts it)."""
+    images = config.get("train_size") or TRAIN_IMAGES[config.get("dataset", "digits")]
+    return round(config["steps"] * config["batch_size"] / images, 1)
 
 
 def _arm_values(c: dict, present: list, at: str) -> tuple[tuple, tuple]:

@@ -45,6 +45,9 @@ class SpecError(ValueError):
     """A study file that cannot run. One line: where, what was wrong, what is allowed."""
 
 
+LATE_FIELDS = {"clr_stages": [], "nesterov": False}  # TrialConfig fields newer than the first trial keys
+
+
 @dataclass(frozen=True)
 class Trial:
     """One trial of a study: its typed config, and everything else derived from it here, once.
@@ -73,8 +76,9 @@ class Trial:
     def key(self) -> str:
         """Deterministic hash of study, scale, world size and config: finds the MLflow run again."""
         config = (self.declared or self.config).to_dict()
-        if not config["clr_stages"]:  # added after keys were first written: at its default it leaves them as they were
-            del config["clr_stages"]
+        for late, default in LATE_FIELDS.items():  # added after keys were first written: at their defaults they
+            if config[late] == default:            # leave every earlier key as it was
+                del config[late]
         ident = [self.study, self.scale, self.workers, config]
         return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -172,7 +172,7 @@ def build(folder: Path) -> str:
         grid={"seed": [0, 1, 2]},
         analysis=[{"claim": "SC4", "kind": "trend", "field": "batch_size", "a": "max", "b": "min"},
                   {"claim": "DA2", "kind": "two_arm", "field": "batch_size", "a": "max", "b": "min",
-                   "metric": "acc_at_time_budget"}])
+                   "equal_time": True}])
     for t in trials:
         acc = {256: 0.90, 512: 0.88, 1024: 0.86}[t.config.batch_size]
         b.trial(exp, pid, t, final=acc + JITTER[t.config.seed] / 2)

@@ -462,3 +462,14 @@ def test_concurrent_preparation_downloads_once_and_every_process_loads_it(tmp_pa
         assert labels == expected_y[:100]
     root = cache / "harness" / "data"
     assert sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock")) == ["cifar-10-batches-py"]
+
+
+def test_mean_preprocess_subtracts_the_mean_image_and_does_not_mirror():
+    """CLR1's cifar10_full data layer: a mean_file and no mirror (`preprocess: mean`), unlike `paper`."""
+    raw = data.load_dataset("digits", preprocess="none")
+    mean_only = data.load_dataset("digits", preprocess="mean")
+    paper = data.load_dataset("digits", preprocess="paper")
+    assert mean_only.augment == "none" and paper.augment == "paper"
+    expected = raw.train_x - raw.train_x.mean(dim=0, keepdim=True)
+    assert torch.allclose(mean_only.train_x, expected) and torch.allclose(paper.train_x, expected)
+    assert torch.allclose(mean_only.test_x, raw.test_x - raw.train_x.mean(dim=0, keepdim=True))

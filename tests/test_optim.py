@@ -97,3 +97,47 @@ def test_caffe_sgd_trains_a_trial():
         "dataset": "digits", "model": "small_cnn", "optimizer": "caffe_sgd", "steps": 20, "eval_every": 20,
         "batch_size": 125, "base_lr": 0.08, "max_lr": 0.8, "device": "cpu"}))
     assert summary["status"] == "completed" and summary["final_acc"] > 0.3
+
+
+def test_caffe_nesterov_matches_caffes_nesterov_solver_by_hand():
+    """nesterov_solver.cpp: v' = m v + lr g'; w -= (1 + m) v' - m v (here with a changing LR and weight decay)."""
+    weight = torch.nn.Parameter(torch.tensor([1.5], dtype=torch.float64))
+    opt = CaffeSGD([weight], lr=LRS[0], momentum=MOMENTUM, weight_decay=WD, nesterov=True)
+    w, v, expected = 1.5, 0.0, []
+    for lr in LRS:
+        g = 2 * w + WD * w
+        v_new = MOMENTUM * v + lr * g
+        w, v = w - ((1 + MOMENTUM) * v_new - MOMENTUM * v), v_new
+        expected.append(w)
+    got = []
+    for lr in LRS:
+        opt.param_groups[0]["lr"] = lr
+        opt.zero_grad()
+        (weight ** 2).sum().backward()
+        opt.step()
+        got.append(weight.item())
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert got != pytest.approx(caffe_by_hand(1.5, lambda x: 2 * x, 1.0, 1.0), rel=1e-6)  # not plain SGD
+
+
+@pytest.mark.parametrize("optimizer, nesterov, kind", [("sgd", True, torch.optim.SGD), ("caffe_sgd", True, CaffeSGD)])
+def test_nesterov_is_a_field_of_sgd_and_caffe_sgd(optimizer, nesterov, kind):
+    cfg = TrialConfig.from_dict({"model": "small_cnn", "optimizer": optimizer, "nesterov": nesterov})
+    opt = build_optimizer(build_model(cfg, 1, 10, 8), cfg)
+    assert isinstance(opt, kind) and all(g["nesterov"] for g in opt.param_groups)
+
+
+def test_nesterov_with_an_adaptive_optimizer_is_refused_in_one_line():
+    from harness.config import ConfigError
+    with pytest.raises(ConfigError, match="nesterov needs optimizer sgd or caffe_sgd"):
+        TrialConfig.from_dict({"optimizer": "adam", "nesterov": True}).validate()
+
+
+def test_adaptive_solvers_use_caffes_constants():
+    """The authors' SC10 solvers set no delta, momentum2 or (AdaDelta) momentum: Caffe's defaults apply."""
+    def built(name):
+        cfg = TrialConfig.from_dict({"model": "small_cnn", "optimizer": name, "max_lr": 0.35})
+        return build_optimizer(build_model(cfg, 1, 10, 8), cfg).param_groups[0]
+    assert built("adadelta")["rho"] == 0.0 and built("adadelta")["eps"] == 1e-8
+    assert built("adagrad")["eps"] == 1e-8
+    assert built("adam")["betas"] == (0.9, 0.999) and built("adam")["eps"] == 1e-8

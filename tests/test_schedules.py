@@ -427,7 +427,8 @@ def test_one_cycle_cos_is_torch_onecyclelr_cos(stepsize, pct):
 @pytest.mark.parametrize("schedule", ["triangular", "triangular2", "one_cycle", "one_cycle_cos"])
 @pytest.mark.parametrize("opt_name", ["sgd", "nesterov", "adam"])
 def test_momentum_cycles_in_every_group_for_sgd_and_adam_beta1(schedule, opt_name):
-    cfg = cfg_of(schedule=schedule, base_lr=0.1, max_lr=1.0, steps=100, optimizer=opt_name)
+    cfg = cfg_of(schedule=schedule, base_lr=0.1, max_lr=1.0, steps=100, optimizer="sgd" if opt_name == "nesterov"
+                 else opt_name, nesterov=opt_name == "nesterov")
     opt = optimizer_for(opt_name, 1.0, momentum=0.9, groups=2)
     sched = build_scheduler(opt, cfg)
     seen = []

@@ -228,7 +228,7 @@ def match_reference(setup: dict, index=None) -> list[str]:
     """Names of the authors' logs whose setup equals a study cell's setup.
 
     `setup` holds TrialConfig fields (dataset, model, schedule, batch_size, max_lr, steps, and optionally
-    lr_scale, optimizer, momentum, weight_decay, train_size). Required equal: dataset, model, schedule, total
+    lr_scale, optimizer, nesterov, momentum, weight_decay, train_size). Required equal: dataset, model, schedule, total
     batch, peak LR and steps; the optional fields must also agree when both sides have them (train_size None
     means the full training set). The peak LR is the trial's `max_lr` x `lr_scale` for every schedule (the
     harness's convention: multistep starts at max_lr), against the log's max_lr (Caffe's base_lr for
@@ -257,7 +257,7 @@ def match_reference(setup: dict, index=None) -> list[str]:
         for key in ("optimizer", "weight_decay", "momentum"):
             mine = setup.get(key)
             if key == "optimizer" and mine is not None:
-                mine = CAFFE_SOLVER.get(mine, mine)
+                mine = "nesterov" if setup.get("nesterov") is True else CAFFE_SOLVER.get(mine, mine)
             if mine is not None and not _isnan(row.get(key)) and not _isnan(mine):
                 ok &= _same(row[key], mine)
         if ok and not (isinstance(row.get("notes"), str) and row["notes"]):

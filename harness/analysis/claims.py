@@ -70,8 +70,8 @@ BOOTSTRAP = 2000
 SCALE_ORDER = ("smoke", "quick", "paper")
 STRENGTH = {"smoke": "none: pipeline check only", "quick": "indicative: reduced setup",
             "paper": "full: the paper's setup"}
-COLUMN = {"final_acc": "outcome_acc", "steps_to_target": "steps_to_target_eff",
-          "acc_at_time_budget": "acc_at_budget"}   # metric -> trials column it reads
+COLUMN = {"final_acc": "outcome_acc", "steps_to_target": "steps_to_target_eff"}   # metric -> trials column it reads
+EQUAL_TIME = 0.10   # equal_time comparisons: arms whose median training seconds differ by more got unequal time
 DECISION_RULE = (  # the rule of the module docstring in one paragraph, for the report's method section
     f"Decision rule: for each comparison, the difference of medians (arm A - arm B). With at least {MIN_N} units "
     f"(seeds after tuning) per arm: a 95% percentile-bootstrap interval ({BOOTSTRAP} resamples of the units in each "
@@ -540,27 +540,9 @@ def select_lr_scale(rows: pd.DataFrame, tuning: str) -> tuple[pd.DataFrame, list
     return chosen, lines
 
 
-def add_time_budget(rows: pd.DataFrame, groups: list[pd.DataFrame], curves: pd.DataFrame | None) -> tuple[
-        pd.DataFrame, float]:
-    """DA2's metric: each trial's test accuracy at the last evaluation within the budget, the smallest median
-    total training seconds among the groups (the arm that finishes first sets the budget)."""
-    budget = min(float(np.nanmedian(g["train_seconds"].astype(float))) for g in groups)
-    out = rows.copy()
-    acc = []
-    for _, r in out.iterrows():
-        c = curves[curves["run_id"] == r["run_id"]] if curves is not None and len(curves) else pd.DataFrame()
-        if c.empty or "train_seconds" not in c:
-            acc.append(np.nan)
-            continue
-        within = c[(c["train_seconds"] <= budget * (1 + 1e-9)) & c["test_acc"].notna()].sort_values("step")
-        acc.append(float(within["test_acc"].iloc[-1]) if len(within) else np.nan)
-    out["acc_at_budget"] = acc
-    return out, budget
-
-
 # ------------------------------------------------------------------------------------------------ evaluation
 def _fmt_value(metric: str, v: float) -> str:
-    if metric in ("final_acc", "acc_at_time_budget", "range_drop"):
+    if metric in ("final_acc", "range_drop"):
         return "n/a" if not np.isfinite(v) else f"{100 * v:.2f}%"
     if v == math.inf:
         return "never"
@@ -568,7 +550,7 @@ def _fmt_value(metric: str, v: float) -> str:
 
 
 def _fmt_diff(metric: str, v: float) -> str:
-    if metric in ("final_acc", "acc_at_time_budget", "range_drop"):
+    if metric in ("final_acc", "range_drop"):
         return f"{100 * v:+.2f} pp"
     if not np.isfinite(v):
         return "+inf" if v > 0 else "-inf"
@@ -576,7 +558,7 @@ def _fmt_diff(metric: str, v: float) -> str:
 
 
 def _fmt_margin(metric: str, margin: float) -> str:
-    if metric in ("final_acc", "acc_at_time_budget", "range_drop"):
+    if metric in ("final_acc", "range_drop"):
         return f"{100 * margin:.2f} pp"
     return f"{margin:,.0f} steps" if metric == "steps_to_target" else f"{margin:g}"
 
@@ -727,11 +709,7 @@ def _eval_comparison(c: Comparison, df: pd.DataFrame, scale: str, curves: pd.Dat
         return f"{c.title}: an arm has no usable trial (a: {len(ra)}, b: {len(rb)})"
     col = COLUMN[c.metric]
     used = pd.concat([ra, rb])
-    extra = ""
-    if c.metric == "acc_at_time_budget":
-        used, budget = add_time_budget(used, [ra, rb], curves)
-        ra, rb = used.loc[ra.index], used.loc[rb.index]
-        extra = f"; budget {budget:.1f} training seconds (the shortest arm's median)"
+    extra = time_budget_text(c, ra, rb) if c.equal_time else ""
     rho, notes = (math.nan, math.nan), ()
     if c.kind == "trend":
         every = select_lr_scale(pool, c.tuning)[0]
@@ -746,6 +724,23 @@ def _eval_comparison(c: Comparison, df: pd.DataFrame, scale: str, curves: pd.Dat
     if c.kind == "best_level":
         extra += f"; levels {', '.join(fmt(c.field, v) for v in c.levels)}"
     return _two_groups(c, scale, ra, rb, col, used, extra=extra, rho=rho, tuning=tuning, notes=notes)
+
+
+def time_budget_text(c: Comparison, ra: pd.DataFrame, rb: pd.DataFrame) -> str:
+    """An equal_time comparison's arms: their epoch budgets, their measured training seconds (medians), and
+    plainly whether this hardware gave them equal time (within EQUAL_TIME)."""
+    secs = [float(np.nanmedian(r["train_seconds"].astype(float))) if "train_seconds" in r and
+            r["train_seconds"].notna().any() else math.nan for r in (ra, rb)]
+    epochs = " vs ".join("/".join(f"{e:g}" for e in arm) for arm in c.epochs)
+    if not all(np.isfinite(secs)):
+        return f"; {epochs} epochs; training seconds not logged, so equal time is not shown"
+    ratio = secs[0] / secs[1] if secs[1] > 0 else math.inf
+    text = (f"; {epochs} epochs took {secs[0]:,.0f} s vs {secs[1]:,.0f} s of training (medians; A/B = "
+            f"{ratio:.2f})")
+    if abs(ratio - 1) <= EQUAL_TIME:
+        return text + ": equal time on this hardware, within 10%"
+    return text + (": this hardware did NOT give the arms equal time, so this compares the paper's epoch budgets, "
+                   "not equal times")
 
 
 def _best_level_rows(rows: pd.DataFrame, c: Comparison) -> pd.DataFrame:

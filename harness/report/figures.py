@@ -86,7 +86,7 @@ def reference_for_cells(trials: pd.DataFrame) -> dict[str, list[str]]:
     index = caffe_logs.load_index()
     out = {}
     keys = ("dataset", "model", "schedule", "batch_size", "base_lr", "max_lr", "lr_scale", "steps", "optimizer",
-            "momentum", "weight_decay", "train_size")
+            "nesterov", "momentum", "weight_decay", "train_size")
     for cell, rows in trials.groupby("cell", sort=False):
         first = rows.iloc[0]
         setup = {k: first[k] for k in keys if k in rows.columns}

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "digits")
-PREPROCESS = ("paper", "standard", "none")
+PREPROCESS = ("paper", "mean", "standard", "none")
 DEBIAN_DATA_ROOT = Path("/usr/share/datasets")  # a module constant so tests can point it elsewhere
 
 _CIFAR = {  # name: (torchvision class name, classes, label key)
@@ -409,7 +409,8 @@ def load_dataset(
     train_size: a class-balanced subset of the training set, chosen by `seed` (the test set is always whole).
     val_size: a class-balanced validation split held out of the training set before `train_size` is drawn; it is
     the same for every seed (AlgoPerf's rule: tuning selects on validation, the report scores the test set).
-    preprocess: "paper" subtracts the per-pixel mean image (Caffe's mean_file) and mirrors; "standard" standardizes
+    preprocess: "paper" subtracts the per-pixel mean image (Caffe's mean_file) and mirrors; "mean" only subtracts it
+    (a Caffe data layer with a mean_file and no mirror: cifar10_full's); "standard" standardizes
     each channel and crops (pad 4) + mirrors; "none" only scales to [0, 1]. Pixels are scaled to [0, 1] first.
     invert: every pixel x becomes 1 - x after that scaling, before preprocessing ("negative" images).
     raw: the files' content read earlier by `load_raw` (the same `name`); then no file is read here.
@@ -481,11 +482,11 @@ def _scaled_on_device(train_x: torch.Tensor, test_x: torch.Tensor, val_x: torch.
 def _preprocessed(train_x: torch.Tensor, test_x: torch.Tensor, val_x: torch.Tensor | None, preprocess: str):
     """(train_x, test_x, val_x, augment): normalized with the training set's statistics ("paper": minus the mean
     image; "standard": per-channel standardization; "none": unchanged) and the augmentation that goes with it."""
-    if preprocess == "paper":
+    if preprocess in ("paper", "mean"):
         mean = train_x.mean(dim=0, keepdim=True)  # the mean image [1, C, H, W]
         train_x, test_x = train_x - mean, test_x - mean
         val_x = None if val_x is None else val_x - mean
-        augment = "paper"
+        augment = "paper" if preprocess == "paper" else "none"
     elif preprocess == "standard":
         mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
         std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-8)

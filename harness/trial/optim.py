@@ -6,6 +6,10 @@ Caffe's SGDSolver (sgd_solver.cpp: Regularize, ComputeUpdateValue, then Blob::Up
     v  = momentum * v + lr * lr_mult * g'               # the LR is applied INSIDE the momentum update
     w  = w - v
 
+With `nesterov=True` it is Caffe's NesterovSolver (nesterov_solver.cpp), whose step is
+
+    v' = momentum * v + lr * lr_mult * g';   w = w - ((1 + momentum) * v' - momentum * v)
+
 torch.optim.SGD applies the LR after the momentum buffer (`b = m b + g'; w -= lr b`). The two agree while
 the LR is constant, and differ whenever it changes, i.e. at every step of a cyclical or one-cycle schedule:
 Caffe's history carries the old step sizes, torch's rescales all of it by the new LR. torch's SGD has no
@@ -23,11 +27,11 @@ import torch
 
 
 class CaffeSGD(torch.optim.Optimizer):
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False):
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"lr, momentum and weight_decay must be >= 0, got {lr}, {momentum}, {weight_decay}")
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "lr_mult": 1.0,
-                    "decay_mult": 1.0}
+                    "decay_mult": 1.0, "nesterov": nesterov}
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -48,6 +52,11 @@ class CaffeSGD(torch.optim.Optimizer):
                 if "history" not in state:
                     state["history"] = torch.zeros_like(p)  # Caffe's history_ blobs start at zero
                 v = state["history"]
-                v.mul_(momentum).add_(grad, alpha=rate)
-                p.sub_(v)
+                if group["nesterov"]:
+                    previous = v.clone()
+                    v.mul_(momentum).add_(grad, alpha=rate)
+                    p.sub_(v * (1 + momentum) - previous * momentum)
+                else:
+                    v.mul_(momentum).add_(grad, alpha=rate)
+                    p.sub_(v)
         return loss

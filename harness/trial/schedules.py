@@ -184,7 +184,7 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def _dummy_optimizer(cfg: TrialConfig) -> torch.optim.Optimizer:
     params = [torch.nn.Parameter(torch.zeros(1))]
-    if cfg.optimizer in ("sgd", "nesterov"):  # nesterov only changes the update, not the param group keys
+    if cfg.optimizer == "sgd":  # nesterov only changes the update, not the param group keys
         return torch.optim.SGD(params, lr=cfg.max_lr, momentum=cfg.momentum)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.max_lr, betas=(cfg.momentum, 0.999))
@@ -195,5 +195,5 @@ def _dummy_optimizer(cfg: TrialConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "caffe_sgd":  # Caffe's SGD: its param groups hold lr and momentum as torch's SGD does
         from harness.trial.optim import CaffeSGD
         return CaffeSGD(params, lr=cfg.max_lr, momentum=cfg.momentum)
-    raise ValueError(f"optimizer '{cfg.optimizer}' is not known; allowed: sgd, nesterov, adam, adagrad, adadelta, "
+    raise ValueError(f"optimizer '{cfg.optimizer}' is not known; allowed: sgd, adam, adagrad, adadelta, "
                      f"caffe_sgd")

@@ -141,18 +141,20 @@ def build_optimizer(model: torch.nn.Module, cfg: TrialConfig) -> torch.optim.Opt
         for n, p in model.named_parameters():
             by_mult.setdefault(mults[n], []).append(p)
         return CaffeSGD([{"params": ps, "lr_mult": lm, "decay_mult": dm} for (lm, dm), ps in by_mult.items()],
-                        lr=cfg.max_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+                        lr=cfg.max_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     decay = [p for n, p in model.named_parameters() if n in decayed]
     no_decay = [p for n, p in model.named_parameters() if n not in decayed]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     lr = cfg.max_lr
-    if cfg.optimizer in ("sgd", "nesterov"):
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.optimizer == "nesterov")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    # The adaptive solvers with the constants of Caffe's (the authors' SC10 logs set none of them): delta 1e-8;
+    # Adam's momentum2 0.999; AdaDelta's decay is Caffe's `momentum`, unset in the authors' solver, so 0.
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=(cfg.momentum, 0.999))
+        return torch.optim.Adam(groups, lr=lr, betas=(cfg.momentum, 0.999), eps=1e-8)
     if cfg.optimizer == "adagrad":
-        return torch.optim.Adagrad(groups, lr=lr)
-    return torch.optim.Adadelta(groups, lr=lr)
+        return torch.optim.Adagrad(groups, lr=lr, eps=1e-8)
+    return torch.optim.Adadelta(groups, lr=lr, rho=0.0, eps=1e-8)
 
 
 @torch.no_grad()
