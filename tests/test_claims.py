@@ -83,6 +83,39 @@ def test_sc4_is_its_own_study_with_the_papers_batches_and_bn_over_tbs_over_8():
     assert sc4.levels == (256, 512, 1000, 1536)
 
 
+def test_da1_is_two_comparisons_each_reading_its_own_constant_arm():
+    """The paper's numbers (cyclical 92.0 vs constant 0.9 91.4 and constant 0.95 92.1): better than 0.9, not worse
+    than 0.95 by more than the margin. Pooling both constants (the old plan) would hide the 0.95 tie."""
+    _, trials, comps = study("momentum", "paper")
+    better, tie = [c for c in comps if c.claim == "DA1"]
+    assert better.kind == "two_arm" and better.b.match == {"cycle_momentum": (False,), "momentum": (0.9,)}
+    assert tie.kind == "non_inferior" and tie.margin == 0.005 and tie.b.match["momentum"] == (0.95,)
+    paper = {(True, 0.9): 0.920, (False, 0.9): 0.914, (False, 0.95): 0.921}
+
+    def outcome(c):
+        base = paper.get((c["cycle_momentum"], c["momentum"]), 0.9)
+        return base + 0.0005 * c["seed"], None
+    df = frame(trials, "paper", outcome)
+    ev = claims.plan_verdicts([better, tie], df)
+    v_better, v_tie = ev.verdicts
+    assert set(df[df["run_id"].isin(v_better.run_ids)]["momentum"]) == {0.9}         # cyclical + constant 0.9
+    assert set(df[df["run_id"].isin(v_tie.run_ids)].query("not cycle_momentum")["momentum"]) == {0.95}
+    assert v_better.diff == pytest.approx(0.006) and v_better.observed == "same as the claim"
+    assert v_tie.diff == pytest.approx(-0.001) and v_tie.verdict == "supported"      # within 0.5 pp, per seed
+
+
+def test_sc10_compares_sgd_clr_with_each_logged_adaptive_run_and_nesterov_with_itself():
+    _, trials, comps = study("optimizers", "paper")
+    assert len(comps) == 4
+    for c, b in zip(comps[:3], ("adam", "adagrad", "adadelta"), strict=True):
+        assert c.a.match == {"optimizer": ("caffe_sgd",), "schedule": ("triangular",)}   # the values present
+        assert c.b.match == {"optimizer": (b,), "schedule": ("multistep",)}
+        assert c.where_match() == {"nesterov": (False,)} and c.n_a == c.n_b == 3
+    assert comps[3].field == "schedule" and comps[3].where_match() == {"nesterov": (True,)}
+    assert not any(t.config.optimizer in ("adam", "adagrad", "adadelta") and t.config.schedule == "triangular"
+                   for t in trials)                                 # never run by the authors: not here
+
+
 def test_the_verdicts_use_every_planned_trial_family_and_select_lr_scales_on_validation():
     _, trials, comps = study("batch_size_effect", "paper")
 

@@ -271,6 +271,10 @@ def test_non_inferior_plan_line_and_its_validation():
         ({**NON_INFERIOR, "margin": "half a point"}, "margin"),
         ({k: v for k, v in NON_INFERIOR.items() if k != "b"}, "kind non_inferior needs arms a and b"),
         ({**TWO_ARM, "margin": 0.005}, "margin is only for kind non_inferior, not two_arm"),
+        ({**TWO_ARM, "kind": "trend", "b_where": {"momentum": 0.9}},
+         "a_where and b_where are only for kinds two_arm and non_inferior, not trend"),
+        ({**TWO_ARM, "a_where": {"momentm": 0.9}}, "'momentm' is not a trial field (did you mean 'momentum'?)"),
+        ({**TWO_ARM, "equal_time": "yes"}, "equal_time"),
     ]:
         with pytest.raises(plan.PlanError, match=re.escape(message)) as e:
             plan.validate({"comparisons": [{"claim": "question", **bad}]}, "s", fields, ())
