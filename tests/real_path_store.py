@@ -34,7 +34,7 @@ from harness.analysis import claims
 from harness.study import tracking
 
 WAYS = ("claimed", "flipped")
-FAMILY = {"final_acc": "acc", "acc_at_time_budget": "acc", "steps_to_target": "steps", "range_drop": "range"}
+FAMILY = {"final_acc": "acc", "steps_to_target": "steps", "range_drop": "range"}
 ACC_BOUNDS = (0.3, 0.98)
 ACC_JITTER = 0.004          # half-width of the per-seed noise on accuracy
 GAP = {"acc": 0.02, "steps": 4.0}             # a pair of cells: wider than two jitters (steps: plus rounding)
