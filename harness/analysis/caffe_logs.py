@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import REPO_ROOT
+from harness.config import TRAIN_IMAGES
 
 LOGS_DIR = Path(os.environ.get("HARNESS_CAFFE_LOGS",
                                REPO_ROOT.parent / "shared/paper/caffe-logs"))
@@ -62,7 +63,7 @@ CLAIMS_BY_LOG = {
     "lrRange3SS520kClip5Fig12b": "SC3", "lrRange3SS520kClip10Fig12a": "SC3", "lrRange3SS520kClip10Fig12b": "SC3",
     "lrRange3SS520kDropuoutFig10a": "SC3;SC6",
 }
-FULL_TRAIN = {"cifar10": 50000, "cifar100": 50000, "mnist": 60000, "fashion_mnist": 60000}
+FULL_TRAIN = {k: v for k, v in TRAIN_IMAGES.items() if k != "digits"}   # the logs' datasets
 
 _TEST = re.compile(r"Iteration (\d+), Testing net \(#0\)")
 _ACC = re.compile(r"Test net output #\d+: accuracy = ([-+0-9.eEnaif]+)")
