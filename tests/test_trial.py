@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -118,7 +119,14 @@ def _rank_main(rank: int, world: int, init_file: str, out: str, config: dict) ->
         _, records, states = _run(config)
         if rank == 0:
             torch.save({"first_step": states[0]["model"], "records": records}, out)
-        dist.barrier()  # no rank tears gloo down while another still talks to it
+        dist.barrier()
+        # No rank tears gloo down before every rank has left the barrier: a rank that closes its sockets while
+        # its peer still reads the barrier's last message makes the peer abort (SIGABRT, seen once in CI).
+        left = dist.FileStore(init_file + ".exit", world)
+        left.add("left", 1)
+        deadline = time.monotonic() + 60
+        while left.add("left", 0) < world and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         dist.destroy_process_group()
 
