@@ -1,0 +1,78 @@
+"""Our curves beside the authors' where the setups differ: the shape of a schedule, on each run's own clock.
+
+    logs = authors_logs_by_schedule("super_convergence")   # schedule -> the authors' logs of the paper scale
+    draw_shapes(fig, rect, trials, curves, logs)             # one panel per schedule; x = step / the run's steps
+
+A reduced scale (Fashion-MNIST on a CPU) matches no authors' log exactly (harness.analysis.caffe_logs matches
+dataset, net, batch, peak LR and steps), so its curves cannot be laid over theirs iteration for iteration.
+What the axes do allow is the shape: test accuracy against the fraction of each run's own iterations, ours
+(median over seeds, min-max band) solid, the authors' Caffe log of the same study at its paper scale dashed.
+The authors' logs are the ones the study's own paper-scale cells match (the study file names the setup;
+nothing here picks a log by hand), grouped by schedule.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from harness import spec as spec_mod
+from harness.analysis import caffe_logs
+
+SCHEDULES = ("triangular", "one_cycle", "multistep", "constant")  # the ones whose shapes are worth a panel
+LINE_STYLES = ("-", "-.", ":", (0, (5, 1)))
+
+
+def authors_logs_by_schedule(study: str) -> dict[str, list[tuple[str, int]]]:
+    """schedule -> [(log name, the log's steps)] over the study's paper-scale cells that match an authors' log."""
+    try:
+        trials = spec_mod.trials(spec_mod.load_spec(study), "paper")
+    except (spec_mod.SpecError, FileNotFoundError):
+        return {}
+    index = caffe_logs.load_index()
+    out: dict[str, list[tuple[str, int]]] = {}
+    keys = ("dataset", "model", "schedule", "batch_size", "base_lr", "max_lr", "lr_scale", "steps", "optimizer",
+            "nesterov", "momentum", "weight_decay", "train_size")
+    for t in trials:
+        cfg = t.config.to_dict()
+        for name in caffe_logs.match_reference({k: cfg.get(k) for k in keys}, index):
+            entry = (name, int(cfg["steps"]))
+            if entry not in out.setdefault(cfg["schedule"], []):
+                out[cfg["schedule"]].append(entry)
+    return out
+
+
+def draw_shapes(fig: Figure, rect, trials: pd.DataFrame, curves: pd.DataFrame,
+                logs: dict[str, list[tuple[str, int]]]) -> None:
+    """One panel per schedule that both we and the authors ran: accuracy vs fraction of the run's own steps."""
+    from harness.report.figures import _axes, cell_words
+
+    schedules = [s for s in SCHEDULES if s in logs and (trials["schedule"] == s).any()]
+    axes = _axes(fig, rect, ncols=max(1, len(schedules)), wspace=0.3)
+    palette = sns.color_palette("colorblind", 10)
+    for ax, sched in zip(axes, schedules, strict=False):
+        cells = list(dict.fromkeys(trials.loc[trials["schedule"] == sched, "cell"]))
+        for i, cell in enumerate(cells):
+            rows = trials[trials["cell"] == cell]
+            steps = float(rows["steps"].iloc[0])
+            c = curves[curves["run_id"].isin(rows["run_id"])].dropna(subset=["test_acc"])
+            if c.empty:
+                continue
+            g = c.groupby("step")["test_acc"]
+            b = pd.DataFrame({"median": g.median(), "lo": g.min(), "hi": g.max()}).reset_index()
+            color, ls = palette[i % len(palette)], LINE_STYLES[i % len(LINE_STYLES)]
+            ax.plot(b["step"] / steps, b["median"] * 100, color=color, ls=ls, lw=1.3,
+                    label=f"ours: {cell_words(trials, cell)}, {steps:,.0f} steps (n={rows['run_id'].nunique()})")
+            if rows["run_id"].nunique() > 1:
+                ax.fill_between(b["step"] / steps, b["lo"] * 100, b["hi"] * 100, color=color, alpha=0.15, lw=0)
+        for j, (name, steps) in enumerate(logs[sched]):
+            ref = caffe_logs.load_curve(name).dropna(subset=["test_acc"])
+            ax.plot(ref["iteration"] / steps, ref["test_acc"] * 100, color="black", lw=0.9, ls="--",
+                    alpha=1.0 - 0.3 * j, label=f"authors' log {name}, {steps:,} steps")
+        ax.set_xlim(0, 1.02)
+        ax.set_xlabel("fraction of the run's own iterations")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(sched)
+        ax.grid(alpha=0.3, lw=0.4)
+        ax.legend(loc="lower right", frameon=False, fontsize=6)
