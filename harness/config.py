@@ -27,16 +27,17 @@ from pydantic import (
 )
 
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "digits")
-PREPROCESS = ("paper", "mean", "standard", "none")
+PREPROCESS = ("paper", "mean", "standard", "pixel_standard", "none")  # pixel_standard: per-pixel mean/std (data.py)
 MODELS = (
     "resnet20", "resnet56", "resnet110",                    # the authors' Caffe ResNets (post-activation)
     "preact_resnet20", "preact_resnet56", "preact_resnet110",  # pre-activation, projection shortcuts
     "mlp", "small_cnn",
     "caffe_cifar10_full", "caffe_lenet",                    # BVLC Caffe's example nets (CLR paper; MNIST LeNet)
 )
-MLP_ACTIVATIONS = ("relu", "tanh", "sigmoid", "square400")
+MLP_ACTIVATIONS = ("relu", "tanh", "sigmoid", "square400", "square1", "square20")  # squareC: x * x * C
 TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000, "mnist": 60000, "fashion_mnist": 60000,  # full training sets
                 "digits": 1437}                                                              # (digits: our split)
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10, "digits": 10}  # chance: 1 / this
 OPTIMIZERS = ("sgd", "adam", "adagrad", "adadelta", "caffe_sgd")  # caffe_sgd: harness.trial.optim; Nesterov: nesterov
 SCHEDULES = ("constant", "multistep", "triangular", "triangular2",  # triangular2: CLR, amplitude halved each cycle
              "one_cycle", "one_cycle_cos", "cosine", "range_test")
@@ -105,6 +106,8 @@ class TrialConfig(BaseModel):
     optimizer: Literal[OPTIMIZERS] = "sgd"
     momentum: NonNegative = 0.9           # SGD momentum (Adam: beta1) when the schedule does not cycle it
     nesterov: StrictBool = False          # sgd / caffe_sgd with Nesterov momentum (Caffe's solver type "Nesterov")
+    zero_grad: StrictBool = True          # false: gradients are never zeroed, each step adds to the last (the
+                                          # activation_mystery seed's loop: backward + step, no zero_grad)
     weight_decay: NonNegative = 1e-4      # exemptions as the paper's prototxt (conv biases); see trial.build_optimizer
     # --- training algorithm: schedule (per optimizer step) ---
     schedule: Literal[SCHEDULES] = "one_cycle"
@@ -141,7 +144,7 @@ class TrialConfig(BaseModel):
     finder_mode: Literal[FINDER_MODES] = "exp"  # exp (fastai / pytorch-lr-finder) | linear (Smith's range test)
     finder_smoothing: Float = 0.98        # beta of the bias-corrected exponential moving average of the loss
     finder_stop_factor: Float = 4.0       # stop once the smoothed loss exceeds this x its best
-    finder_val: StrictBool = False        # score the next validation (val_size, else test) batch after each step
+    finder_val: StrictBool = False        # score the next batch of the val_size split (held-out training images)
     # --- a max LR taken from a finder study's runs in MLflow (harness.study.lr_from_finder, resolved by the runner) ---
     lr_from_finder: StrictStr | None = None  # the finder study; its runs of this trial's cell give max_lr
     lr_suggestion: Literal[LR_SUGGESTIONS] = "valley"  # steepest | valley | smith
@@ -217,6 +220,9 @@ class TrialConfig(BaseModel):
             raise ConfigError("schedule 'multistep' needs milestones, e.g. [50000, 70000]")
         if list(self.milestones) != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
             raise ConfigError(f"milestones must be increasing positive steps, got {list(self.milestones)}")
+        if self.kind == "lr_finder" and self.finder_val and not self.val_size:
+            raise ConfigError("finder_val scores held-out training images: set val_size (e.g. 10000), the split it "
+                              "scores; the test set is never read by the finder")
         if self.nesterov and self.optimizer not in ("sgd", "caffe_sgd"):
             raise ConfigError(f"nesterov needs optimizer sgd or caffe_sgd (Nesterov momentum), got '{self.optimizer}'")
         self._validate_clr_stages()

@@ -69,7 +69,8 @@ SUMMARY_METRICS = ("final_acc", "final_val_acc", "best_acc", "reached_target", "
                    "target_acc",
                    "diverged_at_step", "world_size", "bn_batch", "accum_steps", "steps_run", "startup_seconds")
 # logged when a record has them: MLPs' dead output units; an LR finder's sweep (kind lr_finder) and suggestions
-EXTRA_EVAL_METRICS = ("dead_output_frac", "smoothed_loss", "batch_val_loss", "batch_val_acc")
+EXTRA_EVAL_METRICS = ("dead_output_frac", "smoothed_loss", "batch_val_loss", "batch_val_acc", "train_batch_acc",
+                      "min_class_recall")  # negative_mnist: the worst class's test recall (harness.analysis.results)
 FINDER_SUMMARY_METRICS = ("lr_steepest", "lr_valley", "lr_smith", "lr_smith_base", "lr_smith_base_min",
                           "finder_stopped_early")
 SPEC_ARTIFACT = "study_spec.yaml"
@@ -92,10 +93,12 @@ FIELD_WORDS = {"batch_size": "batch {}", "bn_batch": "BN batch {}", "max_lr": "m
                "cycle_momentum": "cyclic momentum {}", "val_size": "{} held out", "bn_momentum": "BN momentum {}",
                "milestones": "drops at {}", "workers": "{} workers", "mlp_activation": "{} activation",
                "invert_images": "inverted images {}", "optimizer": "{}"}
-ACTIVATION_WORDS = {"relu": "ReLU", "tanh": "tanh", "sigmoid": "sigmoid", "square400": "x*x*400"}
+ACTIVATION_WORDS = {"relu": "ReLU", "tanh": "tanh", "sigmoid": "sigmoid", "square400": "x*x*400",
+                    "square1": "x*x", "square20": "x*x*20"}
 BOOL_WORDS = {"invert_images": ("inverted images", "plain images"), "mlp_final_relu": ("final ReLU", "no final ReLU"),
               "cycle_momentum": ("cyclical momentum", "constant momentum"),
-              "nesterov": ("Nesterov", "no Nesterov")}                         # (True, False) in words
+              "nesterov": ("Nesterov", "no Nesterov"),
+              "zero_grad": ("gradients zeroed", "gradients never zeroed")}    # (True, False) in words
 TITLE_ORDER = ("dataset", "model", "optimizer", "nesterov", "batch_size", "bn_batch", "schedule", "train_size",
                "weight_decay", "momentum", "cycle_momentum", "stepsize", "steps", "max_lr", "base_lr", "lr_scale",
                "seed")

@@ -25,8 +25,38 @@ own budget of epochs (DA2: the paper's 128/48 ... 1024/116, its equal-time budge
 each arm's epochs, and the verdict reports each arm's measured training seconds and whether this hardware gave them
 equal time.
 
+`at_best: max_lr` (two_arm) compares each arm at its own best value of that field: an arm's trials are restricted
+to the value (the study's grid of max LRs) whose median final accuracy over seeds is highest, on validation when
+every trial holds out `val_size`, else on the test accuracy the verdict then reads (the same data: AlgoPerf
+would not select that way, and the line says so). activation_mystery: each activation at its own best LR.
+
+`best_lr: {field: mlp_activation, where: {...}}` (beside `comparisons`) asks the report for the best max LR of each
+level of that field over the study's max_lr grid (the trials `where` selects; the LR with the highest median final
+test accuracy over seeds), and its ratio to the 1/c prediction where a level is an activation x*x*c.
+
 `non_inferior` asks whether arm a is not worse than arm b by more than a declared `margin` (in the metric's
 unit: 0.005 is half a point of accuracy, 500 is 500 steps); the margin is required for it and only for it.
+
+`where: {steps: max}` (or `min`) keeps the trials with the largest (smallest) value of that field among the scale's
+trials, so one plan names a study's long and short arms at every scale. A `where` that keeps one value of a field
+names it in the comparison's words ("plain images vs inverted images [final ReLU]"), as a stratum does.
+
+Metrics (`metric:`, default final_acc; each has a direction that is "better"): final_acc, steps_to_target,
+range_drop (SC3), and four read from each run's logged evaluation curve (harness.analysis.results.curve_outcomes):
+`max_acc_drop` (the largest fall of test accuracy from one evaluation to the next, 0 if it never falls; lower is
+better), `evals_below_chance` (evaluations whose test accuracy is below 1/classes + 0.10, every evaluation counted
+and, for a diverged run, every planned evaluation after it stopped; lower is better), `dead_output_frac` (its last
+value: output units <= 0 for every test image; lower is better) and `min_class_recall` (its last value: the worst
+class's test recall; higher is better).
+
+`expect: no_difference` (two_arm, interaction) makes a comparison a control: the plan expects no difference
+between its arms, the line says so, and the verdict adds whether the expectation held. The rule: with at least 2
+units in each arm (each cell for an interaction), the expectation FAILED when the decision rule finds a
+difference (supported or contradicted), or when every per-seed difference (paired by seed where the arms share
+seeds one to one, else every pair of units; an interaction's per-seed contrasts) is non-zero with the same sign
+(a direction consistent across all seeds, which 3 seeds can show although no test at 3 vs 3 reaches p < 0.05);
+else it HELD, which says only that no difference was found, not that the arms are equal. With fewer than 2 units in
+an arm it is not tested. The arms' a/b order and the metric's direction only name the direction observed.
 
 Tuning (AlgoPerf's rule): with `best_on_validation`, the trials of an arm that differ only in `lr_scale`
 form one unit (one seed of one configuration); the unit's outcome is the trial with the best final
@@ -51,8 +81,14 @@ METRICS = {  # metric -> (label, direction that is "better")
     "final_acc": ("final test accuracy", +1),
     "steps_to_target": ("steps to target", -1),
     "range_drop": ("accuracy lost from LR 0.3-1.2 to the lowest at LR 2-3 (the SC3 rule)", -1),
+    # from each run's test-accuracy curve (harness.analysis.results.curve_outcomes)
+    "max_acc_drop": ("instability: the largest drop of test accuracy between consecutive evaluations", -1),
+    "evals_below_chance": ("instability: evaluations with test accuracy below chance + 10 points", -1),
+    "dead_output_frac": ("final fraction of dead output units (<= 0 for every test image)", -1),
+    "min_class_recall": ("final test recall of the worst class", +1),
 }
-FRACTIONS = ("final_acc", "range_drop")   # metrics in [0, 1]: their margins are read in pp
+FRACTIONS = ("final_acc", "range_drop", "max_acc_drop", "dead_output_frac", "min_class_recall")  # in [0, 1]: pp
+EXPECT = ("no_difference",)               # a control's expectation (see the module docstring)
 TUNING = ("best_on_validation", "each_scale")
 NOT_DESIGN = ("seed", "lr_scale", "device", "data_dir", "eval_every", "target_acc")  # never confounds
 
@@ -123,6 +159,8 @@ class PlannedComparison(BaseModel):
     a_where: dict = Field(None, description="must map trial fields to a value or a list of values")
     b_where: dict = Field(None, description="must map trial fields to a value or a list of values")
     equal_time: bool = False        # the claim is about equal training time: report each arm's measured seconds
+    expect: Literal[EXPECT] = None  # a control: no_difference (see the module docstring)
+    at_best: str | None = None      # two_arm: each arm at its own best value of this field (see the docstring)
     note: Any = None
 
     @model_validator(mode="after")
@@ -149,8 +187,33 @@ class PlannedComparison(BaseModel):
                                  f"0.005 for half a point of accuracy), got {self.margin!r}")
         elif self.margin is not None:
             raise ValueError(f"margin is only for kind non_inferior, not {self.kind}")
+        if self.at_best is not None and (self.kind != "two_arm" or self.at_best not in fields
+                                         or self.at_best == self.field):
+            raise ValueError(f"at_best must be a trial field other than the compared one, on kind two_arm (e.g. "
+                             f"at_best: max_lr), got {self.at_best!r} on kind {self.kind}")
         if (self.a_where or self.b_where) and self.kind not in ("two_arm", "non_inferior"):
             raise ValueError(f"a_where and b_where are only for kinds two_arm and non_inferior, not {self.kind}")
+        if self.expect and self.kind not in ("two_arm", "interaction"):
+            raise ValueError(f"expect: {self.expect} (a control) is only for kinds two_arm and interaction, not "
+                             f"{self.kind}")
+        return self
+
+
+class BestLr(BaseModel):
+    """`analysis.best_lr`: the report's table of the best max LR per level of `field` (see the docstring)."""
+    model_config = ConfigDict(extra="forbid", strict=True, title="field (a trial field), e.g. {field: mlp_activation}")
+    field: str
+    where: dict = Field(None, description="must map trial fields to a value or a list of values")
+
+    @model_validator(mode="after")
+    def _known(self, info: ValidationInfo) -> BestLr:
+        fields = info.context["fields"]
+        if self.field not in fields or self.field == "max_lr":
+            raise ValueError(f"field must be a trial field other than max_lr{suggest(self.field, fields)}, "
+                             f"got {self.field!r}")
+        for f in self.where or {}:
+            if f not in fields:
+                raise ValueError(f"where: '{f}' is not a trial field{suggest(f, fields)}")
         return self
 
 
@@ -159,6 +222,7 @@ class AnalysisPlan(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     tuning: Literal[TUNING] = "best_on_validation"
     comparisons: list[PlannedComparison] = Field(min_length=1, description="must be a non-empty list of comparisons")
+    best_lr: BestLr = None
 
 
 def validate(analysis, where: str, fields: tuple[str, ...], claims: tuple[str, ...]) -> None:
@@ -205,6 +269,9 @@ class Comparison:
     n_b_max: int = 0
     margin: float | None = None     # non_inferior: how much worse than b arm a may be (the metric's unit)
     equal_time: bool = False        # the arms' budgets stand for equal training time (see the module docstring)
+    expect: str | None = None       # a control's expectation: no_difference (see the module docstring)
+    at_best: str | None = None      # two_arm: each arm at its own best value of this field
+    at_best_on: str = ""            # at_best: "validation" or "test" (the data the best value is selected on)
     epochs: tuple = ()              # equal_time: (arm a's epochs, arm b's epochs) as the plan's trials set them
     confounds: tuple = ()           # "steps 19200 vs 5800": what else differs between the arms
     note: str = ""
@@ -258,8 +325,9 @@ class Comparison:
             text = f"{a} not worse than {b} by more than {margin_text(self.metric, self.margin)}"
         else:
             text = f"{a} vs {b}"
-        stratum = ", ".join(names.value_words(f, v) for f, v in self.stratum.items())
-        return text + (f" [{stratum}]" if stratum else "")
+        only = [names.value_words(f, vals[0]) for f, vals in self._where if len(vals) == 1]  # where: one value
+        stratum = ", ".join([*only, *(names.value_words(f, v) for f, v in self.stratum.items())])
+        return text + (f" [{stratum}]" if stratum else "") + ("; control" if self.expect else "")
 
     @property
     def tuning_text(self) -> str:
@@ -276,8 +344,25 @@ class Comparison:
         extra = f"; arms also differ: {', '.join(self.confounds)}" if self.confounds else ""
         only = "; ".join(f"{f} {'/'.join(fmt(f, v).split('=', 1)[1] for v in vals)}" for f, vals in self._where)
         only = f", trials with {only}" if only else ""
-        return (f"{self.claim}: {self.title}{only}, {n}, {self.metric_label}{self.budget_text} ({self.tuning_text})"
-                f"{extra}")
+        return (f"{self.claim}: {self.title}{only}, {n}, {self.metric_label}{self.budget_text}{self.at_best_text} "
+                f"({self.tuning_text}){self.expect_text}{extra}")
+
+    @property
+    def expect_text(self) -> str:
+        """A control's expectation and when it fails (the module docstring's rule); '' for a claim."""
+        if self.expect != "no_difference":
+            return ""
+        return ("; control, no difference expected: the expectation fails if the decision rule finds a difference "
+                "or every per-seed difference has the same sign")
+
+    @property
+    def at_best_text(self) -> str:
+        """at_best: ', each arm at its own best max_lr (...)'; else ''."""
+        if not self.at_best:
+            return ""
+        on = "validation accuracy" if self.at_best_on == "validation" else \
+            "the same test accuracy the verdict reads: selection on the evaluation data, which AlgoPerf would not do"
+        return f", each arm at its own best {self.at_best} (the value with the best median over seeds, on {on})"
 
     @property
     def budget_text(self) -> str:
@@ -363,7 +448,8 @@ def expand(analysis: dict, configs: list[dict], where: str = "study") -> list[Co
     out: list[Comparison] = []
     for i, c in enumerate(analysis["comparisons"]):
         at = f"{where}: analysis.comparisons[{i}] ({c['claim']})"
-        restrict = {g: _as_tuple(v) for g, v in (c.get("where") or {}).items()}
+        restrict = {g: _resolve_arm(v, _values_of(configs, g), g, at) if v in ("max", "min") else _as_tuple(v)
+                    for g, v in (c.get("where") or {}).items()}
         pool = _filter(configs, restrict)
         restrict = {g: tuple(v for v in vals if _filter(pool, {g: (v,)})) for g, vals in restrict.items()}  # present
         if not pool:
@@ -378,7 +464,10 @@ def expand(analysis: dict, configs: list[dict], where: str = "study") -> list[Co
                 common = dict(claim=c["claim"], kind=c["kind"], field=c["field"], tuning=tuning,
                               metric=c.get("metric", "range_drop" if c["kind"] == "range_test" else "final_acc"),
                               n_lr_scales=n_scales, stratum=combo, note=c.get("note", ""), margin=c.get("margin"),
-                              equal_time=c.get("equal_time", False), _where=tuple(restrict.items()))
+                              equal_time=c.get("equal_time", False), _where=tuple(restrict.items()),
+                              expect=c.get("expect"),
+                              at_best=c.get("at_best"), at_best_on="" if not c.get("at_best") else
+                              "validation" if all(x.get("val_size") for x in pool) else "test")
                 out.append(_comparison(c, rows, common, tuning, at))
     return out
 
@@ -413,12 +502,14 @@ def _comparison(c: dict, rows: list[dict], common: dict, tuning: str, at: str) -
             raise PlanError(f"{at}: an interaction cell has no trials (each arm needs both {c['by']} values)")
         n_a, n_b = min(_units(x, tuning) for x in cells[:2]), min(_units(x, tuning) for x in cells[2:])
         conf = _confounds(cells[0], cells[1], {f, c["by"]})
-    elif kind == "best_level":   # the evaluation compares the best level of each arm: n is one level's units
-        per_level = [[_units(_filter(r, {f: (v,)}), tuning) for v in vals] for r, vals in ((ra, a_vals), (rb, b_vals))]
+    elif kind == "best_level" or c.get("at_best"):   # each arm's best level is compared: n is one level's units
+        g = c.get("at_best") or f
+        per_level = [[_units(_filter(r, {g: (v,)}), tuning) for v in (vals if g == f else _values_of(r, g))]
+                     for r, vals in ((ra, a_vals), (rb, b_vals))]
         per_level = [[n for n in ns if n] or [0] for ns in per_level]
         n_a, n_b = min(per_level[0]), min(per_level[1])
         common.update(n_a_max=max(per_level[0]), n_b_max=max(per_level[1]))
-        conf = _confounds(ra, rb, {f})
+        conf = _confounds(ra, rb, {f, g})   # at_best: the arms' own best values are the design, not a confound
     else:
         n_a, n_b = _units(ra, tuning), _units(rb, tuning)
         conf = _confounds(ra, rb, {f, *(c.get("a_where") or {}), *(c.get("b_where") or {})})  # those are in the labels

@@ -45,7 +45,8 @@ class SpecError(ValueError):
     """A study file that cannot run. One line: where, what was wrong, what is allowed."""
 
 
-LATE_FIELDS = {"clr_stages": [], "nesterov": False}  # TrialConfig fields newer than the first trial keys
+LATE_FIELDS = {"clr_stages": [], "nesterov": False,  # TrialConfig fields newer than the first trial keys
+               "zero_grad": True}
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,10 @@ the per-seed jitter, so that every unit of the better side beats every unit of t
                                      (flipped: higher); every pair of positions is tried;
   range_test                         not a constraint: the run's curve stays accurate up to the top LR (claimed)
                                      or collapses at LR > top/2 (flipped).
+Metrics read from a run's curve are families of their own (max_acc_drop "drop", evals_below_chance "below",
+dead_output_frac "dead", min_class_recall "recall"), written into the curve by `_curve_history`. A control
+(`expect: no_difference`) comes out "claimed" when its arms are equal in every seed (its expectation holds) and
+"flipped" when arm a beats arm b in every unit (its expectation fails).
 A linear program (scipy's HiGHS) finds outcomes that meet all constraints at once; when none exist the plan's
 comparisons contradict each other and `Conflict` names the ones that do. "flipped" asks every comparison to come
 out the opposite way, which must make the evaluation say so: the proof the test can fail.
@@ -34,11 +38,17 @@ from harness.analysis import claims
 from harness.study import tracking
 
 WAYS = ("claimed", "flipped")
-FAMILY = {"final_acc": "acc", "steps_to_target": "steps", "range_drop": "range"}
+FAMILY = {"final_acc": "acc", "steps_to_target": "steps", "range_drop": "range", "max_acc_drop": "drop",
+          "evals_below_chance": "below", "dead_output_frac": "dead", "min_class_recall": "recall"}
+CURVE_FAMILIES = ("drop", "below", "dead", "recall")   # written into the curve (_curve_history)
 ACC_BOUNDS = (0.3, 0.98)
 ACC_JITTER = 0.004          # half-width of the per-seed noise on accuracy
-GAP = {"acc": 0.02, "steps": 4.0}             # a pair of cells: wider than two jitters (steps: plus rounding)
-CONTRAST_GAP = {"acc": 0.03, "steps": 7.0}    # a contrast of four cells
+GAP = {"acc": 0.02, "steps": 4.0,             # a pair of cells: wider than two jitters (steps: plus rounding)
+       "drop": 0.02, "below": 2.0, "dead": 0.02, "recall": 0.02}
+CONTRAST_GAP = {"acc": 0.03, "steps": 7.0,    # a contrast of four cells
+                "drop": 0.03, "below": 3.0, "dead": 0.03, "recall": 0.03}
+DROP_MAX = 0.08             # the dip stays above chance + 10 points: the lowest accuracy (0.3) minus this
+BELOW_MAX = 8.0             # evaluations at chance, at most
 TOTAL_SECONDS = 100.0       # every trial trains this long: the time budget is the end of every run
 RANGE_POINTS = 13
 SYSTEM = {"sys.torch": "2", "sys.cuda": "none", "sys.gpu_model": "none", "sys.gpu_count": "0",
@@ -90,7 +100,17 @@ def family_of(c: plan.Comparison) -> str:
 
 
 def rows_for(c: plan.Comparison, configs: list[dict], sign: int, shift: tuple | None = None) -> list[Row]:
-    """The constraints that make comparison `c` come out as claimed (sign +1) or the opposite way (-1)."""
+    """The constraints that make comparison `c` come out as claimed (sign +1) or the opposite way (-1); a control
+    (expect: no_difference) as claimed has its arms equal (each row both ways, with no gap)."""
+    if c.expect == "no_difference":
+        rows = _rows_for(c, configs, +1, shift)
+        if sign < 0:
+            return rows
+        return [Row(r.family, {k: s * v for k, v in r.coef.items()}, 0.0, r.why) for r in rows for s in (1, -1)]
+    return _rows_for(c, configs, sign, shift)
+
+
+def _rows_for(c: plan.Comparison, configs: list[dict], sign: int, shift: tuple | None = None) -> list[Row]:
     fam, d, why = family_of(c), c.direction, c.line()
     pool = [x for x in configs if takes(x, c.where_match()) and takes(x, c.stratum_match())]
     if c.kind == "range_test":
@@ -168,14 +188,18 @@ def _solve(rows: list[Row], bounds: dict[str, dict]) -> dict[str, dict] | None:
         if res.status != 0:
             return None
         top = max(bounds[fam][k][1] for k in names) - res.x.max() if fam == "acc" else 0.0
-        out[fam] = dict(zip(names, res.x + top, strict=True))   # accuracies up to the top: any level will do
+        values = np.round(res.x + top, 6)   # accuracies up to the top (any level will do); equal cells stay equal
+        out[fam] = dict(zip(names, values, strict=True))
     return out
 
 
 def _bounds(configs: list[dict]) -> dict[str, dict]:
     steps = {cell_of(c): (2.0, float(c["steps"]) - 2.0) for c in configs}
-    acc = {cell_of(c): (ACC_BOUNDS[0] + ACC_JITTER, ACC_BOUNDS[1] - ACC_JITTER) for c in configs}
-    return {"acc": acc, "steps": steps}
+    def within(lo: float, hi: float) -> dict:
+        return {cell_of(c): (lo, hi) for c in configs}
+    acc = (ACC_BOUNDS[0] + ACC_JITTER, ACC_BOUNDS[1] - ACC_JITTER)
+    return {"acc": within(*acc), "steps": steps, "drop": within(ACC_JITTER, DROP_MAX), "below": within(0.0, BELOW_MAX),
+            "dead": within(ACC_JITTER, 0.9), "recall": within(*acc)}
 
 
 def design(comparisons: list[plan.Comparison], configs: list[dict], way: str) -> dict[str, dict]:
@@ -224,6 +248,8 @@ def history(config: dict, outcome: dict) -> list[dict]:
     if cell in outcome.get("range", {}):
         return _range_history(config, outcome["range"][cell])
     acc = outcome.get("acc", {}).get(cell, 0.6) + _acc_jitter(config)
+    if any(cell in outcome.get(f, {}) for f in CURVE_FAMILIES):
+        return _curve_history(config, outcome, acc)
     target = float(config["target_acc"])
     chance = min(0.1, target / 2)
     if cell in outcome.get("steps", {}):
@@ -232,6 +258,20 @@ def history(config: dict, outcome: dict) -> list[dict]:
     else:
         points = [(0, chance), (steps // 2, min((chance + acc) / 2, target - 0.001)), (steps, acc)]
     return [_record(config, step, a) for step, a in points]
+
+
+def _curve_history(config: dict, outcome: dict, acc: float) -> list[dict]:
+    """A curve with the designed instability: `below` evaluations at chance (1/10, under chance + 10 points), then
+    the final accuracy, a dip of `drop` under it (still above chance + 10 points) and the final accuracy again at
+    the last step; every record carries the designed final dead_output_frac and min_class_recall."""
+    cell, steps, jitter = cell_of(config), int(config["steps"]), _acc_jitter(config)
+    def designed(family: str, default: float) -> float:
+        return outcome[family][cell] + jitter if cell in outcome.get(family, {}) else default
+    below = int(round(outcome["below"][cell])) + int(config["seed"]) % 2 if cell in outcome.get("below", {}) else 0
+    drop = designed("drop", 0.0)
+    points = [*((i + 1, 0.1) for i in range(below)), (below + 1, acc), (below + 2, acc - drop), (steps, acc)]
+    extra = {"dead_output_frac": designed("dead", 0.0), "min_class_recall": designed("recall", acc)}
+    return [{**_record(config, step, a), **extra} for step, a in points]
 
 
 def _range_history(config: dict, way: str) -> list[dict]:

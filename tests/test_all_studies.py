@@ -41,14 +41,15 @@ def test_study_runs_at_smoke_scale(ray_session, store, name, monkeypatch, capsys
     assert {c.data.tags["harness.cell"] for c in children} == {t.cell for t in trials}
     assert not (folder / "mlflow.db").exists() and not (folder / "mlruns").exists()  # all went to the server
     if name == "activation_mystery":  # the finder's suggestion became the second arm's max LR, per activation
-        finder = {r.data.params["mlp_activation"]: r.data.metrics["lr_smith"]
-                  for r in _children(uri, "activation_mystery_finder")}
+        finder = {r.data.params["mlp_activation"]: r.data.metrics for r in _children(uri, "activation_mystery_finder")}
         for child in children:
             p = child.data.params
             if p["lr_from_finder"] == "activation_mystery_finder":
-                assert float(p["max_lr"]) == pytest.approx(finder[p["mlp_activation"]])
+                suggested = finder[p["mlp_activation"]][f"lr_{p['lr_suggestion']}"]
+                assert float(p["max_lr"]) == pytest.approx(suggested)
             else:
-                assert float(p["max_lr"]) == 0.001
+                assert {t.config.max_lr for t in trials if t.cell == child.data.tags["harness.cell"]} == \
+                    {float(p["max_lr"])}   # a grid LR, as planned
     if name == "negative_mnist":
         for child in children:
             history = MlflowClient(uri).get_metric_history(child.info.run_id, "dead_output_frac")

@@ -198,7 +198,7 @@ def test_dry_run_without_the_studys_data_falls_back_to_the_files_figure(workdir,
     out = capsys.readouterr().out
     assert "at 50,000 images/s per trial (ASSUMED: configured in the study file (images_per_s), not measured here " \
            "(dataset mnist is not on this machine))" in out
-    assert "4.8 trial-minutes = 4.8 CPU-minutes" in out
+    assert "0.16 trial-hours = 0.16 CPU-hours" in out
 
 
 def test_dry_run_with_no_way_to_know_gives_no_estimate(workdir, capsys, monkeypatch):

@@ -51,7 +51,8 @@ def test_divergence_stops_the_sweep_and_a_tame_sweep_runs_to_the_end():
     assert all(r["smoothed_loss"] <= 4 * best for r in hist[:-1])  # it stopped at the first such step
     assert [m["step"] for m, _ in seen] == [r["step"] for r in hist] and all(s is None for _, s in seen)
     assert 1e-4 <= out["lr_valley"] <= hist[-1]["lr"] and out["lr_smith_base"] == out["lr_smith"] / 10
-    tame = run_trial(TrialConfig.from_dict({**FINDER, "max_lr": 1e-2, "steps": 15, "finder_val": True}))
+    tame = run_trial(TrialConfig.from_dict({**FINDER, "max_lr": 1e-2, "steps": 15, "finder_val": True,
+                                            "val_size": 250}))
     assert tame["finder_stopped_early"] == 0 and tame["steps_run"] == 15
     assert tame["history"][-1]["lr"] == 1e-2 and 0 <= tame["history"][-1]["batch_val_acc"] <= 1
 
@@ -125,8 +126,9 @@ def test_steepest_and_valley_are_read_against_log10_lr():
     per_lr = np.gradient(loss[20:195], lrs[20:195])
     assert got["lr_steepest"] == lrs[20 + np.argmin(per_decade)] == pytest.approx(10 ** -0.5, rel=0.02)
     assert lrs[20 + np.argmin(per_lr)] < 0.2  # against lr itself the answer would be another one
-    # valley: the loss decreases over steps 0..195; halfway in log10(lr) is 10^-1 = 0.1, halfway in steps ~0.5
-    assert got["lr_valley"] == pytest.approx(0.1, rel=0.03)
+    # valley (fastai's): on the trimmed curve (steps 20..194) the loss falls all the way, L = 175 points ending at
+    # trimmed index 174; start = 174 - 175 = -1, s = 175 / 3, suggestion at -1 + int(s) + int(s / 2) = 86
+    assert got["lr_valley"] == lrs[20 + 86] == pytest.approx(0.01 + 0.99 * 106 / 199)
     # Smith's rule: where the accuracy peaks, else where the loss is lowest
     assert got["lr_smith"] == lrs[int(np.argmin(loss))]
     acc = -np.abs(x + 1.5)
@@ -145,7 +147,7 @@ def _rank_main(rank: int, world: int, init_file: str, out: str) -> None:
             return torch.tensor(1.0 if rank == 0 or k < 7 else 1e6)
 
         fake = sweep(model, opt, fake_step, sweep_lrs(1e-3, 1.0, 30), world=world)
-        real = run_trial(TrialConfig.from_dict({**FINDER, "finder_val": True}))
+        real = run_trial(TrialConfig.from_dict({**FINDER, "finder_val": True, "val_size": 250}))
         torch.save({"fake": fake, "real": real["history"], "sugg": real["lr_valley"]}, f"{out}.{rank}")
         dist.barrier()
     finally:
@@ -161,10 +163,15 @@ def test_ddp_ranks_stay_in_lockstep_and_agree_with_one_process(tmp_path):
     clocks = ("train_seconds", "images_per_s")
     timeless = [[{k: v for k, v in r.items() if k not in clocks} for r in x["real"]] for x in (r0, r1)]
     assert timeless[0] == timeless[1] and r0["sugg"] == r1["sugg"]
-    single = run_trial(TrialConfig.from_dict({**FINDER, "finder_val": True}))["history"]
+    single = run_trial(TrialConfig.from_dict({**FINDER, "finder_val": True, "val_size": 250}))["history"]
     assert len(single) == len(r0["real"])
+    # the same losses up to float summation order; past the blow-up (loss 19 -> 339 in four steps) chaos amplifies
+    # that order's rounding (61.82 vs 61.62 measured), so the losses are compared until the loss leaves 10
+    tame = [(a, b) for a, b in zip(single, r0["real"], strict=True) if a["train_loss"] < 10]
+    assert len(tame) >= 20
     for a, b in zip(single, r0["real"], strict=True):
         assert a["lr"] == b["lr"]
+    for a, b in tame:
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
 
 

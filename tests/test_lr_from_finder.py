@@ -13,7 +13,7 @@ from harness.spec import Trial
 from harness.study import lr_from_finder, tracking
 from harness.trial import data
 from harness.trial.loop import run_trial
-from harness.trial.step import dead_output_fraction
+from harness.trial.step import dead_output_fraction, output_health
 
 
 def _finder_store(uri: str, study: str, runs: list[tuple[dict, dict]], scale: str = "quick",
@@ -113,3 +113,15 @@ def test_mlp_trials_report_dead_output_units(tmp_path, monkeypatch):
         model[1].bias.fill_(-100.0)
         model[1].bias[3] = 100.0
     assert dead_output_fraction(model, ds, torch.device("cpu"), 0, 1) == pytest.approx(0.9)
+    # every image is called a 3: the worst class's recall is 0, and the trial logs the recall at every evaluation
+    assert output_health(model, ds, torch.device("cpu"), 0, 1) == (pytest.approx(0.9), 0.0)
+    assert [0 <= r["min_class_recall"] <= 1 for r in out["history"]] == [True, True]
+    # the lowest per-class recall is sklearn's recall_score(average=None).min() on the same predictions
+    from sklearn.metrics import recall_score
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    _, worst = output_health(net, ds, torch.device("cpu"), 0, 1)
+    with torch.no_grad():
+        pred = torch.cat([net(x).argmax(1) for x, _ in data.test_batches(ds, 100)])
+    truth = torch.cat([y for _, y in data.test_batches(ds, 100)])
+    assert worst == pytest.approx(recall_score(truth, pred, average=None, labels=range(10), zero_division=0).min())

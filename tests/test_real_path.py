@@ -87,7 +87,13 @@ def decisive(c: plan.Comparison) -> bool:
 
 
 def expected(c: plan.Comparison, way: str) -> tuple[str, str]:
-    """(verdict word the statistics give, observed direction) for runs made to come out `way`."""
+    """(verdict word the statistics give, observed direction) for runs made to come out `way`; a control's
+    claimed runs have equal arms, its flipped runs arm a better in every unit."""
+    if c.expect == "no_difference":
+        if way == "claimed":
+            return "inconclusive", "no difference"
+        word = "supported" if decisive(c) else "inconclusive"
+        return word, f"{c.a.words} better" if c.kind == "two_arm" else "same as the claim"
     word = ("supported" if way == "claimed" else "contradicted") if decisive(c) else "inconclusive"
     if c.kind == "non_inferior":
         return word, "within the margin" if way == "claimed" else "worse than the margin"
@@ -108,8 +114,13 @@ def problems(written: store.Written, ev: claims.Evaluation) -> list[str]:
             out.append(f"{at}: observed should be '{observed}'")
         if v.would_be != word:
             out.append(f"{at}: should be {word}")
+        held = "" if not c.expect else "not tested" if min(c.n_a, c.n_b) < 2 else \
+            "held" if written.way == "claimed" else "failed"
+        if v.expectation != held:
+            out.append(f"{at}: the control's expectation should be '{held}', got '{v.expectation}'")
+        control = f"; control, no difference expected: expectation {v.expectation}" if v.expectation else ""
         if written.scale == "smoke" and (v.verdict, v.verdict_text) != (
-                "pipeline check", f"pipeline check (smoke scale): would be {v.would_be}"):
+                "pipeline check", f"pipeline check (smoke scale): would be {v.would_be}{control}"):
             out.append(f"{at}: a smoke-scale verdict is a pipeline check only")
         if written.scale != "smoke" and v.verdict != v.would_be:
             out.append(f"{at}: the verdict is not the statistics' ({v.would_be})")
@@ -191,8 +202,9 @@ def test_with_enough_seeds_the_same_plans_reach_supported_and_contradicted(uri, 
         res = load_study(study, uri, run=written.parent, curves=written.needs_curves)
         ev = claims.verdicts(res)
         assert_as_designed(written, ev)
-        want = "supported" if way == "claimed" else "contradicted"
-        assert [v.verdict for v in ev.verdicts] == [want] * len(written.comparisons)
+        assert [v.verdict for v in ev.verdicts] == [expected(c, way)[0] for c in written.comparisons]
+        assert {v.verdict for v in ev.verdicts if not v.expectation} == \
+            {"supported" if way == "claimed" else "contradicted"}
 
 
 def test_over_http_through_a_real_mlflow_server(tmp_path):

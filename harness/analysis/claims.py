@@ -42,6 +42,11 @@ Non-inferiority (kind non_inferior, a declared margin in the metric's unit): sup
 the evidence for "A better than B" (the 95% CI at n >= MIN_N; below, the worst per-seed difference) is above
 -margin; contradicted when its upper bound is below -margin (A clearly worse by more than the margin); else
 inconclusive. Below MIN_N this is a description of the seeds at hand, not a confidence statement, and is labelled.
+Controls (`expect: no_difference`): the verdict above is computed as for any comparison, and `expectation` adds
+whether the control held: failed when that verdict is supported or contradicted or when every per-seed difference
+(interaction: contrast) is non-zero with one sign, held otherwise, not tested below 2 units (harness/plan.py).
+Metrics read from the curves (max_acc_drop, evals_below_chance, dead_output_frac, min_class_recall) are per-run
+numbers (harness.analysis.results.curve_outcomes) and go through the same rule as accuracies.
 A smoke-scale study never yields more than "pipeline check (smoke scale): would be <verdict>".
 """
 
@@ -70,7 +75,9 @@ BOOTSTRAP = 2000
 SCALE_ORDER = ("smoke", "quick", "paper")
 STRENGTH = {"smoke": "none: pipeline check only", "quick": "indicative: reduced setup",
             "paper": "full: the paper's setup"}
-COLUMN = {"final_acc": "outcome_acc", "steps_to_target": "steps_to_target_eff"}   # metric -> trials column it reads
+COLUMN = {"final_acc": "outcome_acc", "steps_to_target": "steps_to_target_eff",   # metric -> trials column it reads
+          "max_acc_drop": "max_acc_drop", "evals_below_chance": "evals_below_chance",  # these four: from the curves
+          "dead_output_frac": "final_dead_output_frac", "min_class_recall": "final_min_class_recall"}
 EQUAL_TIME = 0.10   # equal_time comparisons: arms whose median training seconds differ by more got unequal time
 DECISION_RULE = (  # the rule of the module docstring in one paragraph, for the report's method section
     f"Decision rule: for each comparison, the difference of medians (arm A - arm B). With at least {MIN_N} units "
@@ -85,8 +92,9 @@ DECISION_RULE = (  # the rule of the module docstring in one paragraph, for the 
     f"Spearman's rho in the claimed direction (computed on {MIN_LEVELS} or more levels only). Non-inferiority "
     f"(A not worse than B by more than a declared margin): supported when the worse end of the interval (below "
     f"{MIN_N} units: the worst per-seed difference) is within the margin, contradicted when the better end is "
-    f"beyond it. Diverged trials count with their real final accuracy; errored trials are excluded and listed. A "
-    f"smoke-scale study only checks the pipeline.")
+    f"beyond it. A control (no difference expected) failed when the rule finds a difference or every per-seed "
+    f"difference has the same sign, and held otherwise. Diverged trials count with their real final accuracy; "
+    f"errored trials are excluded and listed. A smoke-scale study only checks the pipeline.")
 # SC3, the LR range test's rule. "Stays accurate" = the smoothed test accuracy at the high-LR end of the ramp is at
 # most RANGE_DROP below the accuracy at the reference LRs. Every window is a fraction of the ramp's top LR (3 in the
 # paper), so the rule reads a 5k, 20k or 100k ramp alike:
@@ -231,6 +239,8 @@ class Verdict:
     planned: str = ""               # the pre-registered line of this comparison
     tuning: str = ""                # how the LR tuning budget was used, and what it selected
     comparison_words: str = ""      # the comparison in words, e.g. "batch 1000 vs batch 125"
+    expectation: str = ""           # a control (expect: no_difference): held | failed | not tested; "" for a claim
+    expectation_why: str = ""       # ... and why, by the rule of harness/plan.py
     cells: list = dc_field(default_factory=list)
     run_ids: list = dc_field(default_factory=list)
 
@@ -487,6 +497,24 @@ def decide_non_inferior(lo: float, hi: float, margin: float, direction: int, ns:
                            f"other end, {_fmt_diff(metric, direction * best)}, within it"
 
 
+def expectation(c: Comparison, verdict: str, d, label: str, ns: list[int]) -> tuple[str, str]:
+    """A control's expectation (`expect: no_difference`, the rule of harness/plan.py): (held | failed | not tested,
+    why), from the decision rule's `verdict` and `d`, the per-seed differences (or contrasts) that `label` names;
+    ("", "") for a comparison that is not a control."""
+    if c.expect != "no_difference":
+        return "", ""
+    if min(ns) < 2:
+        return "not tested", f"fewer than 2 units in an arm (n = {' vs '.join(map(str, ns))})"
+    if verdict in ("supported", "contradicted"):
+        return "failed", f"the decision rule finds a difference ({verdict})"
+    d = np.asarray(d, dtype=float)
+    if len(d) and (np.all(d > 0) or np.all(d < 0)):
+        return "failed", (f"every one of the {label} has the same sign, from {_fmt_diff(c.metric, float(d.min()))} "
+                          f"to {_fmt_diff(c.metric, float(d.max()))}")
+    return "held", (f"no difference found: the decision rule finds none and the {label} do not all have one sign "
+                    f"(which does not show that the arms are equal)")
+
+
 def observed_direction(diff: float, direction: int) -> str:
     if not np.isfinite(diff) and np.isnan(diff):
         return "no value"
@@ -542,7 +570,7 @@ def select_lr_scale(rows: pd.DataFrame, tuning: str) -> tuple[pd.DataFrame, list
 
 # ------------------------------------------------------------------------------------------------ evaluation
 def _fmt_value(metric: str, v: float) -> str:
-    if metric in ("final_acc", "range_drop"):
+    if metric in plans.FRACTIONS:
         return "n/a" if not np.isfinite(v) else f"{100 * v:.2f}%"
     if v == math.inf:
         return "never"
@@ -550,7 +578,7 @@ def _fmt_value(metric: str, v: float) -> str:
 
 
 def _fmt_diff(metric: str, v: float) -> str:
-    if metric in ("final_acc", "range_drop"):
+    if metric in plans.FRACTIONS:
         return f"{100 * v:+.2f} pp"
     if not np.isfinite(v):
         return "+inf" if v > 0 else "-inf"
@@ -558,7 +586,7 @@ def _fmt_diff(metric: str, v: float) -> str:
 
 
 def _fmt_margin(metric: str, margin: float) -> str:
-    if metric in ("final_acc", "range_drop"):
+    if metric in plans.FRACTIONS:
         return f"{100 * margin:.2f} pp"
     return f"{margin:,.0f} steps" if metric == "steps_to_target" else f"{margin:g}"
 
@@ -587,6 +615,8 @@ def _verdict(c: Comparison, scale: str, used: pd.DataFrame, verdict: str, reason
     shown, text = verdict, verdict
     if scale == "smoke":
         shown, text = "pipeline check", f"pipeline check (smoke scale): would be {verdict}"
+    if kw.get("expectation"):
+        text += f"; control, no difference expected: expectation {kw['expectation']}"
     n_a, n_b = kw.get("n_a", 0), kw.get("n_b", 0)
     bits = [f"{scale} scale ({STRENGTH.get(scale, scale)})", f"n = {n_a} vs {n_b} (planned {c.n_a} vs {c.n_b})",
             c.tuning_text]
@@ -607,6 +637,8 @@ def _verdict(c: Comparison, scale: str, used: pd.DataFrame, verdict: str, reason
         bits.append(f"non-inferiority margin {_fmt_margin(c.metric, c.margin)}")
     if _outcome_counts(used):
         bits.append(_outcome_counts(used))
+    if kw.get("expectation"):
+        bits.append(f"control, no difference expected: expectation {kw['expectation']} ({kw['expectation_why']})")
     if c.note:
         bits.append(c.note)
     return Verdict(claim_id=c.claim, comparison=c.title, comparison_words=c.words, statement=claim.statement,
@@ -633,7 +665,8 @@ def _two_groups(c: Comparison, scale: str, ra: pd.DataFrame, rb: pd.DataFrame, c
     ra, rb = ra[ra[col].astype(float).notna()], rb[rb[col].astype(float).notna()]   # the units with a value
     va, vb = ra[col].astype(float).to_numpy(), rb[col].astype(float).to_numpy()
     if not len(va) or not len(vb):
-        return _verdict(c, scale, used, "inconclusive", "an arm has no value of the metric", a_label=c.a.label,
+        return _verdict(c, scale, used, "inconclusive", "an arm has no value of the metric",
+                        measured=f"{c.metric_label}: no value in an arm (not logged by its runs)", a_label=c.a.label,
                         b_label=c.b.label, n_a=len(va), n_b=len(vb), median_a=math.nan, median_b=math.nan,
                         diff=math.nan, observed="no value", tuning=tuning, plot_x=c.field)
     ns = [len(va), len(vb)]
@@ -642,6 +675,9 @@ def _two_groups(c: Comparison, scale: str, ra: pd.DataFrame, rb: pd.DataFrame, c
     inferior = c.kind == "non_inferior"
     observed = observed_direction(diff, c.direction) if not inferior else \
         "within the margin" if c.direction * diff > -c.margin else "worse than the margin"
+    if c.expect:   # a control claims no direction: name the arm that came out better
+        observed = {"same as the claim": f"{c.a.words} better", "opposite to the claim": f"{c.b.words} better"}.get(
+            observed, observed)
     seed = _seed(c.claim, c.title, c.metric)
     head = (f"{c.metric_label}: {c.a.words} {_fmt_value(c.metric, ma)} vs {c.b.words} "
             f"{_fmt_value(c.metric, mb)}")
@@ -679,6 +715,9 @@ def _two_groups(c: Comparison, scale: str, ra: pd.DataFrame, rb: pd.DataFrame, c
         measured = f"{head} (medians, diff {_fmt_diff(c.metric, diff)}: {observed}); per seed {per_seed}"
     if not np.isnan(rho[0]) and verdict == "supported" and rho[0] * c.direction <= 0:
         verdict, reason = "inconclusive", "the extremes differ as claimed but the Spearman trend does not agree"
+    if c.expect:
+        d, label = seed_differences(ra, rb, col) if min(ns) >= 2 else (np.array([]), "")
+        stats_kw.update(zip(("expectation", "expectation_why"), expectation(c, verdict, d, label, ns), strict=True))
     return _verdict(c, scale, used, verdict, reason, notes=notes, measured=measured + extra, a_label=c.a.label,
                     b_label=c.b.label, n_a=len(va), n_b=len(vb), median_a=ma, median_b=mb, diff=diff,
                     observed=observed, per_seed=per_seed, rho=rho[0], rho_p=rho[1], tuning=tuning,
@@ -698,6 +737,8 @@ def _eval_comparison(c: Comparison, df: pd.DataFrame, scale: str, curves: pd.Dat
     arms = {"a": _match(pool, c.a.match), "b": _match(pool, c.b.match)}
     if c.kind == "best_level":
         arms = {k: _best_level_rows(rows, c) for k, rows in arms.items()}
+    elif c.at_best:
+        arms = {k: rows_at_best(rows, c.at_best, c.at_best_on) for k, rows in arms.items()}
     selected, notes = {}, []
     for k, rows in arms.items():
         selected[k], lines = select_lr_scale(rows, c.tuning)
@@ -723,6 +764,9 @@ def _eval_comparison(c: Comparison, df: pd.DataFrame, scale: str, curves: pd.Dat
             for k, v in sorted(med.items(), key=lambda kv: level_value(json.loads(kv[0]))))
     if c.kind == "best_level":
         extra += f"; levels {', '.join(fmt(c.field, v) for v in c.levels)}"
+    if c.at_best:
+        extra += f"; at each arm's best {c.at_best} ({c.at_best_on} data): " + " vs ".join(
+            fmt(c.at_best, r[c.at_best].iloc[0]) for r in (ra, rb))
     return _two_groups(c, scale, ra, rb, col, used, extra=extra, rho=rho, tuning=tuning, notes=notes)
 
 
@@ -749,6 +793,16 @@ def _best_level_rows(rows: pd.DataFrame, c: Comparison) -> pd.DataFrame:
         return rows
     med = rows.groupby(rows[c.field].map(key))["outcome_acc"].median()
     return rows[rows[c.field].map(key) == med.idxmax()]
+
+
+def rows_at_best(rows: pd.DataFrame, field: str, on: str) -> pd.DataFrame:
+    """at_best: the arm's rows at its value of `field` with the best median final accuracy, on validation
+    (`on` "validation") or on the test accuracy itself ("test")."""
+    if rows.empty:
+        return rows
+    col = "final_val_acc" if on == "validation" else "outcome_acc"
+    med = rows.groupby(rows[field].map(key))[col].median()
+    return rows[rows[field].map(key) == med.idxmax()]
 
 
 def _eval_interaction(c: Comparison, pool: pd.DataFrame, scale: str) -> Verdict | str:
@@ -802,6 +856,9 @@ def _eval_interaction(c: Comparison, pool: pd.DataFrame, scale: str) -> Verdict 
                                                     used, strict=True))
     if min(ns) < MIN_N:
         measured += f"; per seed {per_seed}"
+    if c.expect:
+        d, label, _ = _contrasts(used, col) if min(ns) >= 2 else (np.array([]), "", False)
+        kw.update(zip(("expectation", "expectation_why"), expectation(c, verdict, d, label, ns), strict=True))
     return _verdict(c, scale, used_df, verdict, reason, measured=measured, a_label=f"under {c.by}={c.by_a[0]}",
                     b_label=f"under {c.by}={c.by_b[0]}", n_a=min(ns[:2]), n_b=min(ns[2:]), median_a=meds[0] - meds[1],
                     median_b=meds[2] - meds[3], diff=diff, observed=observed, per_seed=per_seed, plot_x=c.field,
@@ -998,6 +1055,9 @@ def plan_verdicts(comparisons: list[Comparison], trials: pd.DataFrame, curves: p
                   scale: str | None = None, claim_ids: list[str] | None = None) -> Evaluation:
     """Verdicts for exactly these (pre-registered) comparisons on these trials."""
     use, scale, excluded = usable_trials(trials, scale)
+    if any(COLUMN.get(c.metric) not in use.columns for c in comparisons if c.metric in COLUMN):
+        from harness.analysis.results import curve_outcomes
+        use = curve_outcomes(use, curves)   # the curve metrics of trials not loaded by load_study (tests' frames)
     verdicts, not_tested = [], []
     for c in comparisons:
         if use.empty:

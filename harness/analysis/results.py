@@ -20,7 +20,9 @@ through `names.title`, as the run's name in MLflow does. A summary metric whose 
 Derived columns of `trials`: `outcome_acc` (final_acc; for a diverged run without final_acc its last
 test_acc), `steps_to_target_eff` (steps_to_target, or +inf when the target was missed or the run diverged:
 AlgoPerf's convention), `train_seconds` (cumulative training time at the end), `images` (steps_run x
-batch_size), `scale`, `trial_key`, `parent_run_id`, `error`, `superseded` (False: duplicates are dropped).
+batch_size), `scale`, `trial_key`, `parent_run_id`, `error`, `superseded` (False: duplicates are dropped), and
+from each run's curve (`curve_outcomes`; NaN without curves): `max_acc_drop`, `evals_below_chance`,
+`final_dead_output_frac`, `final_min_class_recall` (the plan's metrics of the same names, harness/plan.py).
 
 The one writer, `log_report`, attaches a finished report to its study (parent) run: files under one artifact
 folder, the verdicts as tags (`harness.report` decides what; this module only talks to MLflow).
@@ -53,7 +55,9 @@ from harness import names
 from harness.config import FIELDS, TrialConfig
 from harness.names import resolve_tracking_uri
 
-CURVE_METRICS = names.EVAL_METRICS
+CURVE_METRICS = (*names.EVAL_METRICS, "dead_output_frac", "min_class_recall")  # the last two: MLPs (negative_mnist)
+CURVE_OUTCOMES = ("max_acc_drop", "evals_below_chance", "final_dead_output_frac", "final_min_class_recall")
+ABOVE_CHANCE = 0.10     # evals_below_chance counts evaluations below chance (1 / classes) + this
 SUMMARY_METRICS = names.SUMMARY_METRICS
 STATUSES = (*names.TRIAL_STATUSES, "running")
 SCALES = ("smoke", "quick", "paper")
@@ -356,7 +360,47 @@ def _add_curve_fallbacks(df: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame
     steps = df["steps_run"].astype(float).fillna(df["steps"].astype(float))
     df["steps_done"] = steps
     df["images"] = steps * df["batch_size"].astype(float)
+    return curve_outcomes(df, curves)
+
+
+def curve_outcomes(trials: pd.DataFrame, curves: pd.DataFrame | None) -> pd.DataFrame:
+    """`trials` with the columns CURVE_OUTCOMES, each read from the run's evaluations in `curves` (the logged
+    test-accuracy curve as the store returns it; NaN for a run without one):
+      max_acc_drop            the largest fall of test accuracy from one evaluation to the next (0: it never fell);
+      evals_below_chance      evaluations with test accuracy below 1 / classes + ABOVE_CHANCE, every evaluation
+                              counted; a diverged run also counts each planned evaluation after it stopped;
+      final_dead_output_frac  the last logged dead_output_frac (output units <= 0 for every test image);
+      final_min_class_recall  the last logged min_class_recall (the worst class's test recall)."""
+    from harness.config import NUM_CLASSES
+    df = trials.copy()
+    for col in CURVE_OUTCOMES:
+        df[col] = np.nan
+    if curves is None or curves.empty or "test_acc" not in curves or df.empty:
+        return df
+    cv = curves[curves["run_id"].isin(set(df["run_id"]))].sort_values(["run_id", "step"])
+    acc = cv.assign(test_acc=pd.to_numeric(cv["test_acc"], errors="coerce")).dropna(subset=["test_acc"])
+    runs = acc.groupby("run_id")
+    info = df.set_index("run_id")
+    drops = (-runs["test_acc"].diff()).groupby(acc["run_id"]).max().fillna(0.0)
+    df["max_acc_drop"] = df["run_id"].map(drops.clip(lower=0.0) + 0.0)   # + 0.0: no -0.0 in the tables
+    chance = 1.0 / info["dataset"].map(NUM_CLASSES).astype(float)
+    below = (acc["test_acc"] < acc["run_id"].map(chance + ABOVE_CHANCE)).groupby(acc["run_id"]).sum()
+    if "status" in info:
+        last = runs["step"].max()
+        below = below + pd.Series({rid: _evaluations_after(info.loc[rid], int(step)) if info.at[rid, "status"] ==
+                                   "diverged" else 0 for rid, step in last.items()}, dtype=float)
+    df["evals_below_chance"] = df["run_id"].map(below.astype(float))
+    for metric, col in (("dead_output_frac", "final_dead_output_frac"), ("min_class_recall", "final_min_class_recall")):
+        if metric in cv:
+            values = cv.assign(v=pd.to_numeric(cv[metric], errors="coerce")).dropna(subset=["v"])
+            df[col] = df["run_id"].map(values.groupby("run_id")["v"].last())
     return df
+
+
+def _evaluations_after(config: pd.Series, step: int) -> int:
+    """How many of the trial's planned evaluations (every eval_every steps, and the last step) come after `step`."""
+    steps, every = int(config["steps"]), int(config["eval_every"])
+    return max(0, steps // every - step // every) + int(steps % every != 0 and steps > step)
 
 
 # ------------------------------------------------------------------------------------------------ curves

@@ -47,6 +47,8 @@ from harness import REPO_ROOT, names
 from harness.analysis import claims as claims_mod
 from harness.analysis.results import RUN_CHOICES, StudyError, StudyResults, load_study, log_report, schedule_curves
 from harness.report import setup as rsetup
+from harness.report import shape
+from harness.report.best_lr import BestLrSection, best_lr_section, markdown_section, pdf_section
 
 DECISION_RULE = claims_mod.DECISION_RULE  # one statement of the rule: the verdicts' own module
 VERDICT_COLORS = {"supported": "#1a7f37", "contradicted": "#b42318", "inconclusive": "#8a6d00",
@@ -279,6 +281,7 @@ class Tables:
     deviations: list[str]
     deviations_source: str
     this_run: str
+    best_lr: BestLrSection | None = None   # the plan's analysis.best_lr (harness.report.best_lr)
 
     @classmethod
     def build(cls, res: StudyResults, ev: claims_mod.Evaluation, logged: dict | None = None) -> Tables:
@@ -303,7 +306,17 @@ class Tables:
                    paper_vs_run=rsetup.paper_vs_run(paper.configs, run, logged, paper.spec,
                                                     int(workers.iloc[0]) if len(workers) else None, paper_workers),
                    paper_source=paper.source, deviations=devs, deviations_source=dev_source,
-                   this_run=rsetup.this_run(t, ev.scale, run))
+                   this_run=rsetup.this_run(t, ev.scale, run),
+                   best_lr=best_lr_section(res, (logged or _study_file(res.study)).get("analysis"), ev.scale))
+
+
+def _study_file(study: str) -> dict:
+    """The study file, for runs whose parent logged no spec; {} when there is none."""
+    from harness import spec as specs
+    try:
+        return specs.load_spec(study)
+    except specs.SpecError:
+        return {}
 
 
 def curves_frame(res: StudyResults) -> pd.DataFrame:
@@ -481,8 +494,10 @@ def write_pdf(path: Path, res: StudyResults, ev: claims_mod.Evaluation, tables: 
                  metadata={"Title": f"Study {res.study}: verdicts on the super-convergence claims"}) as pdf:
         _pdf_front_page(pdf, res, ev, tables)
         shown_cells = _pdf_claim_sections(pdf, ev, tables, t, res.curves, refs)
+        if tables.best_lr is not None:
+            pdf_section(pdf, tables.best_lr, FONT)
         _pdf_training_curves(pdf, t, res.curves)
-        _pdf_outcomes(pdf, t, res.curves, refs)
+        _pdf_outcomes(pdf, t, res.curves, refs, res.study)
         _pdf_tables(pdf, res, tables, shown_cells)
     return pdf.pages, pdf.min_font
 
@@ -506,9 +521,9 @@ def _pdf_front_page(pdf, res: StudyResults, ev: claims_mod.Evaluation, tables: T
         if text:
             pdf.paragraph(text, size=FONT)
     pdf.heading("The paper's setup vs this run", size=11)
-    pdf.paragraph(f"Paper column: {tables.paper_source}. This run: the trials' typed configs.", size=FONT,
-                  color="0.3")
-    pdf.table(["setting", "paper", f"this run ({ev.scale} scale)"], tables.paper_vs_run, widths=[1.5, 4.6, 4.6],
+    pdf.paragraph(f"Paper-scale column: {tables.paper_source}. {rsetup.PAPER_SOURCE} This run: the trials' typed "
+                  "configs.", size=FONT, color="0.3")
+    pdf.table(rsetup.columns(ev.scale), tables.paper_vs_run, widths=rsetup.WIDTHS,
               size=FONT)
     pdf.paragraph(f"Deviations of the {ev.scale} scale from the authors' setup ({tables.deviations_source}):",
                   size=FONT, color="0.2")
@@ -555,12 +570,13 @@ def _pdf_training_curves(pdf, t: pd.DataFrame, curves: pd.DataFrame) -> None:
                   "on three x-axes (epochs = images seen / training images; seconds = cumulative training time "
                   "without evaluation). Every point is in the curves CSV beside this PDF.", size=FONT)
     pdf.figure(lambda fig, rect: figs.draw_training_curves(fig, rect, t, curves), height=4.5)
-    pdf.heading("Learning rate and momentum at every step (from the trial config)", size=11, keep_with=2.0)
     sched = schedule_curves(t)
-    pdf.figure(lambda fig, rect: figs.draw_schedules(fig, rect, t, sched), height=2.5)
+    if figs.schedule_panels(t, sched):   # no panel that shows one constant in every cell
+        pdf.heading("Learning rate and momentum at every step (from the trial config)", size=11, keep_with=2.0)
+        pdf.figure(lambda fig, rect: figs.draw_schedules(fig, rect, t, sched), height=2.5)
 
 
-def _pdf_outcomes(pdf, t: pd.DataFrame, curves: pd.DataFrame, refs) -> None:
+def _pdf_outcomes(pdf, t: pd.DataFrame, curves: pd.DataFrame, refs, study: str) -> None:
     """Outcomes (final accuracy vs batch, steps to target), accuracy per schedule with the authors' logs, and the
     LR range tests if any."""
     from harness.report import figures as figs
@@ -568,18 +584,22 @@ def _pdf_outcomes(pdf, t: pd.DataFrame, curves: pd.DataFrame, refs) -> None:
     pdf.section(min_room=4.0)
     pdf.heading("Final accuracy vs total batch size; steps to target", size=12)
 
-    def outcome_panels(fig, rect):
-        ax1, ax2 = figs._axes(fig, rect, ncols=2, wspace=0.75)
-        figs.draw_final_vs_batch(ax1, t[t["status"].isin(["completed", "diverged"])])
-        figs.draw_steps_to_target(ax2, t[t["status"].isin(["completed", "diverged"])])
-
-    pdf.figure(outcome_panels, height=3.0)
+    done = t[t["status"].isin(["completed", "diverged"])]
+    pdf.figure(lambda fig, rect: figs.draw_outcomes(fig, rect, done), height=3.0)
     n_sched = max(1, len([s for s in t.get("schedule", pd.Series(["all"])).unique() if s != "range_test"]))
     pdf.heading("Test accuracy vs iteration, per schedule, with the authors' logs", size=12, keep_with=3.0)
-    pdf.paragraph("Dashed: the authors' Caffe log with the same setup (dataset, model, schedule, total batch, "
+    pdf.paragraph("Thick pale line: the authors' Caffe log with the same setup (dataset, model, schedule, total batch, "
                   "peak LR, steps), when there is one.", size=FONT)
     pdf.figure(lambda fig, rect: figs.draw_accuracy_by_schedule(fig, rect, t, curves, refs),
                height=min(6.6, 3.3 * ((n_sched + 1) // 2)))
+    logs = {} if refs else shape.authors_logs_by_schedule(study)
+    if logs and "schedule" in t and t["schedule"].isin(list(logs)).any():
+        pdf.heading("The schedules' shape beside the authors' logs", size=12, keep_with=3.0)
+        pdf.paragraph("No authors' log has this scale's setup, so the curves are drawn on each run's own clock: "
+                      "test accuracy against the fraction of the run's iterations. Ours: median over seeds, "
+                      "band min-max; thick pale lines: the authors' Caffe logs that this study's paper scale "
+                      "matches.", size=FONT)
+        pdf.figure(lambda fig, rect: shape.draw_shapes(fig, rect, t, curves, logs), height=3.3)
     if "schedule" in t and (t["schedule"] == "range_test").any():
         pdf.heading("LR range tests", size=12, keep_with=4.0)
         pdf.figure(lambda fig, rect: figs.draw_range_tests(figs._axes(fig, rect)[0], t, curves), height=4.0)
@@ -632,8 +652,9 @@ def markdown(res: StudyResults, ev: claims_mod.Evaluation, tables: Tables, file_
     for text in (_not_tested_text(ev), _excluded_text(ev)):
         if text:
             out += [text, ""]
-    out += ["## The paper's setup vs this run", "", f"Paper column: {tables.paper_source}.", "",
-            _md_table(["setting", "paper", f"this run ({ev.scale} scale)"], tables.paper_vs_run), "",
+    out += ["## The paper's setup vs this run", "",
+            f"Paper-scale column: {tables.paper_source}. {rsetup.PAPER_SOURCE}", "",
+            _md_table(rsetup.columns(ev.scale), tables.paper_vs_run), "",
             f"Deviations of the {ev.scale} scale from the authors' setup ({tables.deviations_source}):", ""]
     out += [f"- {d}" for d in tables.deviations or ["none declared"]] + ["", DECISION_RULE, ""]
     out += ["## Setup and provenance", "", _md_table(["", ""], tables.setup), ""]
@@ -649,6 +670,8 @@ def markdown(res: StudyResults, ev: claims_mod.Evaluation, tables: Tables, file_
         cells = _claim_cells(tables.cells, vs)
         shown |= set(cells["cell"])
         out += [_md_table(CELL_COLUMNS, _cell_rows(cells)), ""]
+    if tables.best_lr is not None:
+        out += markdown_section(tables.best_lr, _md_table)
     if set(tables.cells["cell"]) - shown:
         out += ["## All cells", "", _md_table(CELL_COLUMNS, _cell_rows(tables.cells)), ""]
     out += ["## Appendix: every trial", "", _md_table(TRIAL_COLUMNS, _trial_rows(res.trials)), ""]

@@ -4,6 +4,7 @@ the frames of harness.analysis.results (trials, curves) and the authors' referen
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -13,10 +14,16 @@ from matplotlib.figure import Figure
 from harness import names
 from harness.analysis import caffe_logs
 from harness.analysis.claims import sorted_levels
+from harness.config import TrialConfig
+from harness.report.pdf import text_width
 
-PALETTE = sns.color_palette("colorblind", 10)
+# Okabe-Ito, ordered so that any first k colours stay far apart (CIE76 distance; tests/test_pages.py checks it)
+PALETTE = sns.color_palette(["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#000000", "#D55E00", "#999999",
+                             "#882255"])
+STYLES = ("-", "--", ":", "-.")   # line styles of the second factor (`encode`)
 MAX_LINES = 10   # curves per panel; more cells are summarised in the legend
 LEGEND_W = 0.2   # fraction of a figure block's width kept for a shared legend at its right
+ALWAYS_SAME = ("seed", "lr_scale", "config")   # differ between a cell's trials, not between cells
 
 
 def cell_words(trials: pd.DataFrame, cell: str) -> str:
@@ -57,6 +64,72 @@ def _axes(fig: Figure, rect, ncols: int = 1, nrows: int = 1, wspace: float = 0.2
 
 def _colors(keys) -> dict:
     return {k: PALETTE[i % len(PALETTE)] for i, k in enumerate(keys)}
+
+
+# ------------------------------------------------------------------------------------------------ what varies
+def _key(v) -> str:
+    return repr(v.tolist() if hasattr(v, "tolist") else v)
+
+
+def varied_fields(trials: pd.DataFrame) -> list[str]:
+    """The config fields whose value differs between the cells (and is one value within each cell): one field per
+    group of fields that vary together (batch size with its paired LR and steps: the first in names.TITLE_ORDER)."""
+    fields = [f for f in TrialConfig.model_fields if f in trials.columns and f not in ALWAYS_SAME]
+    per_cell = trials.groupby("cell", sort=False)
+    found: dict[tuple, str] = {}
+    for f in sorted(fields, key=lambda f: names.TITLE_ORDER.index(f) if f in names.TITLE_ORDER else 99):
+        keys = per_cell[f].agg(lambda s: tuple(dict.fromkeys(map(_key, s))))
+        if keys.map(len).max() != 1 or keys.nunique() < 2:
+            continue
+        partition = tuple(pd.factorize(keys.map(lambda k: k[0]))[0])
+        found.setdefault(partition, f)
+    return list(found.values())
+
+
+def pooled(trials: pd.DataFrame, fields) -> bool:
+    """True when a group of trials with the same values of `fields` holds more than one cell: a median over it
+    would pool cells that differ in some other varied field."""
+    fields = [f for f in fields if f and f in trials.columns]
+    if trials.empty:
+        return False
+    keys = trials[fields].map(_key) if fields else pd.DataFrame(index=trials.index)
+    groups = trials.groupby([keys[f] for f in fields], sort=False) if fields else [(None, trials)]
+    return any(g["cell"].nunique() > 1 for _, g in groups)
+
+
+def carries(values) -> bool:
+    """A curve panel carries something unless its values are one constant in every cell (a constant LR, a
+    momentum of zero)."""
+    v = pd.to_numeric(pd.Series(values), errors="coerce").dropna()
+    return len(v) > 0 and not np.isclose(v.min(), v.max(), rtol=1e-9, atol=1e-12)
+
+
+@dataclass
+class Encoding:
+    """Colour and line style per cell: colour on one varied field (or the combination of several), line style on
+    another, or on the same one when only one field varies, so that every factor has two cues."""
+    color: dict
+    style: dict
+    hue: str
+    dash: str
+
+
+def encode(trials: pd.DataFrame, cells: list[str]) -> Encoding:
+    rows = trials[trials["cell"].isin(cells)]
+    first = rows.groupby("cell", sort=False).first()
+    varied = varied_fields(rows)
+    levels = {f: list(dict.fromkeys(_key(first.loc[c, f]) for c in cells if c in first.index)) for f in varied}
+    few = [f for f in varied if len(levels[f]) <= len(STYLES)]
+    dash = min(few, key=lambda f: len(levels[f])) if len(varied) > 1 and few else (varied[0] if varied else "")
+    hues = [f for f in varied if f != dash] or ([dash] if dash else [])
+
+    def hue_key(c):
+        return tuple(_key(first.loc[c, f]) for f in hues) if hues and c in first.index else c
+
+    color = _colors(list(dict.fromkeys(hue_key(c) for c in cells)))
+    style = {c: STYLES[levels[dash].index(_key(first.loc[c, dash])) % len(STYLES)] if dash and c in first.index
+             else STYLES[0] for c in cells}
+    return Encoding({c: color[hue_key(c)] for c in cells}, style, " + ".join(hues), dash)
 
 
 def _label(v) -> str:
@@ -107,8 +180,10 @@ def _band(curves: pd.DataFrame, run_ids, x: str, y: str) -> pd.DataFrame:
 
 def draw_curves(ax, trials: pd.DataFrame, curves: pd.DataFrame, cells: list[str], refs: dict, y: str = "test_acc",
                 title: str = "") -> None:
-    """Median over seeds (line) and min-max band per cell; the authors' matching curves dashed."""
-    colors = _colors(cells)
+    """Median over seeds (line) and min-max band per cell (colour and line style: `encode`); the authors' matching
+    curves as thick pale lines in the cell's colour."""
+    enc = encode(trials, cells[:MAX_LINES])
+    colors = enc.color
     drawn = 0
     for cell in cells[:MAX_LINES]:
         ids = trials.loc[trials["cell"] == cell, "run_id"]
@@ -117,14 +192,14 @@ def draw_curves(ax, trials: pd.DataFrame, curves: pd.DataFrame, cells: list[str]
             continue
         scale = 100 if y == "test_acc" else 1
         n = trials.loc[trials["cell"] == cell, "run_id"].nunique()
-        ax.plot(b["step"], b["median"] * scale, color=colors[cell], lw=1.2,
+        ax.plot(b["step"], b["median"] * scale, color=colors[cell], lw=1.2, ls=enc.style[cell],
                 label=f"{cell_words(trials, cell)} (n={n})")
         if n > 1:
             ax.fill_between(b["step"], b["lo"] * scale, b["hi"] * scale, color=colors[cell], alpha=0.2, lw=0)
         drawn += 1
         for name in refs.get(cell, []) if y == "test_acc" else []:
             ref = caffe_logs.load_curve(name)
-            ax.plot(ref["iteration"], ref["test_acc"] * 100, color=colors[cell], lw=0.8, ls="--",
+            ax.plot(ref["iteration"], ref["test_acc"] * 100, color=colors[cell], lw=3, alpha=0.3,
                     label=f"authors' log {name}")
     if not drawn:
         empty(ax, "no curves logged")
@@ -158,7 +233,8 @@ def draw_training_curves(fig: Figure, rect, trials: pd.DataFrame, curves: pd.Dat
     median over seeds at each evaluation step (x too: a cell's seeds share steps, not seconds), min-max band."""
     axes = _axes(fig, rect, ncols=3, nrows=2, wspace=0.3, hspace=0.5, legend_w=LEGEND_W)
     cells = [c for c in dict.fromkeys(trials["cell"]) if (trials["cell"] == c).any()][:MAX_LINES]
-    colors = _colors(cells)
+    enc = encode(trials, cells)
+    colors = enc.color
     xs = (("step", "optimizer step"), ("epoch", "epoch"), ("train_seconds", "training seconds"))
     ys = (("train_loss", "training loss", 1), ("test_acc", "test accuracy (%)", 100))
     for row, (y, ylabel, scale) in enumerate(ys):
@@ -172,7 +248,8 @@ def draw_training_curves(fig: Figure, rect, trials: pd.DataFrame, curves: pd.Dat
                     continue
                 g = c.groupby("step")
                 b = pd.DataFrame({"x": g[x].median(), "med": g[y].median(), "lo": g[y].min(), "hi": g[y].max()})
-                ax.plot(b["x"], b["med"] * scale, color=colors[cell], lw=1.1, label=cell_words(trials, cell))
+                ax.plot(b["x"], b["med"] * scale, color=colors[cell], lw=1.1, ls=enc.style[cell],
+                        label=cell_words(trials, cell))
                 if ids.nunique() > 1:
                     ax.fill_between(b["x"], b["lo"] * scale, b["hi"] * scale, color=colors[cell], alpha=0.18, lw=0)
                 drawn += 1
@@ -185,35 +262,48 @@ def draw_training_curves(fig: Figure, rect, trials: pd.DataFrame, curves: pd.Dat
     _legend_right(fig, rect, axes, title="cell (median, min-max band)")
 
 
+def schedule_panels(trials: pd.DataFrame, sched: pd.DataFrame) -> list[tuple[str, str]]:
+    """The (column, name) of the schedule panels that carry something: learning rate and momentum, each unless it is
+    one constant in every cell (`carries`). Empty: the report leaves the schedules out."""
+    cells = set(trials["cell"]) & set(sched.get("cell", []))
+    rows = sched[sched["cell"].isin(cells)] if cells else sched.iloc[0:0]
+    return [(y, name) for y, name in (("lr", "learning rate"), ("momentum", "momentum"))
+            if y in rows and carries(rows[y])]
+
+
 def draw_schedules(fig: Figure, rect, trials: pd.DataFrame, sched: pd.DataFrame) -> None:
     """Learning rate and momentum at every optimizer step of each cell, computed from its typed config by
-    harness.trial.schedules (results.schedule_curves), not sampled at evaluations."""
-    ax_lr, ax_m = _axes(fig, rect, ncols=2, wspace=0.3, legend_w=LEGEND_W)
+    harness.trial.schedules (results.schedule_curves), not sampled at evaluations; a panel that would show one
+    constant in every cell is left out (`schedule_panels`)."""
+    panels = schedule_panels(trials, sched)
     cells = list(dict.fromkeys(c for c in trials["cell"] if c in set(sched.get("cell", []))))[:MAX_LINES]
-    if not cells:
-        empty(ax_lr, "no schedule (no trial config)")
-        empty(ax_m, "no schedule (no trial config)")
+    if not panels or not cells:
         return
-    colors = _colors(cells)
-    styles = ("-", "--", ":", "-.")
-    for i, cell in enumerate(cells):
+    axes = _axes(fig, rect, ncols=len(panels), wspace=0.3, legend_w=LEGEND_W)
+    enc = encode(trials, cells)
+    for cell in cells:
         c = sched[sched["cell"] == cell]
-        label = cell_words(trials, cell)
-        for ax, y in ((ax_lr, "lr"), (ax_m, "momentum")):
-            ax.plot(c["step"], c[y], color=colors[cell], lw=1.1, ls=styles[i % 4], label=label)
-    for ax, name in ((ax_lr, "learning rate"), (ax_m, "momentum")):
+        for ax, (y, _) in zip(axes, panels):
+            ax.plot(c["step"], c[y], color=enc.color[cell], lw=1.1, ls=enc.style[cell],
+                    label=cell_words(trials, cell))
+    for ax, (_, name) in zip(axes, panels):
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3, lw=0.4)
-    _legend_right(fig, rect, [ax_lr], title="cell")
+    _legend_right(fig, rect, axes[:1], title="cell")
 
 
 # ------------------------------------------------------------------------------------------------ outcomes
 def draw_levels(ax, trials: pd.DataFrame, x: str, hue: str = "", y: str = "outcome_acc", title: str = "") -> None:
-    """One point per trial at its level of x (dodged by hue), median tick per group; diverged trials as 'x'."""
+    """One point per trial at its level of x (dodged by hue), median tick per group; diverged trials as 'x'. A
+    median never pools unlike cells: if (x, hue) leave cells together, hue becomes another varied field, else x
+    the cell itself."""
     if x not in trials.columns or trials.empty:
         empty(ax, f"no {x}")
         return
+    if pooled(trials, [x, hue]):
+        others = [f for f in varied_fields(trials) if f not in (x, hue) and not pooled(trials, [x, f])]
+        x, hue, title = (x, others[0], "") if not hue and others else ("cell", "", "")
     levels = sorted_levels(trials[x])
     hues = sorted_levels(trials[hue]) if hue and hue in trials.columns else [None]
     colors = _colors([str(h) for h in hues])
@@ -248,18 +338,26 @@ def draw_levels(ax, trials: pd.DataFrame, x: str, hue: str = "", y: str = "outco
                   else field_words(hue))
 
 
+def draw_outcomes(fig: Figure, rect, trials: pd.DataFrame) -> None:
+    """Final accuracy vs total batch size (only when the batch varies and no batch-and-schedule median pools unlike
+    cells) beside the steps to target of every cell."""
+    show_batch = "batch_size" in trials and trials["batch_size"].nunique() > 1 and \
+        not pooled(trials, ["batch_size", "schedule"])
+    left, bottom, width, height = rect
+    cells = list(dict.fromkeys(trials["cell"]))[:25]
+    label_w = max((text_width(cell_words(trials, c), 8) for c in cells), default=0) / fig.get_figwidth()
+    steps_left = left + (width / 2 if show_batch else 0) + label_w + 0.02
+    if show_batch:
+        draw_final_vs_batch(_axes(fig, (left, bottom, width / 2 - 0.02, height))[0], trials)
+    draw_steps_to_target(fig.add_axes((steps_left, bottom + 0.06, left + width - 0.02 - steps_left, height - 0.09)),
+                         trials)
+
+
 def draw_final_vs_batch(ax, trials: pd.DataFrame) -> None:
     """Final accuracy vs total batch size, one line (median) per schedule; diverged trials as 'x'."""
-    if "batch_size" not in trials.columns or trials["batch_size"].nunique() < 2:
-        if "batch_size" in trials.columns and len(trials):
-            draw_levels(ax, trials, "schedule" if "schedule" in trials else "cell",
-                        title=f"final accuracy per schedule (one total batch size: {trials['batch_size'].iloc[0]})")
-        else:
-            empty(ax, "no batch size")
-        return
     scheds = sorted_levels(trials["schedule"]) if "schedule" in trials else [None]
     colors = _colors([str(s) for s in scheds])
-    for s in scheds:
+    for i, s in enumerate(scheds):
         rows = trials if s is None else trials[trials["schedule"] == s]
         bs = rows["batch_size"].astype(float)
         acc = rows["outcome_acc"].astype(float) * 100
@@ -269,6 +367,7 @@ def draw_final_vs_batch(ax, trials: pd.DataFrame) -> None:
             ax.scatter(bs[div], acc[div], s=14, marker="x", color="crimson")
         med = rows.assign(acc=acc).groupby("batch_size")["acc"].median()
         ax.plot(med.index.astype(float), med.values, color=colors[str(s)], lw=1.2, marker="o", ms=3,
+                ls=STYLES[i % len(STYLES)],
                 label=names.SCHEDULE_WORDS.get(str(s), str(s)))
     ax.set_xscale("log", base=2)
     ticks = sorted(trials["batch_size"].astype(float).unique())
@@ -313,23 +412,24 @@ def draw_steps_to_target(ax, trials: pd.DataFrame) -> None:
 
 
 def draw_range_tests(ax, trials: pd.DataFrame, curves: pd.DataFrame) -> None:
-    """LR range tests: test accuracy vs learning rate, ours (solid) and the authors' matching logs (dashed)."""
+    """LR range tests: test accuracy vs learning rate, ours (thin) and the authors' matching logs (thick, pale)."""
     rows = trials[trials["schedule"] == "range_test"] if "schedule" in trials else trials.iloc[0:0]
     if rows.empty:
         empty(ax, "no range test trials")
         return
     cells = list(dict.fromkeys(rows["cell"]))[:MAX_LINES]
-    colors = _colors(cells)
+    enc = encode(rows, cells)
+    colors = enc.color
     for cell in cells:
         for k, rid in enumerate(rows.loc[rows["cell"] == cell, "run_id"]):
             c = curves[curves["run_id"] == rid].dropna(subset=["test_acc"]).sort_values("step")
-            ax.plot(c["lr"], c["test_acc"] * 100, color=colors[cell], lw=1, alpha=0.8,
+            ax.plot(c["lr"], c["test_acc"] * 100, color=colors[cell], lw=1, alpha=0.8, ls=enc.style[cell],
                     label=cell_words(rows, cell) if k == 0 else None)
     refs = reference_for_cells(rows)
     for cell, logs in refs.items():
         for name in logs:
             ref = caffe_logs.load_curve(name).dropna(subset=["lr"])
-            ax.plot(ref["lr"], ref["test_acc"] * 100, color=colors.get(cell, "0.3"), lw=0.8, ls="--",
+            ax.plot(ref["lr"], ref["test_acc"] * 100, color=colors.get(cell, "0.3"), lw=3, alpha=0.3,
                     label=f"authors' log {name}")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("test accuracy (%)")
@@ -349,6 +449,6 @@ def draw_claim(fig: Figure, rect, verdicts: list, trials: pd.DataFrame, curves: 
     else:
         x = v.plot_x if v.plot_x in rows.columns else "cell"
         hue = v.plot_hue if v.plot_hue in rows.columns and v.plot_hue != x else ""
-        draw_levels(left, rows, x, hue, title=f"final accuracy by {field_words(x)} (bar = median)")
+        draw_levels(left, rows, x, hue)
     cells = list(dict.fromkeys(rows["cell"]))
     draw_curves(right, rows, curves, cells, refs, title="test accuracy vs step (median, min-max band)")

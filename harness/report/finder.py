@@ -29,13 +29,19 @@ def load_finder(uri: str, study: str, scale: str | None = None) -> tuple[pd.Data
     """(runs, sweeps) of the lr_finder runs of the study's latest invocation (at `scale` if given), through the
     analysis side's MLflow gateway. runs: run_id, run_name, cell, config, label, the suggestion metrics; sweeps:
     run_id, step, lr, train_loss, smoothed_loss, batch_val_acc."""
+    _, runs, sweeps = load_finder_study(uri, study, scale)
+    return runs, sweeps
+
+
+def load_finder_study(uri: str, study: str, scale: str | None = None):
+    """(the StudyResults, runs, sweeps) as `load_finder`, with the results' parent runs (commit, provenance)."""
     res = load_study(study, uri, scale=scale, metrics=SWEEP)
     trials = res.trials[res.trials["kind"] == "lr_finder"].reset_index(drop=True)
     if trials.empty:
         raise StudyError(f"study '{study}' has no lr_finder runs in {uri}")
     runs = trials.copy()
     runs["label"] = labels(list(runs["config"]))
-    return runs, res.curves[res.curves["run_id"].isin(set(runs["run_id"]))]
+    return res, runs, res.curves[res.curves["run_id"].isin(set(runs["run_id"]))]
 
 
 def labels(configs: list[TrialConfig]) -> list[str]:
@@ -84,7 +90,7 @@ def draw_finder(fig: Figure, rect, runs: pd.DataFrame, sweeps: pd.DataFrame) -> 
             ax2.plot(s["lr"], s["batch_val_acc"], color=colors[run["label"]], lw=0.8, alpha=0.8)
         ax2.set_xscale("log")
         ax2.set_xlabel("learning rate (log)")
-        ax2.set_ylabel("accuracy on the next test batch")
+        ax2.set_ylabel("accuracy, next held-out\ntraining batch (val_size)")
         ax2.set_title("Smith's reading: where accuracy peaks", fontsize=10)
 
 

@@ -6,6 +6,12 @@ pages, and figure blocks. Text is real text (TrueType, `pdf.fonttype` 42), figur
         pdf.paragraph("Long text ...")
         pdf.table(["a", "b"], [["1", "2"]], widths=[0.3, 0.7])
         pdf.figure(lambda fig, rect: ..., height=3.0)   # rect = (left, bottom, width, height), figure fractions
+
+Each page's filled height is recorded in `pdf.layout` (page, section, fill, section_last); `pdf.underfilled()` lists
+the pages under half filled that are not their section's last page (tests/test_pages.py: there are none). A figure
+that does not fit on a page less than half filled shrinks to the room left (down to `min_height`) instead of
+leaving the page half empty, and a table's columns are widened from those with slack so that short labels do not
+wrap over three lines (`fit_widths`).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from matplotlib.font_manager import FontProperties
 PAGE_W, PAGE_H = 11.69, 8.27          # A4 landscape, inches
 MARGIN_X, MARGIN_TOP, MARGIN_BOTTOM = 0.5, 0.45, 0.5
 LINE = 1.22                            # line height in font sizes
+CONTENT_H = PAGE_H - MARGIN_TOP - MARGIN_BOTTOM
+MIN_FILL = 0.5                         # a page that the flow leaves for the next one is at least this full
 _RENDERER = RendererAgg(100, 100, 72)  # 72 dpi: widths come out in points
 
 
@@ -76,6 +84,57 @@ def _cut(token: str, width_in: float, size: float, bold: bool) -> int:
     return n
 
 
+def _natural(texts, size: float, bold: bool = False) -> float:
+    """The width of the longest line of these texts, unwrapped (inches)."""
+    return max((text_width(line, size, bold) for t in texts for line in str(t).split("\n")), default=0.0)
+
+
+def width_for(texts, lines: int, size: float, bold: bool = False, pad: float = 0.08) -> float:
+    """The narrowest column (inches, padding included) in which every text wraps to at most `lines` lines."""
+    texts = list(dict.fromkeys(str(t) for t in texts))
+
+    def needed(w):
+        return max((len(wrap(t, w, size, bold)) for t in texts), default=1)
+
+    lo, hi = 0.1, _natural(texts, size, bold) + 0.05
+    for _ in range(7):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if needed(mid) <= lines else (mid, hi)
+    return hi + pad
+
+
+def fit_widths(columns, rows, widths, total: float, size: float, max_lines: int = 2) -> list[float]:
+    """Column widths in inches: the given fractions of `total`, except that a column whose cells would wrap over
+    `max_lines` lines, and would not at up to twice its width, takes the width it needs from columns with slack
+    (wider than their longest cell) and then from columns of long text (at most a quarter of theirs)."""
+    pad = 0.08
+    col_w = [w / sum(widths) * total for w in widths]
+    cells = [[str(r[j]) for r in rows] for j in range(len(columns))]
+    natural = [_natural(c, size) + pad for c in cells]
+    want = {}
+    for j, w in enumerate(col_w):
+        if natural[j] > w and natural[j] <= 2 * max_lines * w:      # wraps, but a wider column could help
+            fits = width_for(cells[j], max_lines, size, pad=pad)
+            if w < fits <= 2 * w:
+                want[j] = fits - w
+    if not want:
+        return col_w
+    head = [_natural(str(h).split(" "), size, bold=True) + pad for h in columns]
+    slack = {j: col_w[j] - max(natural[j], head[j]) for j in range(len(col_w))
+             if j not in want and col_w[j] > max(natural[j], head[j])}
+    long_text = {j: 0.25 * col_w[j] for j in range(len(col_w)) if j not in want and j not in slack
+                 and natural[j] > 2 * max_lines * col_w[j]}
+    for donors in (slack, long_text):
+        for j in want:
+            for d in donors:
+                give = min(want[j], donors[d])
+                col_w[j] += give
+                col_w[d] -= give
+                donors[d] -= give
+                want[j] -= give
+    return col_w
+
+
 class FlowPdf:
     def __init__(self, path, footer: str = "", metadata: dict | None = None):
         self.pdf = PdfPages(path, metadata={"Creator": "harness.report", "CreationDate": None, **(metadata or {})})
@@ -85,6 +144,8 @@ class FlowPdf:
         self.pages = 0
         self.min_font = float("inf")   # the smallest visible text drawn on any page so far (points)
         self.small_texts: list[tuple[int, float, str]] = []   # (page, size, text) of texts under MIN_FONT
+        self.layout: list[dict] = []   # per page: page, section, fill (fraction of the content height), section_last
+        self.sections = 0
 
     # ------------------------------------------------------------------ pages
     def __enter__(self):
@@ -101,8 +162,20 @@ class FlowPdf:
     def room(self) -> float:
         return PAGE_H - MARGIN_BOTTOM - self.y
 
-    def new_page(self) -> None:
-        self._flush()
+    @property
+    def fill(self) -> float:
+        """The fraction of this page's content height used so far."""
+        return 0.0 if self.fig is None else min(1.0, max(0.0, (self.y - MARGIN_TOP) / CONTENT_H))
+
+    def underfilled(self, min_fill: float = MIN_FILL) -> list[dict]:
+        """Pages under `min_fill` that the flow left for the next page within the same section."""
+        return [p for p in self.layout if p["fill"] < min_fill and not p["section_last"]]
+
+    def new_page(self, flow: bool = False) -> None:
+        """A new page; `flow`: the current section goes on there (else a section starts on it)."""
+        if not flow:
+            self.sections += 1
+        self._flush(section_last=not flow)
         self.fig = Figure(figsize=(PAGE_W, PAGE_H))
         self.y = MARGIN_TOP
         self.pages += 1
@@ -111,10 +184,12 @@ class FlowPdf:
 
     def _ensure(self, height: float) -> None:
         if self.fig is None or (height > self.room and self.y > MARGIN_TOP + 1e-6):
-            self.new_page()
+            self.new_page(flow=self.fig is not None)
 
-    def _flush(self) -> None:
+    def _flush(self, section_last: bool = True) -> None:
         if self.fig is not None:
+            self.layout.append({"page": self.pages, "section": self.sections, "fill": self.fill,
+                                "section_last": section_last})
             self.pdf.savefig(self.fig)
             self._measure(self.fig)   # after drawing: tick labels and legends exist now
             self.fig = None
@@ -153,10 +228,12 @@ class FlowPdf:
         self.y += h
 
     def section(self, min_room: float) -> None:
-        """Start a section: on a new page unless at least `min_room` inches are left on this one."""
-        if self.fig is None or self.room < min_room:
+        """Start a section: on a new page unless at least `min_room` inches are left on this one (60% of it on a
+        page less than half filled: its figures shrink to fit, see `figure`)."""
+        if self.fig is None or self.room < (0.6 * min_room if self.fill < MIN_FILL else min_room):
             self.new_page()
         else:
+            self.sections += 1
             self.y += 0.15
 
     def heading(self, text: str, size: float = 13, keep_with: float = 1.0) -> None:
@@ -179,7 +256,7 @@ class FlowPdf:
                      size: float = 7.0) -> float:
         """Inches the table would take on one page (as `table` lays it out)."""
         pad, lh = 0.04, size * LINE / 72
-        col_w = [w / sum(widths) * self.width for w in widths]
+        col_w = fit_widths(columns, rows, widths, self.width, size)
         h = max(len(wrap(c, w - 2 * pad, size, bold=True)) for c, w in zip(columns, col_w)) * lh + 2 * pad
         for row in rows:
             h += max(len(wrap(str(c), w - 2 * pad, size)) for c, w in zip(row, col_w)) * lh + 2 * pad
@@ -190,8 +267,7 @@ class FlowPdf:
               header: bool = True) -> None:
         """A wrapped table; rows never split; the header repeats on each new page. widths: fractions."""
         pad = 0.04
-        total = self.width
-        col_w = [w / sum(widths) * total for w in widths]
+        col_w = fit_widths(columns, rows, widths, self.width, size)
         lh = size * LINE / 72
         head = [wrap(c, w - 2 * pad, size, bold=True) for c, w in zip(columns, col_w)]
         head_h = max(len(h) for h in head) * lh + 2 * pad
@@ -216,7 +292,7 @@ class FlowPdf:
                      for j, (c, w) in enumerate(zip(row, col_w))]
             h = max(len(c) for c in cells) * lh + 2 * pad
             if h > self.room:
-                self.new_page()
+                self.new_page(flow=True)
                 draw_header()
             x = MARGIN_X
             for j, (lines, w) in enumerate(zip(cells, col_w)):
@@ -232,9 +308,14 @@ class FlowPdf:
         self.fig.add_artist(matplotlib.lines.Line2D([MARGIN_X / PAGE_W, 1 - MARGIN_X / PAGE_W], [yy, yy], lw=lw,
                                                     color=color))
 
-    def figure(self, draw: Callable[[Figure, tuple], None], height: float) -> None:
-        """Reserve `height` inches (a new page if needed) and let draw(fig, rect) fill the rectangle."""
-        height = min(height, PAGE_H - MARGIN_TOP - MARGIN_BOTTOM)
+    def figure(self, draw: Callable[[Figure, tuple], None], height: float, min_height: float | None = None) -> None:
+        """Reserve `height` inches (a new page if needed) and let draw(fig, rect) fill the rectangle. On a page less
+        than half filled a figure that does not fit shrinks to the room left if that is at least `min_height`
+        (default: 60% of `height`, at least 1.8 in)."""
+        height = min(height, CONTENT_H)
+        min_height = max(1.8, 0.6 * height) if min_height is None else min_height
+        if self.fig is not None and height > self.room and self.fill < MIN_FILL and self.room - 0.1 >= min_height:
+            height = self.room - 0.1
         self._ensure(height)
         rect = (MARGIN_X / PAGE_W, 1 - (self.y + height) / PAGE_H, self.width / PAGE_W, height / PAGE_H)
         draw(self.fig, rect)

@@ -3,9 +3,13 @@
     side = paper_side(res, logged)        # (configs of the study's paper scale, where they came from)
     rows = paper_vs_run(side.configs, run_configs(res.trials), logged, side.spec)
 
-The paper column is the study's own `paper` scale (`spec.trials(spec, "paper")`): of the spec the parent run
-logged (`study_spec.yaml`) when it holds its scales, else of the study file in studies/ (the logged spec of a
-run is resolved to the run's scale, so it has only that scale's trials). The "this run" column is read from
+Columns: setting | this study's paper scale | the paper (claims.md) | this run. The paper-scale column is the
+study's own `paper` scale (`spec.trials(spec, "paper")`): of the spec the parent run logged (`study_spec.yaml`)
+when it holds its scales, else of the study file in studies/ (the logged spec of a run is resolved to the run's
+scale, so it has only that scale's trials). The paper column is what the project keeps of the paper for the
+study's claims (`paper_reference`): each claim's setup from the claims table (harness.analysis.claims.CLAIMS)
+and the setups read from the authors' logs that document those claims (harness/analysis/reference/index.csv);
+a row the paper says nothing about is "-", never the study's own value. The "this run" column is read from
 the trials' typed configs (the `harness.trial_config` tag), never parsed from cell names. Every row is a fact
 about the configs (distinct values in first-seen order); where a paired cell sets several fields together
 (batch size with its own LR and steps), the row lists them per cell.
@@ -24,6 +28,8 @@ from harness.config import TrialConfig
 
 TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000, "mnist": 60000, "fashion_mnist": 60000, "digits": 1437}
 PREPROCESS_WORDS = {"paper": "per-pixel mean subtraction + random mirror (the authors' Caffe data layer)",
+                    "mean": "mean image subtraction, no mirror (cifar10_full's Caffe data layer)",
+                    "pixel_standard": "per-pixel standardization with the training set's mean and std, no augmentation",
                     "standard": "standardize + pad-4 random crop + random mirror", "none": "none"}
 TUNING_WORDS = {"best_on_validation": "per seed, the LR scale with the best validation accuracy",
                 "each_scale": "each LR scale compared separately", "single": "one LR scale, no tuning"}
@@ -145,10 +151,79 @@ def _tuning(spec: dict | None, configs: list[dict]) -> str:
     return f"{text}; LR scales {', '.join(f'x{s:g}' for s in scales)}" if configs else "n/a"
 
 
+COLUMNS = ["setting", "this study's paper scale", "the paper (claims.md)"]   # + "this run (SCALE scale)"
+WIDTHS = [1.35, 3.3, 2.75, 3.3]
+PAPER_SOURCE = ("Paper column: the claims table's setup of the study's claims and the setups of the authors' logs "
+                "that document them (harness/analysis/reference/index.csv); '-' where they say nothing.")
+
+
+def columns(scale: str) -> list[str]:
+    return [*COLUMNS, f"this run ({scale} scale)"]
+
+
+@dataclass
+class PaperReference:
+    claims: list[tuple[str, str]]   # (claim id, its setup in the claims table)
+    logs: pd.DataFrame              # the index.csv rows of the authors' logs that document these claims
+
+
+def paper_reference(claim_ids) -> PaperReference:
+    """What the project keeps of the paper for these claims: the claims table's setups and the authors' logs."""
+    from harness.analysis import caffe_logs
+    from harness.analysis.claims import CLAIMS
+
+    ids = [c for c in dict.fromkeys(claim_ids or []) if c in CLAIMS]
+    index = caffe_logs.load_index()
+    documents = index["claims"].fillna("").map(lambda s: bool(set(s.split(";")) & set(ids)))
+    return PaperReference([(c, CLAIMS[c].setup) for c in ids], index[documents].reset_index(drop=True))
+
+
+def _num(v) -> str:
+    return "-" if v is None or pd.isna(v) else f"{float(v):g}"
+
+
+def _ref_schedule(r) -> str:
+    return f"batch {int(r['batch'])}, {names.SCHEDULE_WORDS.get(r['schedule'], r['schedule'])}"
+
+
+def _ref_distinct(logs: pd.DataFrame, fn) -> str:
+    return "; ".join(dict.fromkeys(fn(r) for r in logs.to_dict("records"))) if len(logs) else "-"
+
+
+def paper_rows(ref: PaperReference) -> dict[str, str]:
+    """setting -> what the paper's reference says (the authors' logs' own setups); "-" where it says nothing."""
+    logs = ref.logs
+
+    def epochs(r) -> str:
+        return f"{_ref_schedule(r)}: {int(r['steps']):,} steps ({r['steps'] * r['batch'] / r['train_size']:.1f} epochs)"
+
+    def lrs(r) -> str:
+        if r["base_lr"] == r["max_lr"]:
+            return f"{_ref_schedule(r)}: LR {_num(r['max_lr'])}"
+        return f"{_ref_schedule(r)}: LR {_num(r['base_lr'])} to {_num(r['max_lr'])}, stepsize {int(r['stepsize'])}"
+
+    return {
+        "claims and their setup": "; ".join(f"{c}: {s}" for c, s in ref.claims) or "-",
+        "data and training images": _ref_distinct(logs, lambda r: f"{r['dataset']}, {int(r['train_size']):,} training "
+                                                                   f"images"),
+        "model": _ref_distinct(logs, lambda r: str(r["model"])),
+        "total batch sizes": _ref_distinct(logs, lambda r: str(int(r["batch"]))),
+        "BN statistics over": _ref_distinct(logs, lambda r: f"the per-GPU batch ({int(r['batch']) // int(r['gpus'])} = "
+                                                             f"batch {int(r['batch'])} / {int(r['gpus'])} GPUs)"),
+        "steps (epochs) per cell": _ref_distinct(logs, epochs),
+        "learning rates per cell": _ref_distinct(logs, lrs),
+        "optimizer": _ref_distinct(logs, lambda r: f"{r['optimizer']}, momentum {_num(r['momentum'])}, weight decay "
+                                                    f"{_num(r['weight_decay'])}"),
+        "seeds": f"one run per setup ({len(logs)} authors' logs)" if len(logs) else "-",
+    }
+
+
 def paper_vs_run(paper: list[dict], run: list[dict], run_spec: dict | None, paper_spec: dict | None,
                  workers: int | None = None, paper_workers: int | None = None) -> list[list[str]]:
-    """Rows [setting, paper, this run]."""
+    """Rows [setting, this study's paper scale, the paper (claims.md), this run]; the claims are the spec's."""
+    ref = paper_rows(paper_reference((run_spec or {}).get("claims") or (paper_spec or {}).get("claims")))
     rows = [
+        ("claims and their setup", None),
         ("data and training images", lambda cs: _distinct(cs, _data)),
         ("model", lambda cs: _distinct(cs, _model)),
         ("total batch sizes", lambda cs: _distinct(cs, lambda c: str(c["batch_size"]))),
@@ -168,11 +243,13 @@ def paper_vs_run(paper: list[dict], run: list[dict], run_spec: dict | None, pape
         if label == "BN statistics over":
             p = _distinct(paper, lambda c: _bn_batch(c, paper_workers))
             r = _distinct(run, lambda c: _bn_batch(c, workers))
+        elif label == "claims and their setup":
+            p, r = (", ".join((spec or {}).get("claims") or []) or "-" for spec in (paper_spec, run_spec))
         elif label == "LR tuning":
             p, r = _tuning(paper_spec, paper), _tuning(run_spec, run)
         else:
             p, r = fn(paper), fn(run)
-        out.append([label, p if paper else "n/a (no paper scale)", r])
+        out.append([label, p if paper else "n/a (no paper scale)", ref.get(label, "-"), r])
     return out
 
 

@@ -6,7 +6,8 @@
 A reduced scale (Fashion-MNIST on a CPU) matches no authors' log exactly (harness.analysis.caffe_logs matches
 dataset, net, batch, peak LR and steps), so its curves cannot be laid over theirs iteration for iteration.
 What the axes do allow is the shape: test accuracy against the fraction of each run's own iterations, ours
-(median over seeds, min-max band) solid, the authors' Caffe log of the same study at its paper scale dashed.
+(median over seeds, min-max band) in colour and line style, the authors' Caffe log of the same study at its
+paper scale as a thick pale line (as in the report's other figures).
 The authors' logs are the ones the study's own paper-scale cells match (the study file names the setup;
 nothing here picks a log by hand), grouped by schedule.
 """
@@ -68,11 +69,11 @@ def draw_shapes(fig: Figure, rect, trials: pd.DataFrame, curves: pd.DataFrame,
                 ax.fill_between(b["step"] / steps, b["lo"] * 100, b["hi"] * 100, color=color, alpha=0.15, lw=0)
         for j, (name, steps) in enumerate(logs[sched]):
             ref = caffe_logs.load_curve(name).dropna(subset=["test_acc"])
-            ax.plot(ref["iteration"] / steps, ref["test_acc"] * 100, color="black", lw=0.9, ls="--",
-                    alpha=1.0 - 0.3 * j, label=f"authors' log {name}, {steps:,} steps")
+            ax.plot(ref["iteration"] / steps, ref["test_acc"] * 100, color="0.35", lw=3.0, alpha=0.35 - 0.1 * j,
+                    solid_capstyle="butt", label=f"authors' log {name}, {steps:,} steps")
         ax.set_xlim(0, 1.02)
         ax.set_xlabel("fraction of the run's own iterations")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(sched)
         ax.grid(alpha=0.3, lw=0.4)
-        ax.legend(loc="lower right", frameon=False, fontsize=6)
+        ax.legend(loc="lower right", frameon=False, fontsize=8)

@@ -364,7 +364,7 @@ class TrialLogger:
                 self._logged_step = max((m.step for m in logged), default=-1)
             self._records = [r for r in self._records if r["step"] > self._logged_step]
             while self._records:
-                chunk = self._records[:60]  # at most 14 x 60 metrics: under MLflow's 1000 per batch
+                chunk = self._records[:60]  # at most 16 x 60 metrics: under MLflow's 1000 per batch
                 metrics = [self._Metric(k, float(r[k]), r["_ts"], int(r["step"]))
                            for r in chunk for k in EVAL_METRICS + EXTRA_EVAL_METRICS if k in r]
                 client.log_batch(self.run_id, metrics=metrics)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "digits")
-PREPROCESS = ("paper", "mean", "standard", "none")
+PREPROCESS = ("paper", "mean", "standard", "pixel_standard", "none")
 DEBIAN_DATA_ROOT = Path("/usr/share/datasets")  # a module constant so tests can point it elsewhere
 
 _CIFAR = {  # name: (torchvision class name, classes, label key)
@@ -411,8 +411,11 @@ def load_dataset(
     the same for every seed (AlgoPerf's rule: tuning selects on validation, the report scores the test set).
     preprocess: "paper" subtracts the per-pixel mean image (Caffe's mean_file) and mirrors; "mean" only subtracts it
     (a Caffe data layer with a mean_file and no mirror: cifar10_full's); "standard" standardizes
-    each channel and crops (pad 4) + mirrors; "none" only scales to [0, 1]. Pixels are scaled to [0, 1] first.
-    invert: every pixel x becomes 1 - x after that scaling, before preprocessing ("negative" images).
+    each channel and crops (pad 4) + mirrors; "pixel_standard" standardizes each pixel with the training set's
+    per-pixel mean and std (no augmentation); "none" only scales to [0, 1]. Pixels are scaled to [0, 1] first.
+    invert: every pixel x becomes 1 - x after that scaling, before preprocessing ("negative" images). The statistics
+    are those of the images as inverted, so "pixel_standard" (like "mean") undoes the inversion's shift of each
+    pixel: an inverted image standardized is exactly the plain image standardized, negated.
     raw: the files' content read earlier by `load_raw` (the same `name`); then no file is read here.
     """
     if name not in DATASETS:
@@ -481,7 +484,8 @@ def _scaled_on_device(train_x: torch.Tensor, test_x: torch.Tensor, val_x: torch.
 
 def _preprocessed(train_x: torch.Tensor, test_x: torch.Tensor, val_x: torch.Tensor | None, preprocess: str):
     """(train_x, test_x, val_x, augment): normalized with the training set's statistics ("paper": minus the mean
-    image; "standard": per-channel standardization; "none": unchanged) and the augmentation that goes with it."""
+    image; "standard": per-channel standardization; "pixel_standard": per-pixel standardization; "none":
+    unchanged) and the augmentation that goes with it."""
     if preprocess in ("paper", "mean"):
         mean = train_x.mean(dim=0, keepdim=True)  # the mean image [1, C, H, W]
         train_x, test_x = train_x - mean, test_x - mean
@@ -493,6 +497,13 @@ def _preprocessed(train_x: torch.Tensor, test_x: torch.Tensor, val_x: torch.Tens
         train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
         val_x = None if val_x is None else (val_x - mean) / std
         augment = "standard"
+    elif preprocess == "pixel_standard":
+        mean = train_x.mean(dim=0, keepdim=True)  # the mean image [1, C, H, W], and the std of each pixel
+        std = train_x.std(dim=0, keepdim=True)
+        std = torch.where(std > 1e-6, std, torch.ones_like(std))  # a pixel constant in training (MNIST's border)
+        train_x, test_x = (train_x - mean) / std, (test_x - mean) / std  # is only centred (sklearn's StandardScaler)
+        val_x = None if val_x is None else (val_x - mean) / std
+        augment = "none"
     else:
         augment = "none"
     return train_x, test_x, val_x, augment

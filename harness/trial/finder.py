@@ -7,8 +7,8 @@ pytorch-lr-finder: lr_k = base * (max/base)^(k/(steps-1))) or linear (`finder_mo
 lr_k = base + (max-base) k/(steps-1)); both hit both endpoints. After each step the training loss (the
 mean over all ranks) enters a bias-corrected exponential moving average (fastai: avg = b avg + (1-b) loss,
 smoothed = avg / (1 - b^(k+1))); the sweep stops once the smoothed loss exceeds `finder_stop_factor` x its
-best so far (or is not finite). With `finder_val` the next validation batch (of the `val_size` split, else of
-the test set) is scored after each training batch (pytorch-lr-finder's val_loader: one batch per step, in eval
+best so far (or is not finite). With `finder_val` (which needs `val_size`) the next batch of the held-out
+training images is scored after each training batch (pytorch-lr-finder's val_loader: one batch per step, in eval
 mode). Afterwards the model and the optimizer
 are restored bit for bit (their state_dicts), as both libraries do: a finder leaves no trace.
 
@@ -19,8 +19,9 @@ the summary holds the suggestions (logged as metrics):
 
 - lr_steepest:  the most negative slope of the smoothed loss against log10(lr) (np.gradient on log10 lr),
                 over the sweep without its first tenth and last 5 points (fastai's trim);
-- lr_valley:    fastai's `valley`: the longest run of decreasing loss, and the LR halfway along it, halfway
-                measured in log10(lr);
+- lr_valley:    fastai's `valley`, on the same trimmed curve: the longest decreasing subsequence of the smoothed
+                loss, and the point halfway along it in sweep steps (fastai's index arithmetic; on an
+                exponential sweep, halfway in log10(lr));
 - lr_smith:     Smith's rule: the LR where the (smoothed) batch accuracy peaks when `finder_val`, else where
                 the smoothed loss is lowest; lr_smith_base = lr_smith / 10 and lr_smith_base_min = / 20 are
                 his one-cycle base LR range.
@@ -71,9 +72,10 @@ def smoothed(values, beta: float) -> np.ndarray:
     return np.array(out, dtype=float)
 
 
-def suggestions(lrs, losses, accs=None) -> dict[str, float]:
-    """Suggested LRs from a sweep (`losses` already smoothed; `accs` the smoothed batch accuracies or None),
-    slopes and distances taken against log10(lr)."""
+def suggestions(lrs, losses, accs=None, planned: int | None = None) -> dict[str, float]:
+    """Suggested LRs from a sweep (`losses` already smoothed; `accs` the smoothed batch accuracies or None) of
+    `planned` steps (default: as many as given), read on fastai's trimmed curve: without the first planned // 10
+    points and the last 5 (where enough are left); slopes taken against log10(lr)."""
     lrs, losses = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
     finite = np.isfinite(losses)
     lrs, losses = lrs[finite], losses[finite]
@@ -81,35 +83,36 @@ def suggestions(lrs, losses, accs=None) -> dict[str, float]:
     if len(lrs) == 0:
         return {k: math.nan for k in SUGGESTIONS}
     x = np.log10(lrs)
-    lo = len(lrs) // 10
+    lo = min((planned or len(lrs)) // 10, max(len(lrs) - 3, 0))
     hi = len(lrs) - 5 if len(lrs) - 5 - lo >= 3 else len(lrs)  # fastai's trim, where enough points are left
     if hi - lo >= 2:
         grad = np.gradient(losses[lo:hi], x[lo:hi])
         steepest = lrs[lo + int(np.argmin(grad))]
     else:
         steepest = lrs[int(np.argmin(losses))]
-    start, end = _longest_decrease(losses)
-    mid = x[start] + 0.5 * (x[end] - x[start])
-    valley = lrs[int(np.argmin(np.abs(x - mid)))]
+    valley = lrs[lo + _valley_index(losses[lo:hi])]
     peak = int(np.nanargmax(accs)) if accs is not None and np.isfinite(accs).any() else int(np.argmin(losses))
     smith = lrs[peak]
     return {"lr_steepest": float(steepest), "lr_valley": float(valley), "lr_smith": float(smith),
             "lr_smith_base": float(smith / 10), "lr_smith_base_min": float(smith / 20)}
 
 
-def _longest_decrease(losses: np.ndarray) -> tuple[int, int]:
-    """(first, last) index of the longest strictly decreasing subsequence of the loss: fastai's valley (O(n^2))."""
+def _valley_index(losses: np.ndarray) -> int:
+    """fastai's `valley` (fastai.callback.schedule): the longest strictly decreasing subsequence of the loss ends
+    at `end` with length L; start = end - L (fastai's own arithmetic), and the suggestion is the point
+    int(s) + int(s / 2) after start, s = (end - start) / 3: about halfway along the valley, which on an
+    exponential sweep is halfway in log10(lr). O(n^2), as fastai's."""
     n = len(losses)
-    length, prev = [1] * n, [-1] * n
+    length, end = [1] * n, 0
     for i in range(1, n):
         for j in range(i):
-            if losses[i] < losses[j] and length[j] + 1 > length[i]:
-                length[i], prev[i] = length[j] + 1, j
-    end = int(np.argmax(length))
-    start = end
-    while prev[start] >= 0:
-        start = prev[start]
-    return start, end
+            if losses[i] < losses[j] and length[i] < length[j] + 1:
+                length[i] = length[j] + 1
+            if length[end] < length[i]:
+                end = i
+    start = end - length[end]
+    sections = (end - start) / 3
+    return max(0, min(n - 1, start + int(sections) + int(sections / 2)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -159,9 +162,9 @@ def run_finder(cfg: TrialConfig, reporter=None, device: torch.device | str | Non
     as `run_trial` (harness.trial.step); momentum constant at cfg.momentum, no scheduler: the sweep sets the LR."""
     s = prepare(cfg, device, raw)
     cfg = s.cfg  # lr_scale applied to the sweep's ends
-    split = "val" if s.ds.val_y is not None else "test"  # the validation split where the trial holds one out
     local_batch = cfg.batch_size // s.world
-    val_shard = list(test_batches(s.ds, local_batch, rank=s.rank, world_size=s.world, split=split))
+    val_shard = list(test_batches(s.ds, local_batch, rank=s.rank, world_size=s.world, split="val")) \
+        if cfg.finder_val else []   # held-out training images (TrialConfig: finder_val needs val_size)
 
     @torch.no_grad()
     def val_step(k: int) -> torch.Tensor:
@@ -189,7 +192,7 @@ def run_finder(cfg: TrialConfig, reporter=None, device: torch.device | str | Non
 def _finder_summary(s, records: list[dict], planned: int, seconds: float) -> dict:
     cfg = s.cfg
     accs = smoothed([r["batch_val_acc"] for r in records], cfg.finder_smoothing) if cfg.finder_val else None
-    suggested = suggestions([r["lr"] for r in records], [r["smoothed_loss"] for r in records], accs)
+    suggested = suggestions([r["lr"] for r in records], [r["smoothed_loss"] for r in records], accs, planned)
     stopped = len(records) < planned
     return {
         "status": "completed", "final_acc": records[-1].get("batch_val_acc", math.nan),

@@ -32,7 +32,7 @@ import torch
 from harness.config import TrialConfig
 from harness.trial.data import RawData
 from harness.trial.schedules import build_scheduler, lr_momentum
-from harness.trial.step import Setup, dead_output_fraction, evaluate, global_mean, prepare, sync, train_step
+from harness.trial.step import Setup, evaluate, global_mean, output_health, prepare, sync, train_step
 
 Reporter = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
 DIVERGENCE_CHECK_EVERY = 10   # steps between loss checks (each check is a device->host sync)
@@ -61,6 +61,8 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None,
         s.optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         p.update(resume["progress"])
+        for q, g in zip(s.model.parameters(), resume.get("grads") or (), strict=False):  # zero_grad false: the
+            q.grad = None if g is None else g.to(q.device)                                  # sum carried on
     status, diverged_at, first_step_at = _train(s, scheduler, p, reporter)
     return {**trial_summary(s, p, status, diverged_at), "first_step_at": first_step_at, "history": p["history"]}
 
@@ -109,7 +111,8 @@ def _train(s: Setup, scheduler, p: dict, reporter: Reporter | None) -> tuple[str
             state = None
             if s.rank == 0:
                 state = copy.deepcopy({"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
-                                       "scheduler": scheduler.state_dict(), "progress": p})  # a snapshot
+                                       "scheduler": scheduler.state_dict(), "progress": p,  # a snapshot
+                                       "grads": None if cfg.zero_grad else [q.grad for q in s.model.parameters()]})
             reporter(dict(record), state)
         if status == "diverged":
             break
@@ -132,14 +135,17 @@ def _evaluation(s: Setup, p: dict, lr: float, momentum: float, loss_sum: torch.T
         "lr": lr,
         "momentum": momentum,
         "train_loss": global_mean(loss_sum / max(window["steps"], 1), s.world),
+        # the accuracy on the batch the last step trained on, from that step's forward pass (before its update)
+        "train_batch_acc": global_mean(s.batch_acc, s.world),
         "test_loss": test_loss,
         "test_acc": test_acc,
         **val,
         "images_per_s": window["images"] / window_seconds if window_seconds > 0 else 0.0,
         "train_seconds": p["train_seconds"],
     }
-    if cfg.model == "mlp":  # negative_mnist: output units that never fire (dead behind a final ReLU)
-        record["dead_output_frac"] = dead_output_fraction(s.model, s.ds, s.device, s.rank, s.world)
+    if cfg.model == "mlp":  # negative_mnist: output units that never fire (dead behind a final ReLU), worst class
+        record["dead_output_frac"], record["min_class_recall"] = output_health(s.model, s.ds, s.device, s.rank,
+                                                                               s.world)
     p["history"].append(record)
     p["best_acc"] = max(p["best_acc"], test_acc if math.isfinite(test_acc) else 0.0)
     if p["steps_to_target"] is None and test_acc >= cfg.target_acc:

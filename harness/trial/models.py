@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MLP_ACTIVATIONS = ("relu", "tanh", "sigmoid", "square400")
+MLP_ACTIVATIONS = ("relu", "tanh", "sigmoid", "square400", "square1", "square20")  # squareC: x * x * C
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,15 +348,31 @@ def preact_resnet_cifar(depth: int, num_classes: int = 10, in_channels: int = 3,
 # --------------------------------------------------------------------------------------------
 # MLP and a tiny CNN
 # --------------------------------------------------------------------------------------------
-class Square400(nn.Module):
-    """x * x * 400: the seed experiment's activation (784-300-10 MLP, 94% on MNIST after one epoch)."""
+class Square(nn.Module):
+    """x * x * c (activation `squareC`). Its derivative 2cx carries c into every gradient that passes through it,
+    which is why activation_mystery asks whether c acts as an LR multiplier."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = float(factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * x * 400.0
+        return x * x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor:g}"
+
+
+class Square400(Square):
+    """x * x * 400: the seed experiment's activation (784-300-10 MLP, 94% on MNIST after one epoch)."""
+
+    def __init__(self):
+        super().__init__(400.0)
 
 
 def _activation(name: str) -> nn.Module:
-    makers = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "square400": Square400}
+    makers = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "square400": Square400,
+              "square1": lambda: Square(1.0), "square20": lambda: Square(20.0)}
     if name not in makers:
         raise ValueError(f"unknown MLP activation '{name}'; allowed: {', '.join(MLP_ACTIVATIONS)}")
     return makers[name]()

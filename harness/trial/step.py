@@ -4,6 +4,7 @@
     loss = train_step(setup, x, y)          # one optimizer step over the global batch's micro-batches
 
 `prepare` builds the workload (data and a freshly seeded model) and the optimizer; `train_step` runs one step
+(gradients zeroed after it unless `zero_grad` is false; `setup.batch_acc` = the stepped batch's accuracy)
 with the trial's batch semantics (micro-batches of `bn_batch`, DDP `no_sync` for all but the last, BN running
 statistics from the first micro-batch only) and its fast path (bf16 autocast, channels_last). The trial loop
 (`harness.trial.loop`) and the LR finder (`harness.trial.finder`) both call these, so they cannot drift apart.
@@ -63,6 +64,8 @@ class Setup:
     batches: TrainBatches
     optimizer: torch.optim.Optimizer
     accum: int                    # micro-batches per rank per step
+    batch_acc: torch.Tensor | None = None  # this rank's accuracy on the batch train_step last stepped on (0-d,
+                                           # on the device), from the step's own forward pass, before the update
 
 
 def prepare(cfg: TrialConfig, device: torch.device | str | None = None, raw: RawData | None = None) -> Setup:
@@ -95,19 +98,24 @@ def train_step(s: Setup, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     micro = len(x) // s.accum
     x = s.fast.layout(x)
     step_loss = torch.zeros((), device=s.device)
+    correct = torch.zeros((), device=s.device)
     for i in range(s.accum):
         sync = s.world == 1 or i == s.accum - 1
         if i == 1:
             track_bn_stats(s.model, False)
         with contextlib.nullcontext() if sync else s.net.no_sync():
             with s.fast.autocast():  # the forward only; backward runs in the forward's dtypes
-                loss = F.cross_entropy(s.net(x[i * micro:(i + 1) * micro]), y[i * micro:(i + 1) * micro])
+                out = s.net(x[i * micro:(i + 1) * micro])
+                loss = F.cross_entropy(out, y[i * micro:(i + 1) * micro])
             (loss / s.accum).backward()
         step_loss += loss.detach() / s.accum
+        correct += (out.detach().argmax(1) == y[i * micro:(i + 1) * micro]).sum()
     if s.accum > 1:
         track_bn_stats(s.model, True)
     s.optimizer.step()
-    s.optimizer.zero_grad(set_to_none=True)
+    if s.cfg.zero_grad:  # zero_grad false: never zeroed, so the next backward adds to every gradient so far
+        s.optimizer.zero_grad(set_to_none=True)
+    s.batch_acc = correct / (micro * s.accum)
     return step_loss
 
 
@@ -180,16 +188,34 @@ def evaluate(model: torch.nn.Module, ds: Dataset, device: torch.device, rank: in
 
 
 @torch.no_grad()
-def dead_output_fraction(model: torch.nn.Module, ds: Dataset, device: torch.device, rank: int, world: int) -> float:
-    """The fraction of output units that are <= 0 on every test image: behind a final ReLU, dead units
-    (zero output and zero gradient for every input); without one, units that never give a positive logit."""
+def output_health(model: torch.nn.Module, ds: Dataset, device: torch.device, rank: int,
+                  world: int) -> tuple[float, float]:
+    """One pass over the test set (sharded over ranks): (dead output fraction, lowest per-class recall).
+
+    Dead: the fraction of output units that are <= 0 on every test image; behind a final ReLU these are dead
+    units (zero output and zero gradient for every input), without one units that never give a positive logit.
+    Recall of class k: test images of k predicted k / test images of k; the lowest over classes shows a class the
+    net has given up on, which the overall accuracy hides (a dead output's class is never predicted)."""
     model.eval()
     peak = torch.full((ds.num_classes,), -math.inf, device=device)
-    for x, _ in test_batches(ds, EVAL_BATCH, rank=rank, world_size=world):
-        peak = torch.maximum(peak, model(x).amax(0))
+    hits = torch.zeros(ds.num_classes, device=device, dtype=torch.float64)
+    seen = torch.zeros_like(hits)
+    for x, y in test_batches(ds, EVAL_BATCH, rank=rank, world_size=world):
+        out = model(x)
+        peak = torch.maximum(peak, out.amax(0))
+        seen += torch.bincount(y, minlength=ds.num_classes).double()
+        hits += torch.bincount(y[out.argmax(1) == y], minlength=ds.num_classes).double()
     if world > 1:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return float((peak <= 0).float().mean())
+        dist.all_reduce(hits)
+        dist.all_reduce(seen)
+    recall = hits[seen > 0] / seen[seen > 0]
+    return float((peak <= 0).float().mean()), float(recall.min())
+
+
+def dead_output_fraction(model: torch.nn.Module, ds: Dataset, device: torch.device, rank: int, world: int) -> float:
+    """The dead output fraction alone (see output_health)."""
+    return output_health(model, ds, device, rank, world)[0]
 
 
 def track_bn_stats(model: torch.nn.Module, on: bool) -> None:
