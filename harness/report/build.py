@@ -602,7 +602,7 @@ def _pdf_outcomes(pdf, t: pd.DataFrame, curves: pd.DataFrame, refs, study: str) 
         pdf.figure(lambda fig, rect: shape.draw_shapes(fig, rect, t, curves, logs), height=3.3)
     if "schedule" in t and (t["schedule"] == "range_test").any():
         pdf.heading("LR range tests", size=12, keep_with=4.0)
-        pdf.figure(lambda fig, rect: figs.draw_range_tests(figs._axes(fig, rect)[0], t, curves), height=4.0)
+        pdf.figure(lambda fig, rect: figs.draw_range_tests(figs.axes_in(fig, rect)[0], t, curves), height=4.0)
 
 
 def _pdf_tables(pdf, res: StudyResults, tables: Tables, shown_cells: set[str]) -> None:

@@ -40,7 +40,7 @@ def field_words(field: str) -> str:
 
 
 def _legend_right(fig: Figure, rect, axes, title: str = "") -> None:
-    """One legend for a row of panels, in the strip at the right of the rectangle (see _axes legend_w)."""
+    """One legend for a row of panels, in the strip at the right of the rectangle (see axes_in legend_w)."""
     handles, labels = {}, []
     for ax in axes:
         for h, lbl in zip(*ax.get_legend_handles_labels()):
@@ -54,7 +54,7 @@ def _legend_right(fig: Figure, rect, axes, title: str = "") -> None:
                bbox_to_anchor=(left + width * (1 - LEGEND_W) + 0.005, bottom + height - 0.03))
 
 
-def _axes(fig: Figure, rect, ncols: int = 1, nrows: int = 1, wspace: float = 0.25, hspace: float = 0.45,
+def axes_in(fig: Figure, rect, ncols: int = 1, nrows: int = 1, wspace: float = 0.25, hspace: float = 0.45,
           legend_w: float = 0.0):
     left, bottom, width, height = rect
     gs = fig.add_gridspec(nrows, ncols, left=left + 0.045, right=left + width * (1 - legend_w) - 0.01,
@@ -217,12 +217,12 @@ def draw_accuracy_by_schedule(fig: Figure, rect, trials: pd.DataFrame, curves: p
     """Test accuracy vs iteration, one panel per schedule, one line (+ seed band) per cell."""
     schedules = [s for s in sorted_levels(trials["schedule"]) if s != "range_test"] if "schedule" in trials else ["all"]
     if not schedules:
-        ax = _axes(fig, rect)[0]
+        ax = axes_in(fig, rect)[0]
         empty(ax, "only LR range tests in this study (see the range test figure)")
         return
     ncols = min(2, len(schedules))
     nrows = math.ceil(len(schedules) / ncols)
-    axes = _axes(fig, rect, ncols=ncols, nrows=nrows)
+    axes = axes_in(fig, rect, ncols=ncols, nrows=nrows)
     for ax, sched in zip(axes, schedules):
         rows = trials[trials["schedule"] == sched] if "schedule" in trials else trials
         draw_curves(ax, rows, curves, list(dict.fromkeys(rows["cell"])), refs, title=f"schedule: {sched}")
@@ -231,7 +231,7 @@ def draw_accuracy_by_schedule(fig: Figure, rect, trials: pd.DataFrame, curves: p
 def draw_training_curves(fig: Figure, rect, trials: pd.DataFrame, curves: pd.DataFrame) -> None:
     """Training loss (top) and test accuracy (bottom) against step, epoch and training seconds: per cell the
     median over seeds at each evaluation step (x too: a cell's seeds share steps, not seconds), min-max band."""
-    axes = _axes(fig, rect, ncols=3, nrows=2, wspace=0.3, hspace=0.5, legend_w=LEGEND_W)
+    axes = axes_in(fig, rect, ncols=3, nrows=2, wspace=0.3, hspace=0.5, legend_w=LEGEND_W)
     cells = [c for c in dict.fromkeys(trials["cell"]) if (trials["cell"] == c).any()][:MAX_LINES]
     enc = encode(trials, cells)
     colors = enc.color
@@ -279,7 +279,7 @@ def draw_schedules(fig: Figure, rect, trials: pd.DataFrame, sched: pd.DataFrame)
     cells = list(dict.fromkeys(c for c in trials["cell"] if c in set(sched.get("cell", []))))[:MAX_LINES]
     if not panels or not cells:
         return
-    axes = _axes(fig, rect, ncols=len(panels), wspace=0.3, legend_w=LEGEND_W)
+    axes = axes_in(fig, rect, ncols=len(panels), wspace=0.3, legend_w=LEGEND_W)
     enc = encode(trials, cells)
     for cell in cells:
         c = sched[sched["cell"] == cell]
@@ -348,7 +348,7 @@ def draw_outcomes(fig: Figure, rect, trials: pd.DataFrame) -> None:
     label_w = max((text_width(cell_words(trials, c), 8) for c in cells), default=0) / fig.get_figwidth()
     steps_left = left + (width / 2 if show_batch else 0) + label_w + 0.02
     if show_batch:
-        draw_final_vs_batch(_axes(fig, (left, bottom, width / 2 - 0.02, height))[0], trials)
+        draw_final_vs_batch(axes_in(fig, (left, bottom, width / 2 - 0.02, height))[0], trials)
     draw_steps_to_target(fig.add_axes((steps_left, bottom + 0.06, left + width - 0.02 - steps_left, height - 0.09)),
                          trials)
 
@@ -443,7 +443,7 @@ def draw_claim(fig: Figure, rect, verdicts: list, trials: pd.DataFrame, curves: 
     """Left: the claim's comparison (per-trial outcomes by level); right: accuracy curves of its cells."""
     v = verdicts[0]
     rows = trials[trials["run_id"].isin({r for vv in verdicts for r in vv.run_ids})]
-    left, right = _axes(fig, rect, ncols=2, wspace=0.22)
+    left, right = axes_in(fig, rect, ncols=2, wspace=0.22)
     if v.claim_id == "SC3":
         draw_range_tests(left, rows, curves)
     else:

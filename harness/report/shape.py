@@ -47,10 +47,10 @@ def authors_logs_by_schedule(study: str) -> dict[str, list[tuple[str, int]]]:
 def draw_shapes(fig: Figure, rect, trials: pd.DataFrame, curves: pd.DataFrame,
                 logs: dict[str, list[tuple[str, int]]]) -> None:
     """One panel per schedule that both we and the authors ran: accuracy vs fraction of the run's own steps."""
-    from harness.report.figures import _axes, cell_words
+    from harness.report.figures import axes_in, cell_words
 
     schedules = [s for s in SCHEDULES if s in logs and (trials["schedule"] == s).any()]
-    axes = _axes(fig, rect, ncols=max(1, len(schedules)), wspace=0.3)
+    axes = axes_in(fig, rect, ncols=max(1, len(schedules)), wspace=0.3)
     palette = sns.color_palette("colorblind", 10)
     for ax, sched in zip(axes, schedules, strict=False):
         cells = list(dict.fromkeys(trials.loc[trials["schedule"] == sched, "cell"]))
