@@ -31,6 +31,7 @@ from harness import plan
 from harness import spec as specs
 from harness.analysis import claims
 from harness.analysis.results import load_study
+from harness.report import summary
 
 
 def shipped() -> list:
@@ -203,6 +204,8 @@ def test_with_enough_seeds_the_same_plans_reach_supported_and_contradicted(uri, 
         ev = claims.verdicts(res)
         assert_as_designed(written, ev)
         assert [v.verdict for v in ev.verdicts] == [expected(c, way)[0] for c in written.comparisons]
+        assert [t for t, _ in summary.summary_groups([v for v in ev.verdicts if not v.expectation])] == \
+            [summary.GROUPS[0]]
         assert {v.verdict for v in ev.verdicts if not v.expectation} == \
             {"supported" if way == "claimed" else "contradicted"}
 
@@ -241,3 +244,27 @@ def test_a_plan_that_says_null_finds_its_trials_at_every_scale(uri, study, expec
             v = by_line.get(c.line())
             assert v is not None, (scale, c.line(), ev.not_tested)
             assert (v.n_a, v.n_b) == (c.n_a, c.n_b) and min(v.n_a, v.n_b) >= 1, (scale, c.line(), v.evidence)
+
+
+@pytest.mark.parametrize("study", ["super_convergence", "negative_mnist"])
+def test_what_the_runs_say_places_every_verdict_once_by_its_own_range(uri, study):
+    """The report's 'What the runs say' (harness/report/summary.py) on verdicts from the store: each verdict in
+    exactly one group, by the rule's decision, else by whether its interval or every per-seed difference lies on
+    one side of 0; the runs written the claimed way at 3 seeds fill the one-way group."""
+    decided, one_way, split = summary.GROUPS
+    written, ev = evaluated(uri, study, "quick", "claimed")
+    groups = dict(summary.summary_groups(ev.verdicts))
+    placed = [v for vs in groups.values() for v in vs]
+    assert len(placed) == len(ev.verdicts) and {id(v) for v in placed} == {id(v) for v in ev.verdicts}
+    assert groups.get(one_way), [(v.planned, v.seed_low, v.seed_high) for v in ev.verdicts]
+    for title, vs in groups.items():
+        for v in vs:
+            lo, hi = (v.ci_low, v.ci_high) if v.ci_shown else (v.seed_low, v.seed_high)
+            if title == decided:
+                assert v.would_be in summary.DECIDED
+            else:
+                assert v.would_be not in summary.DECIDED
+                assert (lo > 0 or hi < 0) == (title == one_way), (v.planned, lo, hi)
+            line = summary.summary_line(v)
+            assert line.startswith(v.comparison_words or v.comparison) and "per seed " not in line
+            assert ("control, no difference expected" in line) == bool(v.expectation)

@@ -46,7 +46,7 @@ def test_report_supported_study(uri, tmp_path, capsys):
     pages = pdf_text(pdf)
     assert f"{len(pages)} pages" in printed and str(pdf) in printed and " s (loading" in printed
     assert 4 <= len(pages) <= 7
-    first = " ".join(" ".join(pages[:2]).split())      # page 1 and its continuation
+    first = " ".join(" ".join(pages[:3]).split())      # page 1 and its continuation (what the runs say, setup)
     for text in ("Does one cycle of a large cyclical learning rate", "SC1", "supported", "CLR 92.4 vs PC 91.2",
                  "92.44 vs 90.32", "CLR triangular 92.12% vs multistep 85.12%", "Welch t",
                  "quick scale", "2x CPU", HEAD[:16], "Setup", "Decision rule"):

@@ -17,7 +17,8 @@ harness.verdict.<claim>.<comparison slug> = "<verdict>: <observed difference>"; 
 longer in the plan are deleted. A store that refuses the writes costs one warning line, not the report.
 
 PDF layout: page 1 = the study's question, the verdict table (claim, paper says, we measured, verdict,
-evidence), claims not tested, the decision rule and the setup; then one section per tested claim (its
+evidence), claims not tested, what the runs say (the verdicts sorted by how firmly their runs point one way:
+report/summary.py), the decision rule and the setup; then one section per tested claim (its
 verdicts, a figure of the comparison next to the accuracy curves of its cells, the table of its cells);
 then the study's figures (test accuracy vs iteration per schedule with seed bands and the authors' matching
 curves, final accuracy vs total batch size, steps to target per cell, learning rate and momentum vs
@@ -47,7 +48,7 @@ from harness import REPO_ROOT, names
 from harness.analysis import claims as claims_mod
 from harness.analysis.results import RUN_CHOICES, StudyError, StudyResults, load_study, log_report, schedule_curves
 from harness.report import setup as rsetup
-from harness.report import shape
+from harness.report import shape, summary
 from harness.report.best_lr import BestLrSection, best_lr_section, markdown_section, pdf_section
 
 DECISION_RULE = claims_mod.DECISION_RULE  # one statement of the rule: the verdicts' own module
@@ -520,6 +521,13 @@ def _pdf_front_page(pdf, res: StudyResults, ev: claims_mod.Evaluation, tables: T
     for text in (_not_tested_text(ev), _excluded_text(ev)):
         if text:
             pdf.paragraph(text, size=FONT)
+    if ev.verdicts:
+        pdf.heading("What the runs say", size=11)
+        pdf.paragraph(summary.INTRO, size=FONT, color="0.3")
+        for title, vs in summary.summary_groups(ev.verdicts):
+            pdf.heading(f"{title} ({len(vs)})", size=9.5, keep_with=0.5)
+            for v in vs:
+                pdf.paragraph(f"- {summary.summary_line(v)}", size=FONT, indent=0.15)
     pdf.heading("The paper's setup vs this run", size=11)
     pdf.paragraph(f"Paper-scale column: {tables.paper_source}. {rsetup.PAPER_SOURCE} This run: the trials' typed "
                   "configs.", size=FONT, color="0.3")
@@ -652,6 +660,10 @@ def markdown(res: StudyResults, ev: claims_mod.Evaluation, tables: Tables, file_
     for text in (_not_tested_text(ev), _excluded_text(ev)):
         if text:
             out += [text, ""]
+    if ev.verdicts:
+        out += ["## What the runs say", "", summary.INTRO, ""]
+        for title, vs in summary.summary_groups(ev.verdicts):
+            out += [f"### {title} ({len(vs)})", "", *[f"- {summary.summary_line(v)}" for v in vs], ""]
     out += ["## The paper's setup vs this run", "",
             f"Paper-scale column: {tables.paper_source}. {rsetup.PAPER_SOURCE}", "",
             _md_table(rsetup.columns(ev.scale), tables.paper_vs_run), "",
