@@ -246,7 +246,7 @@ def test_a_plan_that_says_null_finds_its_trials_at_every_scale(uri, study, expec
             assert (v.n_a, v.n_b) == (c.n_a, c.n_b) and min(v.n_a, v.n_b) >= 1, (scale, c.line(), v.evidence)
 
 
-@pytest.mark.parametrize("study", ["super_convergence", "negative_mnist"])
+@pytest.mark.parametrize("study", ["activation_mystery", "negative_mnist"])
 def test_what_the_runs_say_places_every_verdict_once_by_its_own_range(uri, study):
     """The report's 'What the runs say' (harness/report/summary.py) on verdicts from the store: each verdict in
     exactly one group, by the rule's decision, else by whether its interval or every per-seed difference lies on
@@ -268,3 +268,16 @@ def test_what_the_runs_say_places_every_verdict_once_by_its_own_range(uri, study
             line = summary.summary_line(v)
             assert line.startswith(v.comparison_words or v.comparison) and "per seed " not in line
             assert ("control, no difference expected" in line) == bool(v.expectation)
+
+
+def test_claim_sections_have_headings_that_tell_them_apart(uri):
+    """negative_mnist asks one question in 22 comparisons: each report section's heading names its comparisons in
+    words and no two headings are the same."""
+    from harness.report import build
+
+    _, ev = evaluated(uri, "negative_mnist", "quick", "claimed")
+    sections = build.section_titles(build.verdict_groups(ev))
+    titles = [t for _, t in sections]
+    assert len(sections) > 1 and len(set(titles)) == len(titles), titles
+    for vs, title in sections:
+        assert all((v.comparison_words or v.comparison) in title for v in vs), title

@@ -464,6 +464,26 @@ def verdict_groups(ev: claims_mod.Evaluation) -> list[list]:
     return groups
 
 
+def section_title(vs: list) -> str:
+    """A claim section's heading: its claims, their statements, and the comparisons it holds in words (a study
+    with many comparisons of one claim gets headings that tell its sections apart)."""
+    ids = list(dict.fromkeys(v.claim_id for v in vs))
+    words = list(dict.fromkeys(v.comparison_words or v.comparison for v in vs))
+    return (" and ".join(ids) + ": " + "; ".join(claims_mod.CLAIMS.get(c, claims_mod.QUESTION).statement for c in ids)
+            + " - " + "; ".join(words))
+
+
+def section_titles(groups: list[list]) -> list[tuple[list, str]]:
+    """(verdicts, heading) per section; a heading that repeats an earlier one says which part it is."""
+    seen: dict[str, int] = {}
+    out = []
+    for vs in groups:
+        title = section_title(vs)
+        seen[title] = seen.get(title, 0) + 1
+        out.append((vs, title if seen[title] == 1 else f"{title} (part {seen[title]})"))
+    return out
+
+
 def _not_tested_text(ev: claims_mod.Evaluation) -> str:
     if not ev.not_tested:
         return ""
@@ -549,11 +569,10 @@ def _pdf_claim_sections(pdf, ev: claims_mod.Evaluation, tables: Tables, t: pd.Da
     from harness.report import figures as figs
 
     shown_cells: set[str] = set()
-    for vs in verdict_groups(ev):
+    for vs, title in section_titles(verdict_groups(ev)):
         pdf.section(min_room=3.0)
         ids = list(dict.fromkeys(v.claim_id for v in vs))
-        pdf.heading(" and ".join(ids) + ": " + "; ".join(
-            claims_mod.CLAIMS.get(c, claims_mod.QUESTION).statement for c in ids), size=12)
+        pdf.heading(title, size=12)
         for cid in ids:
             claim = claims_mod.CLAIMS.get(cid, claims_mod.QUESTION)
             pdf.paragraph(f"{cid} paper setup: {claim.setup}.", size=FONT)
@@ -671,10 +690,9 @@ def markdown(res: StudyResults, ev: claims_mod.Evaluation, tables: Tables, file_
     out += [f"- {d}" for d in tables.deviations or ["none declared"]] + ["", DECISION_RULE, ""]
     out += ["## Setup and provenance", "", _md_table(["", ""], tables.setup), ""]
     shown: set[str] = set()
-    for vs in verdict_groups(ev):
+    for vs, title in section_titles(verdict_groups(ev)):
         ids = list(dict.fromkeys(v.claim_id for v in vs))
-        out += [f"## {' and '.join(ids)}: " + "; ".join(claims_mod.CLAIMS.get(c, claims_mod.QUESTION).statement
-                                                       for c in ids), ""]
+        out += [f"## {title}", ""]
         for cid in ids:
             out += [f"{cid} paper setup: {claims_mod.CLAIMS.get(cid, claims_mod.QUESTION).setup}.", ""]
         columns, rows, _ = verdict_details(vs)
