@@ -260,6 +260,8 @@ def test_what_the_runs_say_places_every_verdict_once_by_its_own_range(uri, study
     for title, vs in groups.items():
         for v in vs:
             lo, hi = (v.ci_low, v.ci_high) if v.ci_shown else (v.seed_low, v.seed_high)
+            if not math.isnan(v.margin):
+                lo, hi = sorted((lo * v.direction + v.margin, hi * v.direction + v.margin))
             if title == decided:
                 assert v.would_be in summary.DECIDED
             else:
@@ -281,3 +283,14 @@ def test_claim_sections_have_headings_that_tell_them_apart(uri):
     assert len(sections) > 1 and len(set(titles)) == len(titles), titles
     for vs, title in sections:
         assert all((v.comparison_words or v.comparison) in title for v in vs), title
+
+
+def test_a_non_inferiority_verdict_is_placed_by_its_margin(uri):
+    """SC1's 'reaches' (not worse by more than 0.5 pp): a range from -7 to -0.4 pp straddles the margin; one wholly
+    beyond it points one way (worse), one wholly within it the other."""
+    import dataclasses
+
+    _, ev = evaluated(uri, "negative_mnist", "quick", "claimed")
+    base = dataclasses.replace(ev.verdicts[0], margin=0.005, direction=1, ci_low=math.nan, ci_high=math.nan)
+    for low, high, way in ((-0.07, -0.004, 0), (-0.07, -0.006, -1), (-0.004, 0.01, 1)):
+        assert summary.one_way(dataclasses.replace(base, seed_low=low, seed_high=high)) == way, (low, high)

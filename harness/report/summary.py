@@ -15,19 +15,24 @@ import math
 
 DECIDED = ("supported", "contradicted")
 GROUPS = ("Decided by the rule",
-          "Every unit points the same way, too few units for the rule to decide",
-          "The units disagree or tie")
-INTRO = ("The verdicts above, sorted by how firmly their runs point one way: what the rule decided, what every seed "
-         "shows but too few seeds cannot decide, and what the seeds do not agree on. A control expects no difference "
-         "and says whether that held.")
+          "Every seed (or the interval) on one side, not decided by the rule",
+          "Seeds (or the interval) on both sides, or tied")
+INTRO = ("The verdicts above, sorted by how firmly their runs point one way: what the rule decided; where every seed "
+         "(with 5 or more per arm: the interval) lies on one side of 0 (of the margin, for a non-inferiority "
+         "comparison) but the rule did not decide, as at 3 seeds per arm, where no exact test reaches p < 0.05; and "
+         "where they lie on both sides. A control expects no difference and says whether that held.")
 
 
 def one_way(v) -> int:
     """+1 / -1 when the interval (5+ units per arm) or every per-unit difference (fewer) lies above / below 0
-    (arm A minus arm B), 0 when it includes 0 or there is none."""
+    (arm A minus arm B), 0 when it includes 0 or there is none. A non-inferiority comparison reads its margin
+    instead of 0: +1 when all of it is within the margin, -1 when all of it is beyond."""
     lo, hi = (v.ci_low, v.ci_high) if v.ci_shown else (v.seed_low, v.seed_high)
     if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
         return 0
+    if not math.isnan(v.margin):      # in the claimed direction, A may be worse than B by at most the margin
+        lo, hi = sorted((lo * (v.direction or 1), hi * (v.direction or 1)))
+        lo, hi = lo + v.margin, hi + v.margin
     return 1 if lo > 0 else -1 if hi < 0 else 0
 
 
