@@ -67,3 +67,33 @@ def test_tunes_resume_hint_after_ctrl_c_goes_to_the_log_not_the_console(tmp_path
     captured = capfd.readouterr()
     assert "Tuner.restore" not in captured.out + captured.err
     assert "Resume experiment with: Tuner.restore" in log.read_text()
+
+
+def test_an_actor_stopped_by_sigterm_leaves_one_log_line_not_a_console_traceback(tmp_path, capfd, monkeypatch):
+    """Ray's SIGTERM handler raises SystemExit in a stopped trial driver; inside a weakref callback Python would print
+    'Exception ignored in ... Traceback ... SystemExit: 1' on the study's console. After quiet_console it is one line
+    in the log; any other unraisable exception still reaches stderr with its traceback."""
+    import gc
+
+    from harness.study import console
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    log = tmp_path / "harness.log"
+    console.quiet_console(str(log))
+
+    class Raises:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def __del__(self):
+            raise self.exc
+
+    Raises(SystemExit(1))
+    gc.collect()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "SystemExit" not in err, err
+    assert "process stopped (SystemExit 1)" in log.read_text()
+    Raises(ValueError("a real error"))
+    gc.collect()
+    err = capfd.readouterr().err
+    assert "Traceback" in err and "ValueError: a real error" in err, err

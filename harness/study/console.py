@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import sys
 from pathlib import Path
 
 # Lines that are neither the harness's nor Tune's table go to <storage>/<experiment>/harness.log, not the terminal:
@@ -21,6 +22,8 @@ NOISY_LOGGERS = (
     # Tune's "Experiment has been interrupted ... Resume experiment with: Tuner.restore(...)" after Ctrl-C (and its
     # other run-level lines): the harness prints its own way to continue (--resume)
     "ray.tune.tune",
+    # a Ray actor stopped at the end of a study (see _stopped_actor_to_log)
+    "harness.study.stopped",
 )
 _HELD = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)  # until the log exists
 
@@ -29,6 +32,7 @@ def quiet_console(log_path: str | None = None, *more_loggers: str) -> None:
     """Route NOISY_LOGGERS (and more_loggers) to log_path, appended, and nowhere else; without a path, hold their
     records in memory until a later call names the file (the experiment folder is known only after ray.init)."""
     logging.captureWarnings(True)
+    sys.unraisablehook = _stopped_actor_to_log
     handler = _HELD
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)  # another node's first process there
@@ -44,6 +48,18 @@ def quiet_console(log_path: str | None = None, *more_loggers: str) -> None:
     if log_path and _HELD.buffer:
         _HELD.setTarget(handler)
         _HELD.flush()
+
+
+def _stopped_actor_to_log(unraisable) -> None:
+    """sys.unraisablehook: when Ray stops an actor (a trial driver at the end of its study) its SIGTERM handler raises
+    SystemExit; landing inside a weakref callback, Python prints "Exception ignored in ... SystemExit: 1" with a
+    traceback on the study's console. That is the actor being stopped, not an error: one line to the log file.
+    Every other unraisable exception goes to Python's own hook."""
+    if issubclass(unraisable.exc_type, SystemExit):
+        logging.getLogger("harness.study.stopped").info(
+            "process stopped (SystemExit %s) while in %r", unraisable.exc_value, unraisable.object)
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 class _DivertChatter(logging.Filter):
