@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from harness import REPO_ROOT, names, plan
+from harness import REPO_ROOT, names, plan, references
 from harness.config import FIELDS, ConfigError, Fraction, TrialConfig, one_line, suggest
 
 STUDIES_DIR = REPO_ROOT / "studies"
@@ -62,6 +62,7 @@ class Trial:
     naming: tuple[str, ...] = ()
     declared: TrialConfig | None = None  # the study file's config where the runner resolved part of it (a max LR
                                          # from a finder study): the name and key follow it, so they stay put
+    reference: str | None = None         # paper scale: the reference run its cell reproduces (harness.references)
 
     @property
     def cell_fields(self) -> tuple[str, ...]:
@@ -188,6 +189,13 @@ class Resources(BaseModel):
     placement: Literal[PLACEMENTS] = None
 
 
+class ReferenceRule(BaseModel):
+    """`scales.paper.references[i]`: the trials whose fields equal `where` reproduce reference run `run`."""
+    model_config = _SCHEMA
+    where: dict[str, Any] = {}
+    run: str
+
+
 class Scale(BaseModel):
     """`scales.<scale>`: overrides of the study's sections, the throughput of the cost estimate, deviations."""
     model_config = _SCHEMA
@@ -199,6 +207,7 @@ class Scale(BaseModel):
     target_acc: Fraction = None
     images_per_s: float = Field(None, gt=0, description="must be a positive number")
     deviations: list[str] = Field(None, description="must be a list of sentences")
+    references: list[ReferenceRule] = Field(None, description="must be a list of {where: {field: value}, run: NAME}")
 
 
 class Study(BaseModel):
@@ -261,7 +270,27 @@ def at_scale(spec: dict, scale: str) -> dict:
     out["lr_scales"] = over.get("lr_scales", spec.get("lr_scales", [1.0]))
     out["images_per_s"] = over.get("images_per_s")
     out["deviations"] = list(over.get("deviations", []))
+    out["references"] = list(over.get("references") or [])
     return out
+
+
+def reference_of(config: dict, rules: list[dict]) -> str | None:
+    """The run of the first `references` rule whose `where` the config matches (numbers compared as numbers)."""
+    for rule in rules:
+        if all(same(config.get(k), v) for k, v in (rule.get("where") or {}).items()):
+            return rule["run"]
+    return None
+
+
+def same(a, b) -> bool:
+    """Equal as config values: numbers to 1e-9 relative (an int is its float), lists and tuples alike."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
+    return a == b
 
 
 def trials(spec: dict, scale: str, where: str = "study", workers: int | None = None) -> list[Trial]:
@@ -296,7 +325,27 @@ def trials(spec: dict, scale: str, where: str = "study", workers: int | None = N
             used.append(k)
     if distinct(used) < len(built):
         raise SpecError(f"{where}: scale {scale}: two trials have the same config (duplicate grid values)")
-    return [Trial(spec["name"], scale, world, cfg, tuple(used)) for cfg in built]
+    refs = [reference_of(cfg.to_dict(), r["references"]) for cfg in built]
+    if scale == "paper":
+        _check_references(built, refs, r["references"], where)
+    return [Trial(spec["name"], scale, world, cfg, tuple(used), reference=ref) for cfg, ref in zip(built, refs)]
+
+
+def _check_references(built: list[TrialConfig], refs: list[str | None], rules: list[dict], where: str) -> None:
+    """Every paper-scale trial reproduces a known reference run, and every rule is used."""
+    known = references.names()
+    for rule in rules:
+        if rule["run"] not in known:
+            raise SpecError(f"{where}: scale paper: unknown reference run '{rule['run']}'"
+                            f"{suggest(rule['run'], known)}; python -m harness.references lists the known runs")
+        if rule["run"] not in refs:
+            raise SpecError(f"{where}: scale paper: references rule {rule} matches no trial")
+    for cfg, ref in zip(built, refs):
+        if ref is None:
+            fields = {k: cfg.to_dict()[k] for k in ("model", "dataset", "schedule", "batch_size", "max_lr")}
+            raise SpecError(f"{where}: scale paper: trial {fields} names no reference run; every paper-scale cell "
+                            f"says which run it reproduces (scales.paper.references: [{{where: {{field: value}}, "
+                            f"run: NAME}}])")
 
 
 def _varying_fields(axes: list[list[dict]]) -> list[str]:

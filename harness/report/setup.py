@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from harness import names
+from harness import deviations as deviations_mod
+from harness import names, references
 from harness import spec as specs
 from harness.config import TrialConfig
 
@@ -125,10 +126,11 @@ def _lrs(c: dict) -> str:
 
 
 def _momentum(c: dict) -> str:
-    cycles = c.get("cycle_momentum") and c["schedule"] in ("triangular", "triangular2", "one_cycle", "one_cycle_cos")
+    cycles = c.get("cycle_momentum") and c["schedule"] in deviations_mod.CYCLING
     mom = f"cyclical {_v('', c['max_momentum'])} to {_v('', c['min_momentum'])}" if cycles \
         else f"{_v('', c['momentum'])}"
-    return f"{c['optimizer']}, momentum {mom}, weight decay {_v('', c['weight_decay'])}"
+    solver = f"{c['optimizer']} (Nesterov)" if c.get("nesterov") else c["optimizer"]
+    return f"{solver}, momentum {mom}, weight decay {_v('', c['weight_decay'])}"
 
 
 def _bn_batch(c: dict, workers: int | None) -> str:
@@ -151,10 +153,11 @@ def _tuning(spec: dict | None, configs: list[dict]) -> str:
     return f"{text}; LR scales {', '.join(f'x{s:g}' for s in scales)}" if configs else "n/a"
 
 
-COLUMNS = ["setting", "this study's paper scale", "the paper (claims.md)"]   # + "this run (SCALE scale)"
+COLUMNS = ["setting", "this study's paper scale", "the reference runs"]   # + "this run (SCALE scale)"
 WIDTHS = [1.35, 3.3, 2.75, 3.3]
-PAPER_SOURCE = ("Paper column: the claims table's setup of the study's claims and the setups of the authors' logs "
-                "that document them (harness/analysis/reference/index.csv); '-' where they say nothing.")
+PAPER_SOURCE = ("Reference column: the runs the paper scale's cells name (the authors' logs, or the claims table's "
+                "setups as typed records; harness.references), in the same words as the other columns; for a study "
+                "file that names none, the setups of the authors' logs that document its claims.")
 
 
 def columns(scale: str) -> list[str]:
@@ -222,6 +225,7 @@ def paper_vs_run(paper: list[dict], run: list[dict], run_spec: dict | None, pape
                  workers: int | None = None, paper_workers: int | None = None) -> list[list[str]]:
     """Rows [setting, this study's paper scale, the paper (claims.md), this run]; the claims are the spec's."""
     ref = paper_rows(paper_reference((run_spec or {}).get("claims") or (paper_spec or {}).get("claims")))
+    referenced = reference_configs(paper_spec)
     rows = [
         ("claims and their setup", None),
         ("data and training images", lambda cs: _distinct(cs, _data)),
@@ -249,18 +253,42 @@ def paper_vs_run(paper: list[dict], run: list[dict], run_spec: dict | None, pape
             p, r = _tuning(paper_spec, paper), _tuning(run_spec, run)
         else:
             p, r = fn(paper), fn(run)
-        out.append([label, p if paper else "n/a (no paper scale)", ref.get(label, "-"), r])
+        if referenced and label not in ("claims and their setup", "LR tuning"):  # the cells' own reference runs
+            them = _distinct(referenced, lambda c: _bn_batch(c, None)) if label == "BN statistics over" else \
+                fn(referenced) if fn is not _seeds else f"one run per setup ({len(set(map(str, referenced)))})"
+        else:
+            them = ref.get(label, "-")
+        out.append([label, p if paper else "n/a (no paper scale)", them, r])
     return out
 
 
+def reference_configs(paper_spec: dict | None) -> list[dict]:
+    """The typed configs of the reference runs the paper scale's cells name (harness.references), one per cell;
+    [] when the spec names none (a study file older than the references)."""
+    try:
+        trials = specs.trials(paper_spec, "paper") if paper_spec else []
+    except specs.SpecError:
+        return []
+    names_ = list(dict.fromkeys(t.reference for t in trials if t.reference))
+    return [TrialConfig.from_dict(deviations_mod.reference_config(references.load(n))).to_dict() for n in names_]
+
+
 def deviations(logged: dict | None, study_spec: dict | None, scale: str) -> tuple[list[str], str]:
-    """(the scale's declared deviations from the authors' setup, where they were read)."""
-    if logged and logged.get("deviations") is not None:
-        return list(logged["deviations"]), "declared in the study spec logged with this run"
-    body = ((study_spec or {}).get("scales") or {}).get(scale) or {}
-    if body.get("deviations"):
-        return list(body["deviations"]), "declared in the study file (the logged spec has none)"
-    return [], "none declared"
+    """(the scale's deviations from the authors' setup, where they were read): computed field by field from the
+    study file the run logged (harness.deviations: the paper scale against each cell's reference run, a reduced
+    scale against the paper scale), then the scale's declared free text for what no field says."""
+    spec = (logged or {}).get("study_file") or study_spec
+    declared = (list(logged["deviations"]) if logged and logged.get("deviations") is not None else
+                list((((study_spec or {}).get("scales") or {}).get(scale) or {}).get("deviations") or []))
+    try:
+        computed = deviations_mod.for_scale(spec, scale) if spec else []
+        where = ("computed from the study file logged with this run" if (logged or {}).get("study_file")
+                 else "computed from the study file")
+    except specs.SpecError as e:  # a study file older than the references: say so, keep its declared list
+        computed, where = [], f"not computed ({e})"
+    if declared:
+        where += "; then the scale's declared deviations"
+    return [*computed, *(" ".join(d.split()) for d in declared)], where
 
 
 def provenance(parent: dict) -> str:

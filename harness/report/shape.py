@@ -8,8 +8,8 @@ dataset, net, batch, peak LR and steps), so its curves cannot be laid over their
 What the axes do allow is the shape: test accuracy against the fraction of each run's own iterations, ours
 (median over seeds, min-max band) in colour and line style, the authors' Caffe log of the same study at its
 paper scale as a thick pale line (as in the report's other figures).
-The authors' logs are the ones the study's own paper-scale cells match (the study file names the setup;
-nothing here picks a log by hand), grouped by schedule.
+The authors' logs are the ones the study's own paper-scale cells name as their reference runs (the study file's
+`scales.paper.references`; nothing here picks a log by hand), grouped by schedule.
 """
 
 from __future__ import annotations
@@ -21,26 +21,25 @@ from matplotlib.figure import Figure
 from harness import spec as spec_mod
 from harness.analysis import caffe_logs
 
-SCHEDULES = ("triangular", "one_cycle", "multistep", "constant")  # the ones whose shapes are worth a panel
+SCHEDULES = ("triangular", "one_cycle", "caffe_1cycle", "multistep", "constant")  # the ones whose shapes are worth a panel
 LINE_STYLES = ("-", "-.", ":", (0, (5, 1)))
 
 
 def authors_logs_by_schedule(study: str) -> dict[str, list[tuple[str, int]]]:
-    """schedule -> [(log name, the log's steps)] over the study's paper-scale cells that match an authors' log."""
+    """schedule -> [(log name, the log's steps)]: the logs that the study's paper-scale cells name as their
+    reference runs (`scales.paper.references`; a record derived from a log is not that log's run, so not drawn)."""
     try:
         trials = spec_mod.trials(spec_mod.load_spec(study), "paper")
     except (spec_mod.SpecError, FileNotFoundError):
         return {}
     index = caffe_logs.load_index()
+    logged = dict(zip(index["file"], index["last_iteration"])) if not index.empty else {}
     out: dict[str, list[tuple[str, int]]] = {}
-    keys = ("dataset", "model", "schedule", "batch_size", "base_lr", "max_lr", "lr_scale", "steps", "optimizer",
-            "nesterov", "momentum", "weight_decay", "train_size")
     for t in trials:
-        cfg = t.config.to_dict()
-        for name in caffe_logs.match_reference({k: cfg.get(k) for k in keys}, index):
-            entry = (name, int(cfg["steps"]))
-            if entry not in out.setdefault(cfg["schedule"], []):
-                out[cfg["schedule"]].append(entry)
+        if t.reference in logged:
+            entry = (t.reference, int(t.config.steps))
+            if entry not in out.setdefault(t.config.schedule, []):
+                out[t.config.schedule].append(entry)
     return out
 
 

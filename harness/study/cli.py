@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import deviations
 from harness import spec as specs
 from harness.config import ConfigError, TrialConfig
 from harness.study import cluster, lr_from_finder, tracking
@@ -107,6 +108,7 @@ def _main(args: argparse.Namespace) -> int:
 
     if args.dry_run:
         dry_run(resolved, trials)
+        print_deviations(spec, resolved)
         print_plan(resolved, trials)
         return 0
     if not address and (problem := _missing_data(trials)):  # on a cluster the workers' disks count, not ours
@@ -401,6 +403,20 @@ def dry_run(resolved: dict, trials: list[specs.Trial]) -> None:
     print(f"\nat {c.images_per_s:,.0f} images/s per trial ({c.source}): {_hours(c.trial_hours, 'trial')} = "
           f"{_hours(c.device_hours, c.kind)} ({res['workers']} workers x "
           f"{res['gpus_per_worker'] or res['cpus_per_worker']:g} {c.kind} each); evaluation not included")
+
+
+def print_deviations(spec: dict, resolved: dict) -> None:
+    """The scale's deviations: computed field by field (harness.deviations), then the study file's free text."""
+    scale = resolved["scale"]
+    against = "each cell's reference run" if scale == "paper" else "the paper scale"
+    computed = deviations.for_scale(spec, scale, workers=resolved["resources"]["workers"])
+    print(f"\ndeviations from {against} (computed from the configs, field by field):")
+    for line in computed or ["none"]:
+        print(f"  {line}")
+    if resolved["deviations"]:
+        print("deviations no trial field can say (the study file's words):")
+        for line in resolved["deviations"]:
+            print(f"  {' '.join(line.split())}")
 
 
 def print_plan(resolved: dict, trials: list[specs.Trial]) -> None:
