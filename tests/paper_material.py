@@ -265,6 +265,11 @@ def check(shared: Path) -> list[str]:
                 rel = fresh.relative_to(d)
                 if not (FIXTURES / rel).is_file() or not filecmp.cmp(fresh, FIXTURES / rel, shallow=False):
                     problems.append(f"{rel}: differs from a fresh derivation")
+    for name in DA_PROTOTXTS:  # a committed table must read back as the parsed prototxt, field for field
+        table = FIXTURES / f"da_{name}.csv"
+        if table.is_file() and read_layer_table(table, DA_FIELDS) != \
+                parse_prototxt(shared / f"paper/da-config/architectures/{name}.prototxt"):
+            problems.append(f"da_{name}.csv reads back differently from its prototxt")
     for name in LOG_EXCERPTS:  # an excerpt must parse exactly like its whole log
         whole = caffe_logs.parse_log(shared / f"paper/caffe-logs/{name}.log.gz")
         part = caffe_logs.parse_log(FIXTURES / "caffe-logs" / f"{name}.log.gz")
