@@ -1,7 +1,9 @@
 """The networks: the authors' Caffe ResNets, Caffe's cifar10_full and LeNet, a pre-activation ResNet, MLPs
 and a tiny CNN.
 
-`build_model(cfg, in_channels, num_classes, image_size)` is the one entry point the trainer uses.
+`build_model(cfg, in_channels, num_classes, image_size)` is the one entry point the trainer uses; it also builds
+the disciplined-approach author's nets (da_models.py). Caffe's BatchNorm and fillers, which both files' Caffe nets
+use, are in caffe_layers.py.
 Every model uses all of its parameters in every forward pass (DDP needs no `find_unused_parameters`)
 and is initialised only from torch's global RNG (same `torch.manual_seed` -> same weights).
 
