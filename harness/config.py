@@ -33,6 +33,7 @@ MODELS = (
     "preact_resnet20", "preact_resnet56", "preact_resnet110",  # pre-activation, projection shortcuts
     "mlp", "small_cnn",
     "caffe_cifar10_full", "caffe_lenet",                    # BVLC Caffe's example nets (CLR paper; MNIST LeNet)
+    "gresnet56", "c100resnet56", "wide32", "densenet40",    # the DA author's Caffe nets (trial/da_models.py)
 )
 MLP_ACTIVATIONS = ("relu", "tanh", "sigmoid", "square400", "square1", "square20")  # squareC: x * x * C
 TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000, "mnist": 60000, "fashion_mnist": 60000,  # full training sets

@@ -2,6 +2,8 @@
 from it and committed in tests/fixtures/, so a fresh clone passes its own tests.
 
     tests/fixtures/caffe_resnet{20,56,110}.csv   the prototxt layers (TRAIN net) as parsed by `parse_prototxt`
+    tests/fixtures/da_NAME.csv                    the same for the DA author's da-config/architectures/NAME.prototxt
+                                                  (with the fields DA_FIELDS adds: filler std, dropout, pooling, LRN)
     tests/fixtures/claims_table.md                the claims table of claims.md, verbatim
     tests/fixtures/caffe-logs/NAME.log.gz         a few Caffe logs: every line the parser reads, nothing else
     tests/fixtures/mnist/*-idx?-ubyte.gz          the first MNIST images, in MNIST's own IDX format
@@ -27,6 +29,8 @@ from pathlib import Path
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHARED = Path(os.environ.get("HARNESS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 DEPTHS = (20, 56, 110)
+# The disciplined-approach author's nets (harness/trial/da_models.py; cifar100 is caffe_cifar10_full with 100 outputs)
+DA_PROTOTXTS = ("gResnet56", "c100Resnet56", "wide32cifar", "genDensenet40", "cifar100")
 # The logs the tests name (claims numbers, setups, one of each schedule kind), each a few hundred lines.
 LOG_EXCERPTS = ("clr3SS5kFig1a", "clr3SS5kRes110Tab1", "range3Iter20kFig2b", "lr35Fig1a")
 MNIST_TRAIN, MNIST_TEST = 200, 50
@@ -45,15 +49,35 @@ def shared_path(relative: str) -> Path | None:
 
 # ------------------------------------------------------------------------------------------------ prototxt
 # A tiny prototxt reader: enough for Data, Convolution, BatchNorm, Scale, ReLU, Pooling, Eltwise, DummyData,
-# Concat and InnerProduct. List-valued fields are JSON in the CSV.
+# Concat, InnerProduct, Dropout and LRN. List-valued fields are JSON in the CSV. The DA tables also keep DA_FIELDS'
+# extras: the gaussian filler's std, Dropout's ratio, global pooling and the LRN's [local_size, alpha, beta, region].
 LAYER_FIELDS = ("name", "type", "bottom", "top", "num_output", "kernel_size", "stride", "pad", "pool", "bias_term",
                 "weight_filler", "dims", "moving_average_fraction", "mults")
-_LISTS = ("bottom", "top", "dims", "moving_average_fraction", "mults")
+DA_FIELDS = (*LAYER_FIELDS, "std", "dropout_ratio", "global_pooling", "lrn")
+_LISTS = ("bottom", "top", "dims", "moving_average_fraction", "mults", "lrn")
 
 
 def _int(block: str, key: str, default: int) -> int:
     m = re.search(rf"\b{key}:\s*(\d+)", block)
     return int(m.group(1)) if m else default
+
+
+def _float(block: str, key: str) -> float | None:
+    m = re.search(rf"\b{key}:\s*([-+\d.eE]+)", block)
+    return float(m.group(1)) if m else None
+
+
+def _lrn(block: str) -> list:
+    """[local_size, alpha, beta, norm_region] of an LRN layer with Caffe's defaults (5, 1, 0.75, ACROSS_CHANNELS)."""
+    region = re.search(r"norm_region:\s*(\w+)", block)
+    alpha, beta = _float(block, "alpha"), _float(block, "beta")
+    return [_int(block, "local_size", 5), 1.0 if alpha is None else alpha, 0.75 if beta is None else beta,
+            region.group(1) if region else "ACROSS_CHANNELS"]
+
+
+def _dropout_ratio(block: str) -> float:
+    ratio = _float(block, "dropout_ratio")
+    return 0.5 if ratio is None else ratio  # Caffe's default
 
 
 def parse_prototxt(path: Path) -> list[dict]:
@@ -64,10 +88,12 @@ def parse_prototxt(path: Path) -> list[dict]:
         if phase and phase.group(1) == "TEST":
             continue  # the TEST copies of the data and BatchNorm layers
         filler = re.search(r"weight_filler\s*\{\s*type:\s*\"(\w+)\"", block)
+        filler_block = re.search(r"weight_filler\s*\{(.*?)\}", block, flags=re.DOTALL)
+        kind = re.search(r"type:\s*\"(\w+)\"", block).group(1)
         bias_term = re.search(r"bias_term:\s*(\w+)", block)
         layers.append({
             "name": re.search(r"name:\s*\"(.*?)\"", block).group(1),
-            "type": re.search(r"type:\s*\"(\w+)\"", block).group(1),
+            "type": kind,
             "bottom": re.findall(r"bottom:\s*\"(.*?)\"", block),
             "top": re.findall(r"top:\s*\"(.*?)\"", block),
             "num_output": _int(block, "num_output", 0),
@@ -82,27 +108,37 @@ def parse_prototxt(path: Path) -> list[dict]:
             # [lr_mult, decay_mult] per `param { }` block; Caffe's defaults are 1 and 1
             "mults": [[float(_int(p, "lr_mult", 1)), float(_int(p, "decay_mult", 1))]
                       for p in re.findall(r"\bparam\s*\{(.*?)\}", block, flags=re.DOTALL)],
+            "std": _float(filler_block.group(1), "std") if filler_block else None,
+            "dropout_ratio": _dropout_ratio(block) if kind == "Dropout" else None,
+            "global_pooling": bool(re.search(r"global_pooling:\s*true", block)),
+            "lrn": _lrn(block) if kind == "LRN" else [],
         })
     return layers
 
 
-def write_layer_table(layers: list[dict], path: Path) -> None:
+def write_layer_table(layers: list[dict], path: Path, fields: tuple[str, ...] = LAYER_FIELDS) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(LAYER_FIELDS)
+        w.writerow(fields)
         for L in layers:
             w.writerow([json.dumps(L[k], separators=(",", ":")) if k in _LISTS else
-                        ("" if L[k] is None else L[k]) for k in LAYER_FIELDS])
+                        ("" if L[k] is None else L[k]) for k in fields])
 
 
-def read_layer_table(path: Path) -> list[dict]:
+def read_layer_table(path: Path, fields: tuple[str, ...] = LAYER_FIELDS) -> list[dict]:
+    """The layers `write_layer_table` wrote, typed as `parse_prototxt` gives them (for the fields the table has)."""
     layers = []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            L = {k: json.loads(row[k]) if k in _LISTS else row[k] for k in LAYER_FIELDS}
+            L = {k: json.loads(row[k]) if k in _LISTS else row[k] for k in fields}
             for k in ("num_output", "kernel_size", "stride", "pad"):
                 L[k] = int(L[k])
-            L["bias_term"] = L["bias_term"] == "True"
+            for k in ("bias_term", "global_pooling"):
+                if k in L:
+                    L[k] = L[k] == "True"
+            for k in ("std", "dropout_ratio"):
+                if k in L:
+                    L[k] = float(L[k]) if L[k] else None
             L["pool"] = L["pool"] or None
             L["weight_filler"] = L["weight_filler"] or None
             layers.append(L)
@@ -113,6 +149,13 @@ def caffe_layers(depth: int) -> list[dict]:
     """The TRAIN net of Resnet{depth}Cifar.prototxt: parsed from ../shared, else the committed table."""
     proto = shared_path(f"paper/caffe-config/Resnet{depth}Cifar.prototxt")
     return parse_prototxt(proto) if proto else read_layer_table(FIXTURES / f"caffe_resnet{depth}.csv")
+
+
+def da_layers(name: str) -> list[dict]:
+    """The TRAIN net of da-config/architectures/NAME.prototxt (one of DA_PROTOTXTS): parsed from ../shared, else the
+    committed table."""
+    proto = shared_path(f"paper/da-config/architectures/{name}.prototxt")
+    return parse_prototxt(proto) if proto else read_layer_table(FIXTURES / f"da_{name}.csv", DA_FIELDS)
 
 
 # ------------------------------------------------------------------------------------------------ claims.md
@@ -189,6 +232,9 @@ def derive(shared: Path, out: Path) -> None:
     for depth in DEPTHS:
         write_layer_table(parse_prototxt(shared / f"paper/caffe-config/Resnet{depth}Cifar.prototxt"),
                           out / f"caffe_resnet{depth}.csv")
+    for name in DA_PROTOTXTS:
+        write_layer_table(parse_prototxt(shared / f"paper/da-config/architectures/{name}.prototxt"),
+                          out / f"da_{name}.csv", DA_FIELDS)
     (out / "claims_table.md").write_text(claims_table((shared / "paper/claims.md").read_text()))
     (out / "caffe-logs").mkdir(exist_ok=True)
     for name in LOG_EXCERPTS:
@@ -219,6 +265,11 @@ def check(shared: Path) -> list[str]:
                 rel = fresh.relative_to(d)
                 if not (FIXTURES / rel).is_file() or not filecmp.cmp(fresh, FIXTURES / rel, shallow=False):
                     problems.append(f"{rel}: differs from a fresh derivation")
+    for name in DA_PROTOTXTS:  # a committed table must read back as the parsed prototxt, field for field
+        table = FIXTURES / f"da_{name}.csv"
+        if table.is_file() and read_layer_table(table, DA_FIELDS) != \
+                parse_prototxt(shared / f"paper/da-config/architectures/{name}.prototxt"):
+            problems.append(f"da_{name}.csv reads back differently from its prototxt")
     for name in LOG_EXCERPTS:  # an excerpt must parse exactly like its whole log
         whole = caffe_logs.parse_log(shared / f"paper/caffe-logs/{name}.log.gz")
         part = caffe_logs.parse_log(FIXTURES / "caffe-logs" / f"{name}.log.gz")

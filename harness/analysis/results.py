@@ -377,14 +377,16 @@ def curve_outcomes(trials: pd.DataFrame, curves: pd.DataFrame | None) -> pd.Data
         df[col] = np.nan
     if curves is None or curves.empty or "test_acc" not in curves or df.empty:
         return df
-    cv = curves[curves["run_id"].isin(set(df["run_id"]))].sort_values(["run_id", "step"])
-    acc = cv.assign(test_acc=pd.to_numeric(cv["test_acc"], errors="coerce")).dropna(subset=["test_acc"])
+    cv = typed_curves(curves[curves["run_id"].isin(set(df["run_id"]))]).sort_values(["run_id", "step"])
+    acc = cv.dropna(subset=["test_acc"])    # a kind of run without test accuracy (a finder) keeps NaN outcomes
+    if acc.empty:
+        return df
     runs = acc.groupby("run_id")
     info = df.set_index("run_id")
     drops = (-runs["test_acc"].diff()).groupby(acc["run_id"]).max().fillna(0.0)
     df["max_acc_drop"] = df["run_id"].map(drops.clip(lower=0.0) + 0.0)   # + 0.0: no -0.0 in the tables
     chance = 1.0 / info["dataset"].map(NUM_CLASSES).astype(float)
-    below = (acc["test_acc"] < acc["run_id"].map(chance + ABOVE_CHANCE)).groupby(acc["run_id"]).sum()
+    below = (acc["test_acc"] < acc["run_id"].map(chance + ABOVE_CHANCE).astype(float)).groupby(acc["run_id"]).sum()
     if "status" in info:
         last = runs["step"].max()
         below = below + pd.Series({rid: _evaluations_after(info.loc[rid], int(step)) if info.at[rid, "status"] ==
@@ -392,8 +394,8 @@ def curve_outcomes(trials: pd.DataFrame, curves: pd.DataFrame | None) -> pd.Data
     df["evals_below_chance"] = df["run_id"].map(below.astype(float))
     for metric, col in (("dead_output_frac", "final_dead_output_frac"), ("min_class_recall", "final_min_class_recall")):
         if metric in cv:
-            values = cv.assign(v=pd.to_numeric(cv[metric], errors="coerce")).dropna(subset=["v"])
-            df[col] = df["run_id"].map(values.groupby("run_id")["v"].last())
+            values = cv.dropna(subset=[metric])
+            df[col] = df["run_id"].map(values.groupby("run_id")[metric].last()).astype(float)
     return df
 
 
@@ -405,7 +407,25 @@ def _evaluations_after(config: pd.Series, step: int) -> int:
 
 # ------------------------------------------------------------------------------------------------ curves
 def _empty_curves(metrics=CURVE_METRICS) -> pd.DataFrame:
-    return pd.DataFrame(columns=["run_id", "step", *metrics])
+    return typed_curves(pd.DataFrame(columns=["run_id", "step", *metrics]), metrics)
+
+
+def typed_curves(frame: pd.DataFrame, metrics=()) -> pd.DataFrame:
+    """The curves frame's one schema: run_id text, step int64, every other column (each of `metrics`, added if
+    missing) float64. A metric a kind of run does not log (a finder has no test accuracy) is NaN, never a text or
+    object column that a later comparison or mean would trip over, also when no run logged it or no run is left."""
+    frame = frame.copy()
+    for k in metrics:
+        if k not in frame:
+            frame[k] = np.nan
+    for k in frame.columns:
+        if k == "run_id":
+            frame[k] = frame[k].astype(str)
+        elif k == "step":
+            frame[k] = pd.to_numeric(frame[k], errors="coerce").astype("int64")
+        else:
+            frame[k] = pd.to_numeric(frame[k], errors="coerce").astype("float64")
+    return frame
 
 
 def load_curves(client, run_ids: list[str], metrics=CURVE_METRICS) -> pd.DataFrame:
@@ -416,11 +436,7 @@ def load_curves(client, run_ids: list[str], metrics=CURVE_METRICS) -> pd.DataFra
     parts = [p for p in parts if len(p)]
     if not parts:
         return _empty_curves(metrics)
-    wide = pd.concat(parts, ignore_index=True)
-    for k in metrics:
-        if k not in wide:
-            wide[k] = np.nan
-    wide["step"] = wide["step"].astype(int)
+    wide = typed_curves(pd.concat(parts, ignore_index=True), metrics)
     return wide[["run_id", "step", *metrics]].sort_values(["run_id", "step"]).reset_index(drop=True)
 
 

@@ -1,7 +1,9 @@
 """The networks: the authors' Caffe ResNets, Caffe's cifar10_full and LeNet, a pre-activation ResNet, MLPs
 and a tiny CNN.
 
-`build_model(cfg, in_channels, num_classes, image_size)` is the one entry point the trainer uses.
+`build_model(cfg, in_channels, num_classes, image_size)` is the one entry point the trainer uses; it also builds
+the disciplined-approach author's nets (da_models.py). Caffe's BatchNorm and fillers, which both files' Caffe nets
+use, are in caffe_layers.py.
 Every model uses all of its parameters in every forward pass (DDP needs no `find_unused_parameters`)
 and is initialised only from torch's global RNG (same `torch.manual_seed` -> same weights).
 
@@ -33,48 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.trial.caffe_layers import CaffeBatchNorm2d, caffe_params, gaussian_filler, msra_filler, xavier_filler
+from harness.trial.da_models import DA_MODEL_NAMES, build_da_model
+
 MLP_ACTIVATIONS = ("relu", "tanh", "sigmoid", "square400", "square1", "square20")  # squareC: x * x * C
 
 
 # --------------------------------------------------------------------------------------------
 # The authors' Caffe ResNet (post-activation, conv biases, avg-pool + zero-concat shortcuts)
 # --------------------------------------------------------------------------------------------
-class CaffeBatchNorm2d(nn.BatchNorm2d):
-    """Caffe's BatchNorm + Scale(bias_term: true) layer pair, including Caffe's running statistics.
-
-    Caffe keeps sum_i f^(t-i) x_i / sum_i f^(t-i) with f = moving_average_fraction = 1 - momentum:
-    the first training batch sets the statistics outright and the weight of each new batch then falls
-    to `momentum`. nn.BatchNorm2d instead starts from mean 0 / variance 1 and mixes in `momentum`
-    from the first step, which leaves test-time statistics off for ~1/momentum steps (1000 at f = 0.999).
-    Steady state, parameters, buffers and state_dict are those of nn.BatchNorm2d.
-    """
-
-    def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5):
-        super().__init__(num_features, eps=eps, momentum=momentum)
-        self._steps: int | None = None  # host-side copy of num_batches_tracked (no GPU sync per step)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._steps = None
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.track_running_stats):
-            return super().forward(x)
-        self._check_input_dim(x)
-        if self._steps is None:
-            self._steps = int(self.num_batches_tracked)
-        self._steps += 1
-        self.num_batches_tracked.add_(1)
-        weight_of_batch = self.momentum / (1.0 - (1.0 - self.momentum) ** self._steps)
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            True, weight_of_batch, self.eps)
-
-
 def _caffe_conv(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=True)
-    nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")  # Caffe "msra": std sqrt(2/fan_in)
-    nn.init.zeros_(conv.bias)
-    return conv
+    return msra_filler(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=True))
 
 
 class CaffeBlock(nn.Module):
@@ -140,7 +111,7 @@ def caffe_param_multipliers(model: nn.Module) -> dict[str, tuple[float, float]]:
     """(lr_mult, decay_mult) of every parameter of a Caffe model, as its prototxt sets them.
 
     A layer that carries its prototxt's `param` blocks (`caffe_mults`: parameter name -> (lr_mult, decay_mult),
-    set by `_caffe_params`; the cifar10_full and LeNet nets) gets those. Otherwise the `resnet_cifar` rules:
+    set by `caffe_params`; the cifar10_full and LeNet nets) gets those. Otherwise the `resnet_cifar` rules:
     conv weight 1/1, conv bias 2/0; Scale (BN gamma, beta) has no `param` block, so Caffe's defaults 1/1
     apply (they ARE weight-decayed); FC weight 1/1, FC bias 2/1 (lr_mult only, decay_mult defaults to 1)."""
     mults = {}
@@ -164,7 +135,7 @@ def caffe_param_multipliers(model: nn.Module) -> dict[str, tuple[float, float]]:
 # --------------------------------------------------------------------------------------------
 # BVLC Caffe's example nets: cifar10_full (the CLR paper's CIFAR-10 net) and LeNet
 # --------------------------------------------------------------------------------------------
-CAFFE_MULTIPLIER_MODELS = ("resnet20", "resnet56", "resnet110", "caffe_cifar10_full", "caffe_lenet")
+CAFFE_MULTIPLIER_MODELS = ("resnet20", "resnet56", "resnet110", "caffe_cifar10_full", "caffe_lenet", *DA_MODEL_NAMES)
 """The models whose per-parameter (lr_mult, decay_mult) `caffe_param_multipliers` gives as their prototxt sets them."""
 
 
@@ -175,30 +146,6 @@ def caffe_pool_size(size: int, kernel: int, stride: int, pad: int = 0) -> int:
     if pad and (out - 1) * stride >= size + pad:
         out -= 1
     return out
-
-
-def _caffe_params(layer: nn.Module, weight: tuple[float, float] = (1.0, 1.0),
-                  bias: tuple[float, float] = (1.0, 1.0)) -> nn.Module:
-    """Record the layer's prototxt `param` blocks as (lr_mult, decay_mult) per blob (Caffe's default 1/1 where
-    the prototxt gives none) for `caffe_param_multipliers`."""
-    layer.caffe_mults = {"weight": weight, "bias": bias}
-    return layer
-
-
-def _gaussian(layer: nn.Module, std: float) -> nn.Module:
-    """Caffe's "gaussian" weight filler (mean 0) and "constant" bias filler (value 0)."""
-    nn.init.normal_(layer.weight, 0.0, std)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
-def _xavier(layer: nn.Module) -> nn.Module:
-    """Caffe's "xavier" weight filler (variance_norm FAN_IN: uniform +-sqrt(3 / fan_in), fan_in = count / num),
-    "constant" bias filler (0)."""
-    bound = math.sqrt(3.0 / (layer.weight.numel() // layer.weight.shape[0]))
-    nn.init.uniform_(layer.weight, -bound, bound)
-    nn.init.zeros_(layer.bias)
-    return layer
 
 
 class WithinChannelLRN(nn.Module):
@@ -248,13 +195,13 @@ class CaffeCifar10Full(nn.Module):
             side = caffe_pool_size(side, 3, 2)
         if side < 1:
             raise ValueError(f"caffe_cifar10_full needs inputs of at least 3x3 pixels, got {image_size}x{image_size}")
-        self.conv1 = _caffe_params(_gaussian(nn.Conv2d(in_channels, 32, 5, padding=2), 1e-4), bias=(2.0, 1.0))
+        self.conv1 = caffe_params(gaussian_filler(nn.Conv2d(in_channels, 32, 5, padding=2), 1e-4), bias=(2.0, 1.0))
         self.norm1 = WithinChannelLRN(3, 5e-5, 0.75)
-        self.conv2 = _caffe_params(_gaussian(nn.Conv2d(32, 32, 5, padding=2), 0.01), bias=(2.0, 1.0))
+        self.conv2 = caffe_params(gaussian_filler(nn.Conv2d(32, 32, 5, padding=2), 0.01), bias=(2.0, 1.0))
         self.norm2 = WithinChannelLRN(3, 5e-5, 0.75)
-        self.conv3 = _caffe_params(_gaussian(nn.Conv2d(32, 64, 5, padding=2), 0.01))
-        self.ip1 = _caffe_params(_gaussian(nn.Linear(64 * side * side, num_classes), 0.01),
-                                 weight=(1.0, 250.0), bias=(2.0, 0.0))
+        self.conv3 = caffe_params(gaussian_filler(nn.Conv2d(32, 64, 5, padding=2), 0.01))
+        self.ip1 = caffe_params(gaussian_filler(nn.Linear(64 * side * side, num_classes), 0.01),
+                                weight=(1.0, 250.0), bias=(2.0, 0.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x * self.input_scale)
@@ -284,10 +231,10 @@ class CaffeLeNet(nn.Module):
         if side < 1:
             raise ValueError(f"caffe_lenet needs inputs of at least 13x13 pixels (Caffe's LeNet: 28x28 MNIST), "
                              f"got {image_size}x{image_size}")
-        self.conv1 = _caffe_params(_xavier(nn.Conv2d(in_channels, 20, 5)), bias=(2.0, 1.0))
-        self.conv2 = _caffe_params(_xavier(nn.Conv2d(20, 50, 5)), bias=(2.0, 1.0))
-        self.ip1 = _caffe_params(_xavier(nn.Linear(50 * side * side, 500)), bias=(2.0, 1.0))
-        self.ip2 = _caffe_params(_xavier(nn.Linear(500, num_classes)), bias=(2.0, 1.0))
+        self.conv1 = caffe_params(xavier_filler(nn.Conv2d(in_channels, 20, 5)), bias=(2.0, 1.0))
+        self.conv2 = caffe_params(xavier_filler(nn.Conv2d(20, 50, 5)), bias=(2.0, 1.0))
+        self.ip1 = caffe_params(xavier_filler(nn.Linear(50 * side * side, 500)), bias=(2.0, 1.0))
+        self.ip2 = caffe_params(xavier_filler(nn.Linear(500, num_classes)), bias=(2.0, 1.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(self.conv1(x * self.input_scale), 2, 2, ceil_mode=True)
@@ -403,7 +350,7 @@ def small_cnn(in_channels: int = 1, num_classes: int = 10, bn_momentum: float = 
 
 # --------------------------------------------------------------------------------------------
 MODEL_NAMES = ("resnet20", "resnet56", "resnet110", "preact_resnet20", "preact_resnet56", "preact_resnet110",
-               "mlp", "small_cnn", "caffe_cifar10_full", "caffe_lenet")
+               "mlp", "small_cnn", "caffe_cifar10_full", "caffe_lenet", *DA_MODEL_NAMES)
 
 
 def build_model(cfg, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
@@ -422,4 +369,6 @@ def build_model(cfg, in_channels: int, num_classes: int, image_size: int) -> nn.
         return CaffeCifar10Full(in_channels, num_classes, image_size)
     if name == "caffe_lenet":
         return CaffeLeNet(in_channels, num_classes, image_size)
+    if name in DA_MODEL_NAMES:  # the disciplined-approach author's nets (da_models.py)
+        return build_da_model(name, in_channels, num_classes, image_size, cfg.bn_momentum)
     raise ValueError(f"unknown model '{name}'; allowed: {', '.join(MODEL_NAMES)}")
