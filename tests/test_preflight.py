@@ -3,9 +3,10 @@ the dry-run's cost estimate then reads what it measured; `harness.trial --steps 
 shipped study's paper configs are built and checked for what would fail later. No Ray, no MLflow server.
 
 The data: CIFAR-10, CIFAR-100 and MNIST written here in their real file formats (tests/dataset_files.py), small
-(random pixels), read by the trial's own loader. Cost on the 2-core machine: about 40 s in all, most of it the
-clr1 preflight (one spawned process: torch import, data, one step of Caffe's cifar10_full at batch 100) and the
-smoke preflight's two spawned processes; the build check of every study's paper configs takes a few seconds.
+(random pixels), read by the trial's own loader. Cost on the shared 2-core machine (load average 6): about 70 s
+outside the slow tier (the clr1 paper preflight 11 s: one spawned process, torch's import, the data, one step of
+Caffe's cifar10_full at batch 100; building every shipped study's paper configs ~50 s, ResNet-56/110 included),
+and 70 s more in it (a local Ray for the Ray-task path, torchrun's two ranks, the 2-worker smoke preflight).
 """
 
 from __future__ import annotations
