@@ -41,7 +41,7 @@ TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000, "mnist": 60000, "fashion_mn
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10, "digits": 10}  # chance: 1 / this
 OPTIMIZERS = ("sgd", "adam", "adagrad", "adadelta", "caffe_sgd")  # caffe_sgd: harness.trial.optim; Nesterov: nesterov
 SCHEDULES = ("constant", "multistep", "triangular", "triangular2",  # triangular2: CLR, amplitude halved each cycle
-             "one_cycle", "one_cycle_cos", "cosine", "range_test")
+             "one_cycle", "one_cycle_cos", "cosine", "range_test", "caffe_1cycle")  # caffe_1cycle: DA's Caffe
 DEVICES = ("auto", "cpu", "cuda")
 KINDS = ("train", "lr_finder")              # lr_finder: harness.trial.finder
 FINDER_MODES = ("exp", "linear")

@@ -28,4 +28,5 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("HARNESS_THROUGHPUT_FILE", str(tmp_path / "throughput.json"))  # no user's --preflight figures
     return tmp_path

@@ -178,14 +178,16 @@ def claims_md() -> str:
 
 
 # ------------------------------------------------------------------------------------------------ Caffe logs
-_KEEP_BODY = re.compile(r"\] Iteration \d+, (?:Testing net|lr = |loss = )|Test net output #")
-_KEEP_HEAD = re.compile(r"Using GPUs|Creating training net|source:|batch_size:|type: \"Dropout\"|brc1")
+_KEEP_BODY = re.compile(r"\] Iteration \d+(?: \([^)]*\))?, (?:Testing net|lr = |loss = )|Test net output #")
+_KEEP_HEAD = re.compile(r"Using GPUs|Creating training net|source:|batch_size:|type: \"Dropout\"|brc1|^name:|"
+                        r"mean_file:|mirror:|moving_average_fraction:|type: \"BatchNorm\"")
 _BLOCK_NAME = re.compile(r"L1_b\d+_|Conv16_\d+")
 
 
 def log_excerpt(text: str) -> str:
     """The lines of a Caffe log that harness.analysis.caffe_logs reads: the solver block before the training net, then
-    the data layer, dropout and first-stage block names of the net, then every test, accuracy, loss and lr line.
+    the net's name, data layer (source, batch, mean file, mirror), dropout, BatchNorm and first-stage block names,
+    then every test, accuracy, loss and lr line.
     parse_log gives the same curve and setup on the excerpt as on the whole log (checked by --check)."""
     lines = text.splitlines()
     first_test = next(i for i, line in enumerate(lines) if "Testing net (#0)" in line)
@@ -273,7 +275,8 @@ def check(shared: Path) -> list[str]:
     for name in LOG_EXCERPTS:  # an excerpt must parse exactly like its whole log
         whole = caffe_logs.parse_log(shared / f"paper/caffe-logs/{name}.log.gz")
         part = caffe_logs.parse_log(FIXTURES / "caffe-logs" / f"{name}.log.gz")
-        if (whole.curve, whole.setup) != (part.curve, part.setup):
+        if (whole.curve, whole.setup, whole.run) != (part.curve, part.setup, part.run) or \
+                whole.trace != part.trace:
             problems.append(f"caffe-logs/{name}.log.gz parses differently from the whole log")
     return problems
 

@@ -9,9 +9,9 @@ import pytest
 from harness.analysis import caffe_logs
 
 try:
-    from tests.paper_material import FIXTURES, LOG_EXCERPTS, caffe_logs_dir
+    from tests.paper_material import FIXTURES, LOG_EXCERPTS, caffe_logs_dir, shared_path
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from paper_material import FIXTURES, LOG_EXCERPTS, caffe_logs_dir
+    from paper_material import FIXTURES, LOG_EXCERPTS, caffe_logs_dir, shared_path
 
 LOGS = caffe_logs_dir()  # all 43 logs in ../shared when it is there, else the committed excerpts of 4
 FULL = LOGS != FIXTURES / "caffe-logs"
@@ -53,7 +53,7 @@ def test_parse_real_logs_match_claims_table_numbers():
 
 
 def test_committed_reference_csvs_match_a_reparse(tmp_path):
-    logs = caffe_logs.write_reference(LOGS, tmp_path)
+    logs = caffe_logs.write_reference([LOGS, shared_path("paper/da-logs")] if FULL else LOGS, tmp_path)
     committed = sorted(p.name for p in caffe_logs.REFERENCE_DIR.glob("*.csv"))
     fresh = sorted(p.name for p in tmp_path.glob("*.csv") if p.name != "index.csv")
     if FULL:
@@ -70,7 +70,7 @@ def test_committed_reference_csvs_match_a_reparse(tmp_path):
 
 def test_reference_index_and_curve_load():
     index = caffe_logs.load_index()
-    assert len(index) >= 40 and set(caffe_logs.INDEX_COLUMNS) <= set(index.columns)
+    assert len(index) == 50 and set(caffe_logs.INDEX_COLUMNS) <= set(index.columns)   # 43 SC logs + 7 DA logs
     curve = caffe_logs.load_curve("clr3SS5kFig1a")
     assert list(curve.columns) == list(caffe_logs.CURVE_COLUMNS)
     assert curve["test_acc"].iloc[-1] == pytest.approx(0.9244)
@@ -152,3 +152,49 @@ def test_cli_without_logs_exits_2(tmp_path, capsys):
     assert caffe_logs.main(["--logs", str(tmp_path / "none"), "--out", str(tmp_path / "out")]) == 2
     assert "no Caffe logs" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_parser_reads_the_da_logs_lines(tmp_path):
+    """The disciplined-approach logs' newer Caffe: the loss line carries a rate, the lr line the momentum, the
+    solver repeats cyclical_momentum, and wide32cifar's accuracy layer is 'Accuracy'."""
+    text = """I0314 23:38:33.5 1 caffe.cpp:218] Using GPUs 0, 1, 2, 3
+I0314 23:38:33.8 1 solver.cpp:44] Initializing solver from parameters:
+test_interval: 200
+base_lr: 0.08
+max_iter: 400
+lr_policy: "1cycle"
+momentum: 0.95
+stepsize: 150
+train_state {
+  level: 0
+}
+type: "Nesterov"
+max_lr: 0.8
+cyclical_momentum: 0.85
+cyclical_momentum: 150
+I0314 23:38:33.8 1 solver.cpp:87] Creating training net from net file: arch.prototxt
+name: "widenet32 with k=4-cifar10"
+    mean_file: "examples/cifar10/mean.binaryproto"
+    mirror: true
+    source: "examples/cifar10/cifar10_train_lmdb"
+    batch_size: 128
+  type: "BatchNorm"
+    moving_average_fraction: 0.9
+I0314 23:38:40.5 1 solver.cpp:218] Iteration 0 (-nan iter/s, 1.4s/200 iters), loss = 2.4
+I0314 23:38:40.5 1 sgd_solver.cpp:212] Iteration 0, lr = 0.08, momentum = 0.95, weight decay = 0.0001
+I0314 23:39:14.8 1 solver.cpp:330] Iteration 200, Testing net (#0)
+I0314 23:39:14.8 1 solver.cpp:397]     Test net output #0: Accuracy = 0.5
+I0314 23:39:15.0 1 solver.cpp:218] Iteration 200 (5.9 iter/s, 33.5s/200 iters), loss = 1.3
+I0314 23:39:15.0 1 sgd_solver.cpp:212] Iteration 200, lr = 0.533333, momentum = 0.883333, weight decay = 0.0001
+"""
+    path = tmp_path / "wide32cifar_x.log.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(text)
+    log = caffe_logs.parse_log(path)
+    assert log.curve == [{"iteration": 200, "lr": 0.533333, "test_acc": 0.5, "train_loss": 1.3}]
+    assert log.trace == [(0, 0.08, 0.95), (200, 0.533333, 0.883333)]
+    assert (log.setup["model"], log.setup["schedule"], log.setup["batch"]) == ("wide32", "caffe_1cycle", 512)
+    cfg = log.run["config"]
+    assert (cfg["model"], cfg["optimizer"], cfg["nesterov"], cfg["min_momentum"], cfg["bn_momentum"]) == \
+        ("wide32", "caffe_sgd", True, 0.85, 0.1)
+    assert log.run["unmapped"] == {"cyclical_momentum": [0.85, 150]} and log.run["gpus"] == 4

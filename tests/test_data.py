@@ -7,18 +7,18 @@ import gzip
 import os
 import pickle
 import shutil
-import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from harness.trial import data
 
 try:
+    from tests.dataset_files import write_cifar10, write_cifar100, write_mnist
     from tests.paper_material import FIXTURES, MNIST_TEST, MNIST_TRAIN, mnist_dir
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+    from dataset_files import write_cifar10, write_cifar100, write_mnist
     from paper_material import FIXTURES, MNIST_TEST, MNIST_TRAIN, mnist_dir
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -40,57 +40,6 @@ def isolated(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def digits():
     return data.load_dataset("digits", preprocess="none")
-
-
-# --------------------------------------------------------------------------- fixture files
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """An IDX file as in MNIST (uint8), gzipped if the name ends in .gz."""
-    payload = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    payload += array.astype(np.uint8).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with (gzip.open if path.suffix == ".gz" else open)(path, "wb") as f:
-        f.write(payload)
-
-
-def write_mnist(folder: Path, n_train: int, n_test: int = 10, fill: int = 7, gz: bool = True) -> None:
-    """A tiny MNIST-format set: every pixel `fill`, labels 0..9 repeating."""
-    ext = ".gz" if gz else ""
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(folder / f"{split}-images-idx3-ubyte{ext}", np.full((n, 28, 28), fill))
-        write_idx(folder / f"{split}-labels-idx1-ubyte{ext}", np.arange(n) % 10)
-
-
-def cifar_arrays(n: int, num_classes: int, seed: int):
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, size=(n, 3072), dtype=np.uint8), [i % num_classes for i in range(n)]
-
-
-def write_cifar10(folder: Path, per_batch: int = 20) -> tuple[np.ndarray, list]:
-    """The CIFAR-10 python format: pickled dicts with b"data" uint8 [n, 3072] (R, G, B planes) and b"labels"."""
-    folder.mkdir(parents=True, exist_ok=True)
-    all_x, all_y = [], []
-    for i, name in enumerate(["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
-                              "test_batch"]):
-        x, y = cifar_arrays(per_batch, 10, seed=i)
-        entry = {b"batch_label": name.encode(), b"labels": y, b"data": x, b"filenames": [b"f.png"] * per_batch}
-        # protocol 2 and numpy's old module path, as in the real files (pickled by Python 2 with numpy 1.x)
-        (folder / name).write_bytes(pickle.dumps(entry, protocol=2).replace(b"numpy._core.", b"numpy.core."))
-        all_x.append(x)
-        all_y += y
-    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c%d" % i for i in range(10)]}))
-    return np.concatenate(all_x), all_y
-
-
-def write_cifar100(folder: Path, n_train: int = 200, n_test: int = 100) -> None:
-    """The CIFAR-100 python format (str keys here, as torchvision sees the Python 2 pickles with latin1)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for seed, (name, n) in enumerate((("train", n_train), ("test", n_test))):
-        x, y = cifar_arrays(n, 100, seed)
-        entry = {"data": x, "fine_labels": y, "coarse_labels": [v // 5 for v in y]}
-        (folder / name).write_bytes(pickle.dumps(entry))
-    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"c{i}" for i in range(100)]}))
 
 
 # --------------------------------------------------------------------------- digits, subsets

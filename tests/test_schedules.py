@@ -50,6 +50,25 @@ def run(optimizer, scheduler, steps: int) -> list[tuple[float, float]]:
     return out
 
 
+def resumed_at(make_optimizer, cfg: TrialConfig, cut: int, steps: int) -> list[tuple[float, float]]:
+    """(lr, momentum) at steps cut..steps-1 after a checkpoint at step `cut`, resumed the way a fresh process does:
+    build optimizer and scheduler as at the start, then load both state_dicts."""
+    opt = make_optimizer()
+    sched = build_scheduler(opt, cfg)
+    run(opt, sched, cut)  # leaves step cut-1 in effect
+    opt.step()
+    sched.step()          # step `cut`: the checkpoint is taken here
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    opt2 = make_optimizer()
+    sched2 = build_scheduler(opt2, cfg)
+    opt2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["sched"])
+    return run(opt2, sched2, steps - cut)
+
+
 def caffe_tolerance(max_lr: float) -> dict[str, float]:
     """Caffe computes lr in float32 (its triangular policy: 1 - |k/stepsize - 2*cycle + 1|, an error of about
     one float32 ulp of 1 times max_lr, e.g. 0.00250006 for 0.0025) and prints 6 significant digits."""
@@ -243,20 +262,7 @@ def test_each_stage_is_a_fresh_torch_cycliclr_every_step(opt_name):
 def test_staged_schedule_resumes_from_a_state_dict_as_if_uninterrupted(cut):
     cfg = cfg_of(**CLR1_TABLE2, cycle_momentum=True)
     full = curve(cfg)
-    opt = optimizer_for("sgd", 0.005)
-    sched = build_scheduler(opt, cfg)
-    run(opt, sched, cut)  # leaves step cut-1 in effect
-    opt.step()
-    sched.step()          # step `cut`: the checkpoint is taken here
-    buf = io.BytesIO()
-    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    opt2 = optimizer_for("sgd", 0.005)   # a fresh process: build as at the start, then load both states
-    sched2 = build_scheduler(opt2, cfg)
-    opt2.load_state_dict(saved["opt"])
-    sched2.load_state_dict(saved["sched"])
-    resumed = run(opt2, sched2, 25000 - cut)
+    resumed = resumed_at(lambda: optimizer_for("sgd", 0.005), cfg, cut, 25000)
     assert [lr for lr, _ in resumed] == list(full.lr[cut:])
     assert [m for _, m in resumed] == list(full.momentum[cut:])
 
@@ -378,6 +384,47 @@ def test_one_cycle_shape_and_endpoints():
 def test_one_cycle_default_stepsize_is_45_percent():
     lr = curve(cfg_of(schedule="one_cycle", base_lr=0.1, max_lr=1.0, steps=1000)).lr
     assert lr.idxmax() == 450 and lr[900] == 0.1 and lr.iloc[-1] == 0.1 / 1000
+
+
+# --- caffe_1cycle: the DA author's Caffe policy (every logged value: tests/test_reference_runs.py) ----------------
+CAFFE_1CYCLE = {"schedule": "caffe_1cycle", "base_lr": 0.08, "max_lr": 0.8, "stepsize": 40, "steps": 130,
+                "max_momentum": 0.95, "min_momentum": 0.85}
+
+
+def test_caffe_1cycle_shape_falls_to_zero_then_holds_base_over_1000():
+    df = curve(cfg_of(**CAFFE_1CYCLE))
+    lr, mom = df.lr.to_numpy(), df.momentum.to_numpy()
+    assert lr[0] == 0.08 and lr[40] == 0.8 and lr.argmax() == 40 and lr[79] == pytest.approx(0.8 / 40)
+    np.testing.assert_allclose(np.diff(lr[:41]), 0.72 / 40, rtol=1e-9)     # rise from base
+    np.testing.assert_allclose(np.diff(lr[40:80]), -0.8 / 40, rtol=1e-9)   # fall towards 0, not to base
+    assert (lr[80:] == 0.08 / 1000).all()                                  # then base / final_div, held
+    assert mom[0] == 0.95 and mom[40] == 0.85 and mom[80] == 0.95
+    np.testing.assert_allclose(mom[:81], 0.95 - 0.1 * (1 - np.abs(np.arange(81) - 40) / 40), atol=1e-12)
+    np.testing.assert_allclose(mom[80:121], 0.95 - 0.05 * (1 - np.abs(np.arange(80, 121) - 120) / 40), atol=1e-12)
+    assert mom[120] == pytest.approx(0.90) and mom[129] > mom[120]         # the second triangle, half as deep
+
+
+def test_caffe_1cycle_differs_from_one_cycle_after_the_peak():
+    caffe = curve(cfg_of(**CAFFE_1CYCLE)).lr
+    ours = curve(cfg_of(**{**CAFFE_1CYCLE, "schedule": "one_cycle"})).lr
+    assert (caffe[:41] == ours[:41]).all() and (caffe[41:80] < ours[41:80]).all()
+    assert ours[80] == 0.08 and caffe[80] == 0.08 / 1000
+
+
+def test_caffe_1cycle_final_div_and_default_stepsize():
+    lr = curve(cfg_of(schedule="caffe_1cycle", base_lr=0.1, max_lr=1.0, steps=1000, final_div=25)).lr
+    assert lr.idxmax() == 450 and lr[899] == pytest.approx(1.0 / 450) and lr[900] == 0.1 / 25
+
+
+@pytest.mark.parametrize("cut", [10, 40, 55, 79, 80, 100])
+def test_caffe_1cycle_resumes_mid_cycle_from_a_state_dict(cut):
+    from harness.trial.optim import CaffeSGD
+    cfg = cfg_of(**CAFFE_1CYCLE, optimizer="caffe_sgd", nesterov=True)
+    full = curve(cfg)
+    resumed = resumed_at(lambda: CaffeSGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0, momentum=0.9, nesterov=True),
+                         cfg, cut, 130)
+    assert [lr for lr, _ in resumed] == list(full.lr[cut:])
+    assert [m for _, m in resumed] == list(full.momentum[cut:])
 
 
 @pytest.mark.parametrize("base,peak,steps,stepsize", [(0.08, 0.8, 200, 90), (0.1, 3.0, 1000, 450),

@@ -1,22 +1,31 @@
-"""The authors' Caffe training logs -> compact reference curves (one row per test interval).
+"""The authors' Caffe training logs -> compact reference curves, typed reference runs and their LR traces.
 
-`python -m harness.analysis.caffe_logs [--logs DIR] [--out DIR]` parses every `*.log.gz` in the logs folder
-(default ../shared/paper/caffe-logs beside the repository, or $HARNESS_CAFFE_LOGS) into
-`harness/analysis/reference/<log>.csv` with columns iteration, lr, test_acc, train_loss, and writes
-`harness/analysis/reference/index.csv`: one row per log with the setup read from the log itself (dataset, model,
-schedule, total batch, base/max LR, steps, momentum, weight decay, optimizer, training images) and its final
-and best test accuracy.
+`python -m harness.analysis.caffe_logs [--logs DIR ...] [--out DIR]` parses every `*.log.gz` in the log folders
+(default ../shared/paper/caffe-logs, the super-convergence authors' 43 logs, and ../shared/paper/da-logs, the
+disciplined-approach author's 7, beside the repository; or $HARNESS_CAFFE_LOGS, folders joined by os.pathsep) and
+writes into harness/analysis/reference/:
 
-The report overlays a reference curve on ours when a study cell has the same setup (`match_reference`).
+    <log>.csv               iteration, lr, test_acc, train_loss: one row per test interval (the report's overlay)
+    index.csv               one row per log with the setup read from the log itself (dataset, model, schedule,
+                            total batch, base/max LR, steps, momentum, weight decay, optimizer, training images)
+                            and its final and best test accuracy (`match_reference` finds a study cell's logs)
+    runs/<log>.json         the run in the harness's own terms: TrialConfig fields, and what no field says
+                            (harness.analysis.caffe_runs writes it, harness.references reads it)
+    runs/<log>.trace.csv    iteration, lr, momentum of every display line (momentum empty where the log prints
+                            none): what tests/test_reference_runs.py checks the harness's schedules against
 
 What the parser reads (Caffe's glog lines; everything else is skipped):
     Using GPUs 0, 1, 2, ...                       -> number of GPUs (total batch = GPUs x batch_size)
-    solver parameters (base_lr, max_lr, max_iter, stepsize, lr_policy, momentum, weight_decay, type, ...)
-    the training net's data layer (source: ..._train10k_lmdb, batch_size: 125) and layer names (depth)
+    Initializing solver from parameters: ...      -> every top-level solver field (repeated ones as a list)
+    the training net: its name, data layer (source: ..._train10k_lmdb, batch_size: 125, mean_file, mirror),
+      layer names (depth), Dropout and BatchNorm layers and their moving_average_fraction
     Iteration 100, Testing net (#0)               -> a test at iteration 100
     Test net output #0: accuracy = 0.4            -> its accuracy
-    Iteration 100, loss = 2.1                     -> training loss at iteration 100
-    Iteration 100, lr = 0.158                     -> learning rate at iteration 100
+    Iteration 100, loss = 2.1                     -> training loss at iteration 100 (newer Caffe, the DA logs:
+                                                     Iteration 100 (5.9 iter/s, 33.6s/200 iters), loss = 2.1)
+    Iteration 100, lr = 0.158                     -> learning rate at iteration 100 (the DA logs go on with
+      , momentum = 0.95, weight decay = 0.0001)      the momentum in effect there)
+A resumed log repeats iterations: the last line of an iteration wins.
 """
 
 from __future__ import annotations
@@ -25,20 +34,26 @@ import argparse
 import csv
 import gzip
 import io
+import json
 import math
 import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import REPO_ROOT
+from harness.analysis.caffe_runs import reference_run
 from harness.config import TRAIN_IMAGES
 
-LOGS_DIR = Path(os.environ.get("HARNESS_CAFFE_LOGS",
-                               REPO_ROOT.parent / "shared/paper/caffe-logs"))
+_PAPER = REPO_ROOT.parent / "shared/paper"
+LOGS_DIRS = tuple(Path(p) for p in os.environ["HARNESS_CAFFE_LOGS"].split(os.pathsep)) \
+    if os.environ.get("HARNESS_CAFFE_LOGS") else (_PAPER / "caffe-logs", _PAPER / "da-logs")
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
+RUNS_DIR = REFERENCE_DIR / "runs"
+TRACE_COLUMNS = ("iteration", "lr", "momentum")
 CURVE_COLUMNS = ("iteration", "lr", "test_acc", "train_loss")
 INDEX_COLUMNS = ("file", "claims", "dataset", "model", "schedule", "optimizer", "batch", "gpus", "base_lr", "max_lr",
                  "steps", "stepsize", "momentum", "weight_decay", "train_size", "notes", "tests", "last_iteration",
@@ -62,15 +77,27 @@ CLAIMS_BY_LOG = {
     "lrRange3SS520kClip2Fig12a": "SC3", "lrRange3SS520kClip2Fig12b": "SC3", "lrRange3SS520kClip5Fig12a": "SC3",
     "lrRange3SS520kClip5Fig12b": "SC3", "lrRange3SS520kClip10Fig12a": "SC3", "lrRange3SS520kClip10Fig12b": "SC3",
     "lrRange3SS520kDropuoutFig10a": "SC3;SC6",
+    # the disciplined-approach author's (da-logs): DA1's constant-momentum 0.95 run (91.91) at DA2's TBS 512 / 95
+    # epochs; DA4's 1cycle runs (wide resnet, densenet, C100 ResNet-56) and densenet's step baseline. The 3-layer
+    # CIFAR-100 net's 1cycle run documents no claim of claims.md.
+    "gResnet56_ResTBS512LR.0800.8M.95WD1e-4Epoch95BS128b_1": "DA1;DA2",
+    "c100Resnet56_C100Res1CycLR.1001.2CM0.95.85WD1e-4Epoch145BS256g_1": "DA4",
+    "wide32cifar_Wide1CycLR.1001CM0.95.85WD1e-4Epoch50BS128a_1": "DA4",
+    "wide32cifar_Wide1CycLR.1001M0.95WD1e-5Epoch100BS128j_1": "DA4",
+    "genDensenet40_Den1CycLR.1004M0.9WD1e-6Epoch50BS128c_1": "DA4",
+    "genDensenet40_DenOrigLR0.10.1M0.9WD1e-4Epoch400BS128c_1": "DA4",
+    "cifar100_C100CycLR.0020.02CM0.95.8WD6e-4Epoch50BS128l_1": "",
 }
 FULL_TRAIN = {k: v for k, v in TRAIN_IMAGES.items() if k != "digits"}   # the logs' datasets
 
 _TEST = re.compile(r"Iteration (\d+), Testing net \(#0\)")
-_ACC = re.compile(r"Test net output #\d+: accuracy = ([-+0-9.eEnaif]+)")
-_LOSS = re.compile(r"\] Iteration (\d+), loss = ([-+0-9.eEnaif]+)")
+_ACC = re.compile(r"Test net output #\d+: [Aa]ccuracy = ([-+0-9.eEnaif]+)")  # wide32cifar's layer: "Accuracy"
+_LOSS = re.compile(r"\] Iteration (\d+)(?: \([^)]*\))?, loss = ([-+0-9.eEnaif]+)")  # DA: "Iteration 0 (.. iters), loss"
 _LR = re.compile(r"\] Iteration (\d+), lr = ([-+0-9.eEnaif]+)")
-_SOLVER_KEYS = ("base_lr", "max_lr", "max_iter", "stepsize", "lr_policy", "momentum", "weight_decay", "type",
-                "clip_gradients", "gamma", "test_interval")
+_MOMENTUM = re.compile(r", momentum = ([-+0-9.eEnaif]+)")
+_SOLVER = re.compile(r"Initializing solver from parameters:(.*?)(?:\n[IWE]\d{4} )", re.DOTALL)
+# the harness's name of a net, by the name the net itself gives (the DA author's; the SC nets by their layers)
+_NETS = {"Cifar-Densenet": "densenet40", "widenet32 with k=4-cifar10": "wide32", "CIFAR10_full": "caffe_cifar10_full"}
 
 
 @dataclass
@@ -78,6 +105,8 @@ class CaffeLog:
     name: str            # file name without .log.gz
     curve: list[dict]    # one dict per test interval: iteration, lr, test_acc, train_loss
     setup: dict          # the index.csv row without the accuracy columns
+    trace: list[tuple[int, float, float]] = field(default_factory=list)  # (iteration, lr, momentum) per display
+    run: dict = field(default_factory=dict)  # the reference run (harness.analysis.caffe_runs.reference_run)
 
 
 def parse_log(path: str | Path) -> CaffeLog:
@@ -91,6 +120,7 @@ def parse_log(path: str | Path) -> CaffeLog:
     tests: dict[int, float] = {}
     losses: dict[int, float] = {}
     lrs: dict[int, float] = {}
+    moms: dict[int, float] = {}
     current: int | None = None
     for line in text.splitlines():
         if "Iteration" in line:
@@ -98,6 +128,8 @@ def parse_log(path: str | Path) -> CaffeLog:
                 current = int(m.group(1))
             elif (m := _LR.search(line)):
                 lrs[int(m.group(1))] = float(m.group(2))   # a resumed log repeats iterations: last one wins
+                mom = _MOMENTUM.search(line)
+                moms[int(m.group(1))] = float(mom.group(1)) if mom else math.nan
             elif (m := _LOSS.search(line)):
                 losses[int(m.group(1))] = float(m.group(2))
         elif current is not None and "Test net output" in line and (m := _ACC.search(line)):
@@ -105,37 +137,78 @@ def parse_log(path: str | Path) -> CaffeLog:
             current = None
     curve = [{"iteration": it, "lr": lrs.get(it, math.nan), "test_acc": acc, "train_loss": losses.get(it, math.nan)}
              for it, acc in sorted(tests.items())]
-    return CaffeLog(name=name, curve=curve, setup=_setup(name, text, curve))
-
-
-def _setup(name: str, text: str, curve: list[dict]) -> dict:
     head = text[: text.find("Testing net (#0)")] if "Testing net (#0)" in text else text
-    solver: dict[str, str] = {}
-    block = re.search(r"Initializing solver from parameters:(.*?)(?:\n[IWE]\d{4} )", head, re.DOTALL)
-    for line in (block.group(1) if block else "").splitlines():
-        if ":" in line:
-            key, _, value = line.strip().partition(":")
-            if key in _SOLVER_KEYS and key not in solver:
-                solver[key] = value.strip().strip('"')
+    solver, net = solver_fields(head), net_facts(head)
     gpus_line = re.search(r"Using GPUs ([0-9, ]+)", head)
     gpus = len(gpus_line.group(1).split(",")) if gpus_line else 1
+    claims = CLAIMS_BY_LOG.get(name, "")
+    run = reference_run(name, f"{path.parent.name}/{path.name}", claims.split(";") if claims else [], gpus, solver,
+                        net)
+    trace = [(it, lr, moms[it]) for it, lr in sorted(lrs.items())]
+    return CaffeLog(name=name, curve=curve, setup=_setup(name, gpus, solver, net, curve), trace=trace, run=run)
+
+
+def solver_fields(head: str) -> dict[str, str | list[str]]:
+    """The top-level fields of the log's `Initializing solver from parameters:` block, as raw strings (a field
+    given more than once, e.g. stepvalue, as a list); nested blocks (train_state { }) are skipped."""
+    solver: dict[str, str | list[str]] = {}
+    block = _SOLVER.search(head)
+    depth = 0
+    for line in (block.group(1) if block else "").splitlines():
+        text = line.strip()
+        if text.endswith("{"):
+            depth += 1
+        elif text == "}":
+            depth -= 1
+        elif depth == 0 and ":" in text:
+            key, _, value = text.partition(":")
+            value = value.strip().strip('"')
+            if key in solver:
+                solver[key] = [*(solver[key] if isinstance(solver[key], list) else [solver[key]]), value]
+            else:
+                solver[key] = value
+    return solver
+
+
+def net_facts(head: str) -> dict:
+    """What the training net says: dataset, train_size (None: the full set), model (the harness's name, or a
+    description), dropout, mean_file, mirror, the per-GPU batch and BatchNorm's distinct moving-average fractions."""
     train_net = head[head.find("Creating training net"):] if "Creating training net" in head else head
     batch = re.search(r"batch_size: (\d+)", train_net)
     source = re.search(r'source: "([^"]+)"', train_net)
     source_text = source.group(1) if source else ""
     dataset = "cifar100" if "cifar100" in source_text else "cifar10"
     tr = re.search(r"train(\d+)k", source_text)
-    train_size = int(tr.group(1)) * 1000 if tr else FULL_TRAIN[dataset]
+    fractions = {float(f) for f in re.findall(r"moving_average_fraction: ([0-9.eE+-]+)", train_net)}
+    if len(re.findall(r"moving_average_fraction:", train_net)) < len(re.findall(r'type: "BatchNorm"', train_net)):
+        fractions.add(0.999)  # a BatchNorm layer that sets none: Caffe's default
+    return {"dataset": dataset, "train_size": int(tr.group(1)) * 1000 if tr else None,
+            "model": _model(train_net, dataset), "dropout": bool(re.search(r'type: "Dropout"', train_net)),
+            "mean_file": bool(re.search(r"mean_file:", train_net)),
+            "mirror": bool(re.search(r"mirror: true", train_net)),
+            "batch": int(batch.group(1)) if batch else None, "bn_fractions": sorted(fractions)}
 
-    notes = []
+
+def _model(train_net: str, dataset: str) -> str:
+    named = re.search(r'^name: "(.*)"', train_net, re.MULTILINE)
+    if named and named.group(1) in _NETS:
+        return _NETS[named.group(1)]
+    if re.search(r"group\d+_block\d+", train_net):  # the DA author's ResNet-56: c100Resnet56 is its CIFAR-100 file
+        return "c100resnet56" if dataset == "cifar100" else "gresnet56"
     if "brc1" in train_net:  # pre-activation bottleneck blocks (BN-ReLU-conv x3)
         blocks = max((int(b) for b in re.findall(r"L1_b(\d+)_brc", train_net)), default=0)
-        model = f"preact_bottleneck_resnet{9 * blocks + 2}"
-    else:
-        blocks = max((int(b) for b in re.findall(r"L1_b(\d+)_", train_net)), default=0) or \
-            max((int(b) for b in re.findall(r"Conv16_(\d+)", train_net)), default=0)
-        model = f"resnet{6 * blocks + 2}" if blocks else "unknown"
-    if re.search(r'type: "Dropout"', train_net):
+        return f"preact_bottleneck_resnet{9 * blocks + 2}"
+    blocks = max((int(b) for b in re.findall(r"L1_b(\d+)_", train_net)), default=0) or \
+        max((int(b) for b in re.findall(r"Conv16_(\d+)", train_net)), default=0)
+    return f"resnet{6 * blocks + 2}" if blocks else "unknown"
+
+
+def _setup(name: str, gpus: int, raw: dict, net: dict, curve: list[dict]) -> dict:
+    solver = {k: v[0] if isinstance(v, list) else v for k, v in raw.items()}
+    dataset, batch, model = net["dataset"], net["batch"], net["model"]
+    train_size = net["train_size"] or FULL_TRAIN[dataset]
+    notes = []
+    if net["dropout"] and model != "densenet40":  # DenseNet-40 has its Dropout layers in the harness's model too
         notes.append("dropout")
     if "clip_gradients" in solver:
         notes.append(f"clip_gradients={solver['clip_gradients']}")
@@ -147,13 +220,14 @@ def _setup(name: str, text: str, curve: list[dict]) -> dict:
     if policy == "triangular" and base_lr == 0 and stepsize == steps:
         schedule = "range_test"
     else:
-        schedule = {"triangular": "triangular", "multistep": "multistep", "fixed": "constant"}.get(policy, policy)
+        schedule = {"triangular": "triangular", "multistep": "multistep", "fixed": "constant",
+                    "1cycle": "caffe_1cycle"}.get(policy, policy)
     max_lr = float(solver["max_lr"]) if "max_lr" in solver else base_lr
     optimizer = solver.get("type", "SGD").lower()
     accs = [r["test_acc"] for r in curve]
     return {
         "file": name, "claims": CLAIMS_BY_LOG.get(name, ""), "dataset": dataset, "model": model,
-        "schedule": schedule, "optimizer": optimizer, "batch": gpus * int(batch.group(1)) if batch else None,
+        "schedule": schedule, "optimizer": optimizer, "batch": gpus * batch if batch else None,
         "gpus": gpus, "base_lr": base_lr, "max_lr": max_lr, "steps": steps, "stepsize": stepsize,
         "momentum": float(solver.get("momentum", "0")) if optimizer in ("sgd", "nesterov", "adam") else None,
         "weight_decay": float(solver.get("weight_decay", "0")), "train_size": train_size,
@@ -189,16 +263,36 @@ def index_csv(logs: list[CaffeLog]) -> str:
     return buf.getvalue()
 
 
-def write_reference(logs_dir: Path = LOGS_DIR, out_dir: Path = REFERENCE_DIR) -> list[CaffeLog]:
-    """Parse every log in logs_dir and (re)write its curve CSV and index.csv in out_dir."""
-    paths = sorted(Path(logs_dir).glob("*.log.gz")) + sorted(Path(logs_dir).glob("*.log"))
+def trace_csv(log: CaffeLog) -> str:
+    """runs/<log>.trace.csv: iteration, lr, momentum of each display line, as printed (6 significant digits)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(TRACE_COLUMNS)
+    for row in log.trace:
+        w.writerow([_fmt(v) for v in row])
+    return buf.getvalue()
+
+
+def run_json(log: CaffeLog) -> str:
+    """runs/<log>.json: the reference run (see harness.analysis.caffe_runs), one field a line (lists on theirs)."""
+    text = json.dumps(log.run, indent=2)
+    return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text) + "\n"
+
+
+def write_reference(logs_dirs: Path | Iterable[Path] = LOGS_DIRS, out_dir: Path = REFERENCE_DIR) -> list[CaffeLog]:
+    """Parse every log in logs_dirs (one folder or several) and (re)write, in out_dir, each log's curve CSV,
+    index.csv, and runs/ with each log's reference run and display-line trace."""
+    dirs = [Path(logs_dirs)] if isinstance(logs_dirs, (str, Path)) else [Path(d) for d in logs_dirs]
+    paths = [p for d in dirs for p in sorted(d.glob("*.log.gz")) + sorted(d.glob("*.log"))]
     if not paths:
-        raise FileNotFoundError(f"no Caffe logs (*.log.gz) in {logs_dir}; pass --logs DIR")
+        raise FileNotFoundError(f"no Caffe logs (*.log.gz) in {', '.join(map(str, dirs))}; pass --logs DIR")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     logs = [parse_log(p) for p in paths]
     for log in logs:
         (out_dir / f"{log.name}.csv").write_text(curve_csv(log))
+        (out_dir / "runs" / f"{log.name}.json").write_text(run_json(log))
+        (out_dir / "runs" / f"{log.name}.trace.csv").write_text(trace_csv(log))
     (out_dir / "index.csv").write_text(index_csv(logs))
     return logs
 
@@ -278,13 +372,14 @@ def _isnan(v) -> bool:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.analysis.caffe_logs",
                                  description="Parse the authors' Caffe logs into "
-                                             "harness/analysis/reference/*.csv + index.csv.")
-    ap.add_argument("--logs", type=Path, default=LOGS_DIR, help=f"folder of *.log.gz (default {LOGS_DIR})")
+                                             "harness/analysis/reference/: *.csv, index.csv, runs/.")
+    ap.add_argument("--logs", type=Path, action="append",
+                    help=f"a folder of *.log.gz, repeatable (default {' and '.join(map(str, LOGS_DIRS))})")
     ap.add_argument("--out", type=Path, default=REFERENCE_DIR, help=f"output folder (default {REFERENCE_DIR})")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        logs = write_reference(args.logs, args.out)
+        logs = write_reference(args.logs or LOGS_DIRS, args.out)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ from pathlib import Path
 from harness import deviations
 from harness import spec as specs
 from harness.config import ConfigError, TrialConfig
-from harness.study import cluster, lr_from_finder, tracking
+from harness.study import cluster, lr_from_finder, throughput, tracking
 from harness.study.console import quiet_console
 
 EXIT_UNTRACKED = 3  # every trial ended, but MLflow misses some of it: run harness.study.backfill
@@ -59,6 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-concurrent", type=int, help="at most this many trials at once (default: what fits)")
     p.add_argument("--workers-per-trial", type=int, help="DDP workers per trial (default: the study's)")
     p.add_argument("--max-failures", type=int, default=1, help="worker failures a trial recovers from (default 1)")
+    p.add_argument("--preflight", action="store_true",
+                   help="run each distinct trial config of the scale for --steps optimizer steps (no Tune, no MLflow) "
+                        "and print s/step, images/s and peak memory; the --dry-run cost estimate then uses them")
+    p.add_argument("--steps", type=int, help="with --preflight: optimizer steps per config (default 3)")
     return p.parse_args(argv)
 
 
@@ -89,6 +93,11 @@ def _main(args: argparse.Namespace) -> int:
         return _fail(f"--workers-per-trial must be >= 1, got {args.workers_per_trial}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         return _fail(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    if args.preflight and args.dry_run:
+        return _fail("--preflight runs configs and --dry-run runs nothing: give one of them")
+    if args.steps is not None and (not args.preflight or args.steps < 1):
+        return _fail(f"--steps goes with --preflight and must be >= 1, got --steps {args.steps}"
+                     f"{'' if args.preflight else ' without --preflight'}")
     try:
         spec = specs.load_spec(args.name)
     except specs.SpecError as e:
@@ -113,6 +122,9 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     if not address and (problem := _missing_data(trials)):  # on a cluster the workers' disks count, not ours
         return _fail(problem)
+    if args.preflight:
+        from harness.study import preflight
+        return preflight.run(resolved, trials, args.steps or 3, address)
     try:
         place = _place(args, resolved)  # the storage before the tracking store or Ray: nothing written yet
         uri, trials = _tracking_store(args, resolved, trials)
@@ -376,7 +388,8 @@ def cost(resolved: dict, trials: list[specs.Trial], measure: bool = True) -> Cos
     """The training cost of `trials`; `measure=False` takes the study file's images_per_s even where this machine
     could measure (the README's cost table: the same figure on every machine)."""
     res = resolved["resources"]
-    ips, source = images_per_s(resolved, trials[0].config, measure)
+    ips, source = (measure and throughput.measured(resolved, trials)) or images_per_s(resolved, trials[0].config,
+                                                                                       measure)
     kind = "GPU" if res["gpus_per_worker"] else "CPU"
     images = [t.config.steps * t.config.batch_size for t in trials]
     return Cost(len(trials), sum(t.config.steps for t in trials), sum(images), max(images), ips, source, kind,

@@ -2,10 +2,13 @@
 
     python -m harness.trial batch_size_effect --cell batch_size=250,schedule=one_cycle --scale smoke --seed 1
     torchrun --nproc-per-node 2 -m harness.trial batch_size_effect --cell batch_size=250,schedule=one_cycle
+    python -m harness.trial super_convergence --scale paper --cell schedule=triangular,stepsize=1000 --steps 3
 
 The trial is the one `harness.study` would run for that cell (the same `spec.trials` expansion, the same
 `run_trial`); under torchrun every process is one DDP rank (gloo on CPU, NCCL on GPUs, from torchrun's
-RANK/WORLD_SIZE/MASTER_ADDR variables) and rank 0 prints. Bad input is one line on stderr and exit code 2.
+RANK/WORLD_SIZE/MASTER_ADDR variables) and rank 0 prints. With --steps K only the trial's first K optimizer steps
+run (harness.trial.short_run: the real data, model, optimizer, schedule and train_step, no evaluation), each
+printed with its time, then s/step, images/s and peak memory. Bad input is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                   "optional when the study has one cell")
     p.add_argument("--scale", choices=specs.SCALES, help="default: paper when a GPU is visible, else smoke")
     p.add_argument("--seed", type=int, help="the trial's seed (default: the cell's first)")
+    p.add_argument("--steps", type=int, help="only the trial's first STEPS optimizer steps, timed (no evaluation): "
+                                             "s/step, images/s and peak memory of the real config")
     return p.parse_args(argv)
 
 
@@ -70,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             device = torch.device("cuda", local)
         dist.init_process_group("nccl" if use_cuda else "gloo")  # env://: torchrun's variables
     say = print if rank == 0 else (lambda *a, **k: None)
+    if args.steps is not None:
+        return _short(config, args.steps, device, say, world)
     say(f"{spec['name']} ({scale}), cell {args.cell or 'all'}, seed {config.seed}, {world} rank(s): "
         f"{config.model} on {config.dataset}, batch {config.batch_size}, {config.steps} steps, "
         f"{config.schedule} max_lr {config.max_lr:g}", flush=True)
@@ -95,6 +102,29 @@ def main(argv: list[str] | None = None) -> int:
         f"train {summary['train_seconds']:.1f} s" + (f", diverged at step {summary['diverged_at_step']}"
                                                      if summary["status"] == "diverged" else ""), flush=True)
     return 0  # a diverged trial is a result, not an error
+
+
+def _short(config: TrialConfig, steps: int, device, say, world: int) -> int:
+    """The trial's first `steps` steps (harness.trial.short_run), one line each, then their rate and peak memory."""
+    import torch.distributed as dist
+
+    from harness.trial.data import DataNotFoundError
+    from harness.trial.short_run import run_steps
+    say(f"{config.model} on {config.dataset}, batch {config.batch_size} (bn {config.bn_batch or 'per worker'}), "
+        f"{config.optimizer}, {config.precision}: the first {steps} of {config.steps} steps, {world} rank(s)")
+    say(f"{'step':>7s} {'lr':>8s} {'train_loss':>10s} {'seconds':>8s}", flush=True)
+    try:
+        m = run_steps(config, steps, device, on_step=lambda k, lr, loss, sec: say(
+            f"{k:7d} {lr:8.4f} {loss:10.4f} {sec:8.3f}", flush=True))
+        if world > 1:
+            dist.barrier()
+    except (ConfigError, DataNotFoundError) as e:
+        return _fail(" ".join(str(e).split()))
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    say(f"{m.describe()} on {m.device}, {world} rank(s) (rank 0's peak memory)", flush=True)
+    return 0
 
 
 def _cuda() -> bool:

@@ -18,6 +18,10 @@ Peak convention: `max_lr` is the largest lr of every schedule; `base_lr` is the 
                  chained by torch SequentialLR (milestones = the start steps).
 - one_cycle:     Smith's 1cycle, exactly: base -> max at step=stepsize -> base at 2*stepsize, then linear
                  annihilation to base/final_div at the last step (our `OneCycle`, see why there).
+- caffe_1cycle:  the disciplined-approach author's Caffe `lr_policy: "1cycle"` as his logs (da-logs/) print it:
+                 base -> max over `stepsize`, max -> 0 over the next (lr = max (2s - k) / s), then base/final_div
+                 from k = 2s on (final_div 1000 in his Caffe); momentum max -> min -> max, then a second triangle
+                 of half the depth (our `CaffeOneCycle`, see there).
 - one_cycle_cos: the fastai/torch shape, torch OneCycleLR(anneal_strategy="cos"), rise over `stepsize`
                  (stepsize None: 25% of steps, fastai's default pct_start), then cosine down to
                  base/final_div.
@@ -25,7 +29,7 @@ Peak convention: `max_lr` is the largest lr of every schedule; `base_lr` is the 
 - range_test:    Caffe "triangular" with stepsize = max_iter: lr = base + (max - base) * k / steps, as in the
                  authors' range-test logs (so the last step runs at max - (max-base)/steps; max_lr itself
                  would be step `steps`). A given `stepsize` replaces `steps` there.
-Momentum cycles max_momentum -> min_momentum -> max_momentum, mirroring the lr, for one_cycle,
+Momentum cycles max_momentum -> min_momentum -> max_momentum, mirroring the lr, for one_cycle, caffe_1cycle,
 one_cycle_cos, triangular and triangular2 (whose momentum swing halves with the lr's) when cfg.cycle_momentum;
 optimizers without momentum (adagrad, adadelta) are silently not cycled. Otherwise momentum is left at what
 the optimizer was built with (cfg.momentum).
@@ -45,7 +49,7 @@ from torch.optim import lr_scheduler
 
 from harness.config import SCHEDULES, TrialConfig
 
-MOMENTUM_CYCLING = ("triangular", "triangular2", "one_cycle", "one_cycle_cos")
+MOMENTUM_CYCLING = ("triangular", "triangular2", "one_cycle", "one_cycle_cos", "caffe_1cycle")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig) -> lr_scheduler.LRScheduler:
@@ -76,6 +80,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig) -> lr_sc
         stepsize = cfg.stepsize or max(1, int(0.45 * cfg.steps))
         return OneCycle(optimizer, cfg.base_lr, cfg.max_lr, stepsize, cfg.steps, cfg.final_div,
                         (cfg.min_momentum, cfg.max_momentum) if cycle else None)
+    if name == "caffe_1cycle":
+        return CaffeOneCycle(optimizer, cfg.base_lr, cfg.max_lr, cfg.stepsize or max(1, int(0.45 * cfg.steps)),
+                             cfg.final_div, (cfg.min_momentum, cfg.max_momentum) if cycle else None)
     # one_cycle_cos. torch divides by pct*total - 1: keep the rise >= 2 steps (only matters for steps < 8)
     total = max(cfg.steps, 2)
     pct = min(max(cfg.stepsize / total if cfg.stepsize else 0.25, 2.0 / total), 1.0)
@@ -134,6 +141,59 @@ class OneCycle(lr_scheduler.LRScheduler):
             low, high = self.momentum_range
             _set_momentum(self.optimizer, high * (1 - t) + low * t)
         return [lr for _ in self.optimizer.param_groups]
+
+
+class CaffeOneCycle(lr_scheduler.LRScheduler):
+    """The DA author's Caffe `lr_policy: "1cycle"` (Smith, arXiv 1803.09820), step k = Caffe's iteration k:
+
+        k <  s:       lr = base + (max - base) k / s      (max exactly at k = s)
+        s <= k < 2s:  lr = max (2s - k) / s               (down to about 0, not to base)
+        k >= 2s:      lr = base / final_div               (his Caffe: base_lr / 1000, no solver field)
+
+    With momentum=(min_m, max_m) (his `momentum` is max_m, the first `cyclical_momentum` min_m) the momentum is
+    a triangular2 wave of period 2s, cycle c = floor(1 + k / 2s), x = |k / s - 2c + 1|:
+
+        momentum = max_m - (max_m - min_m) max(0, 1 - x) / 2^(c - 1)
+
+    max_m -> min_m over the rise, back to max_m at 2s, then a triangle of half the depth. Read off every display
+    line of the 7 logs in da-logs/ (tests/test_reference_runs.py): the C100 ResNet-56 log prints 0.850498 at 3400
+    and 0.852429 at 3500 with s = 3417, and 0.949034, 0.947571 at 6900, 7000 (2s = 6834): the half slope. The logs
+    end before 3s, so past it (the half triangle's way back up) is the formula's, not a log's. The logs'
+    momentum stepsize (the second `cyclical_momentum`) always equals the LR's `stepsize`, which this uses.
+
+    Why not torch: OneCycleLR (and our OneCycle) fall back to base and anneal below it; CyclicLR cannot fall to 0
+    nor hold a floor; a SequentialLR of LinearLRs would compute each lr from the previous one (rounding drifts,
+    and LinearLR cannot end at exactly 0). Each value here is a closed form of k, so a state_dict (last_epoch)
+    resumes it exactly.
+    """
+
+    def __init__(self, optimizer, base_lr: float, max_lr: float, stepsize: int, final_div: float,
+                 momentum: tuple[float, float] | None = None):
+        self.lr_range, self.stepsize, self.final_div = (base_lr, max_lr), stepsize, final_div
+        self.momentum_range = momentum
+        super().__init__(optimizer)
+
+    def lr_at(self, k: int) -> float:
+        base, peak = self.lr_range
+        s = self.stepsize
+        if k < s:
+            t = k / s
+            return base * (1 - t) + peak * t
+        return peak * (2 * s - k) / s if k < 2 * s else base / self.final_div
+
+    def depth_at(self, k: int) -> float:
+        """How far the momentum is from max_m towards min_m at step k, in [0, 1] (triangular2)."""
+        s = self.stepsize
+        cycle = math.floor(1 + k / (2 * s))
+        return max(0.0, 1 - abs(k / s - 2 * cycle + 1)) / 2 ** (cycle - 1)
+
+    def get_lr(self) -> list[float]:
+        k = self.last_epoch
+        if self.momentum_range is not None:
+            low, high = self.momentum_range
+            t = self.depth_at(k)
+            _set_momentum(self.optimizer, high * (1 - t) + low * t)
+        return [self.lr_at(k) for _ in self.optimizer.param_groups]
 
 
 def curve(cfg: TrialConfig, steps: int | None = None) -> pd.DataFrame:
