@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from harness import references
 from harness import spec as specs
-from harness.config import TrialConfig
+from harness.config import TRAIN_IMAGES, TrialConfig
 
 SPEED_ONLY = ("device", "channels_last", "compile", "warmup_steps", "data_dir")  # how fast, not what is computed
 # A reference run trained on its full training set, at its own LRs, with nothing of ours switched on: the fields
@@ -63,6 +63,9 @@ def inert(config: dict) -> set[str]:
     return out
 
 
+DEFAULTS = TrialConfig().to_dict()
+
+
 @dataclass(frozen=True)
 class Difference:
     field: str
@@ -73,8 +76,21 @@ class Difference:
 
 
 def reference_config(ref: references.Reference) -> dict:
-    """The fields a reference determines, in TrialConfig terms: its own, then IMPLIED for the rest of those."""
-    return {**IMPLIED, **ref.config}
+    """The fields a reference determines, in TrialConfig terms: its own, then IMPLIED for the rest of those where
+    it is a run (a log's, or one derived from a log); a claims.md record implies only the hold-out and LR scale."""
+    run = ref.log.endswith(".log.gz") or "from" in ref.unmapped
+    implied = IMPLIED if run else {k: IMPLIED[k] for k in ("val_size", "lr_scale")}
+    return normalized({**implied, **ref.config})
+
+
+def normalized(config: dict) -> dict:
+    """The same run in one spelling: the full training set as no subset, a range test's stepsize as its steps."""
+    out = dict(config)
+    if out.get("train_size") is not None and out["train_size"] == TRAIN_IMAGES.get(out.get("dataset")):
+        out["train_size"] = None
+    if out.get("schedule") == "range_test" and out.get("stepsize") is None and "steps" in out:
+        out["stepsize"] = out["steps"]
+    return out
 
 
 def against_reference(trial: specs.Trial) -> list[Difference]:
@@ -82,8 +98,8 @@ def against_reference(trial: specs.Trial) -> list[Difference]:
     if not trial.reference:
         return []
     ref = references.load(trial.reference)
-    ours, theirs = trial.config.to_dict(), reference_config(ref)
-    skip = inert(ours) & inert(TrialConfig.from_dict(theirs).to_dict())
+    ours, theirs = normalized(trial.config.to_dict()), reference_config(ref)
+    skip = inert(ours) & inert({**DEFAULTS, **theirs})
     out = [Difference(f, ours[f], v, ref.name, trial.cell_title)
            for f, v in theirs.items() if f not in skip and not specs.same(ours[f], v)]
     bn = trial.config.bn_batch or trial.config.batch_size // trial.workers
@@ -134,18 +150,19 @@ def _text(v) -> str:
 
 
 def lines(differences: list[Difference], all_cells: list[str]) -> list[str]:
-    """One sentence per (field, our value, their value, against): the cells it holds for, or 'every cell'."""
-    grouped: dict[tuple, list[str]] = {}
+    """One sentence per (field, their value): our values there, the references, and the cells it holds for."""
+    grouped: dict[tuple, dict[str, list]] = {}
     for d in differences:
-        key = (d.field, _text(d.ours), _text(d.theirs), d.against)
-        grouped.setdefault(key, [])
-        if d.cell and d.cell not in grouped[key]:
-            grouped[key].append(d.cell)
+        g = grouped.setdefault((d.field, _text(d.theirs)), {"ours": [], "against": [], "cells": []})
+        for key, value in (("ours", _text(d.ours)), ("against", d.against), ("cells", d.cell)):
+            if value and value not in g[key]:
+                g[key].append(value)
     out = []
-    for (field, ours, theirs, against), cells in grouped.items():
-        where = "" if not cells else " (every cell)" if set(cells) >= set(all_cells) and len(all_cells) > 1 \
-            else f" ({'; '.join(cells)})"
-        out.append(f"{field}: {ours} here, {theirs} in {against}{where}")
+    for (field, theirs), g in grouped.items():
+        cells = g["cells"]
+        where = "" if not cells else " (every cell)" if set(cells) >= set(all_cells) and len(all_cells) > 1 else \
+            f" ({'; '.join(cells)})" if len(cells) <= 4 else f" ({len(cells)} of {len(all_cells)} cells)"
+        out.append(f"{field}: {', '.join(g['ours'])} here, {theirs} in {', '.join(g['against'])}{where}")
     return out
 
 

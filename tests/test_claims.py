@@ -56,20 +56,20 @@ def one(ev: claims.Evaluation, claim_id: str) -> claims.Verdict:
 
 
 # ------------------------------------------------------------------------------------------------ the plan
-def test_batch_size_effect_paper_plan_compares_1000_with_125_at_the_papers_epoch_budgets():
+def test_batch_size_effect_paper_plan_compares_1024_with_128_at_the_da_authors_epoch_budgets():
     _, trials, comps = study("batch_size_effect", "paper")
     assert len(trials) == 72
     by_claim = {c.claim: c for c in comps}
     assert set(by_claim) == {"DA2", "question"}
     da2, q = by_claim["DA2"], by_claim["question"]
-    assert da2.a.match == {"batch_size": (1000,)} and da2.b.match == {"batch_size": (125,)}
-    assert da2.where_match() == {"schedule": ("one_cycle",)}
+    assert da2.a.match == {"batch_size": (1024,)} and da2.b.match == {"batch_size": (128,)}
+    assert da2.where_match() == {"schedule": ("caffe_1cycle",)}
     assert da2.tuning == "best_on_validation" and da2.n_lr_scales == 3 and da2.n_a == da2.n_b == 3
-    assert da2.metric == "final_acc" and da2.equal_time and da2.epochs == ((116,), (48,))
-    assert da2.line().startswith("DA2: batch_size=1000 vs batch_size=125, trials with schedule one_cycle, n=3 per "
-                                 "arm, final test accuracy at each arm's own epoch budget (116 vs 48 epochs")
-    assert "steps 5800 vs 19200" in da2.line()                     # the confound the plan knows
-    assert q.kind == "interaction" and q.by == "schedule" and q.by_a == ("one_cycle",) and q.by_b == ("multistep",)
+    assert da2.metric == "final_acc" and da2.equal_time
+    assert da2.line().startswith("DA2: batch_size=1024 vs batch_size=128, trials with schedule caffe_1cycle, n=3 per "
+                                 "arm, final test accuracy at each arm's own epoch budget (")
+    assert "steps 5664 vs 18750" in da2.line()                     # the confound the plan knows
+    assert q.kind == "interaction" and q.by == "schedule" and q.by_a == ("caffe_1cycle",) and q.by_b == ("multistep",)
 
 
 def test_sc4_is_its_own_study_with_the_papers_batches_and_bn_over_tbs_over_8():
@@ -106,32 +106,54 @@ def test_da1_is_two_comparisons_each_reading_its_own_constant_arm():
 
 def test_sc10_compares_sgd_clr_with_each_logged_adaptive_run_and_nesterov_with_itself():
     _, trials, comps = study("optimizers", "paper")
-    assert len(comps) == 4
+    assert len(comps) == 10
     for c, b in zip(comps[:3], ("adam", "adagrad", "adadelta"), strict=True):
         assert c.a.match == {"optimizer": ("caffe_sgd",), "schedule": ("triangular",)}   # the values present
         assert c.b.match == {"optimizer": (b,), "schedule": ("multistep",)}
         assert c.where_match() == {"nesterov": (False,)} and c.n_a == c.n_b == 3
     assert comps[3].field == "schedule" and comps[3].where_match() == {"nesterov": (True,)}
-    assert not any(t.config.optimizer in ("adam", "adagrad", "adadelta") and t.config.schedule == "triangular"
-                   for t in trials)                                 # never run by the authors: not here
+
+
+def test_sc10_puts_the_adaptive_optimizers_under_the_large_lr_cycle_so_the_plan_could_fail():
+    """Our extension (declared in the references): each adaptive optimizer under SGD's cycle against SGD's cycle,
+    and against its own PC-LR. If Adam super-converged, its cycle would tie SGD's and beat its own PC-LR."""
+    _, trials, comps = study("optimizers", "paper")
+    clr = {t.config.optimizer: t for t in trials if t.config.schedule == "triangular" and not t.config.nesterov}
+    assert set(clr) == {"caffe_sgd", "adam", "adagrad", "adadelta"}
+    assert (clr["adam"].config.base_lr, clr["adam"].config.max_lr) == (0.001, 0.03)    # SGD's range x1/100
+    assert clr["adam"].reference == "SC10-adam-clr"
+    vs_sgd, vs_own_pc = comps[4:7], comps[7:10]
+    for c, b in zip(vs_sgd, ("adam", "adagrad", "adadelta"), strict=True):
+        assert c.a.match == {"optimizer": ("caffe_sgd",)} and c.b.match == {"optimizer": (b,)}
+        assert c.where_match() == {"nesterov": (False,), "schedule": ("triangular",)}
+    for c, b in zip(vs_own_pc, ("adam", "adagrad", "adadelta"), strict=True):
+        assert c.field == "schedule" and c.a.match == {"schedule": ("multistep",)}
+        assert c.b.match == {"schedule": ("triangular",)} and c.where_match() == {"optimizer": (b,)}
+    adam_super_converges = {("caffe_sgd", "triangular"): 0.924, ("adam", "triangular"): 0.93,
+                            ("adam", "multistep"): 0.87}
+
+    def outcome(c):
+        return adam_super_converges.get((c["optimizer"], c["schedule"]), 0.85) + 0.001 * c["seed"], None
+    ev = claims.plan_verdicts([vs_sgd[0], vs_own_pc[0]], frame(trials, "paper", outcome))
+    assert [v.observed for v in ev.verdicts] == ["opposite to the claim", "opposite to the claim"]
 
 
 def test_the_verdicts_use_every_planned_trial_family_and_select_lr_scales_on_validation():
     _, trials, comps = study("batch_size_effect", "paper")
 
     def outcome(c):  # lr_scale 2 looks best on validation, lr_scale 1 is best on test: selection must use val
-        test = 0.90 + 0.01 * (c["batch_size"] == 1000) + 0.002 * c["seed"] - 0.02 * (c["lr_scale"] != 1)
+        test = 0.90 + 0.01 * (c["batch_size"] == 1024) + 0.002 * c["seed"] - 0.02 * (c["lr_scale"] != 1)
         return test, 0.90 + 0.05 * (c["lr_scale"] == 2)
     df = frame(trials, "paper", outcome)
     ev = claims.plan_verdicts(comps, df, curves_for(df))
     used = {rid for v in ev.verdicts for rid in v.run_ids}
     chosen = df[df["run_id"].isin(used)]
     assert set(chosen["lr_scale"]) == {2.0}                          # validation picked the scale, not the test set
-    assert set(chosen["schedule"]) == {"one_cycle", "multistep"}      # multistep trials feed the interaction
+    assert set(chosen["schedule"]) == {"caffe_1cycle", "multistep"}   # multistep trials feed the interaction
     q = one(ev, "question")
-    assert {"one_cycle", "multistep"} <= set(df[df["run_id"].isin(q.run_ids)]["schedule"])
+    assert {"caffe_1cycle", "multistep"} <= set(df[df["run_id"].isin(q.run_ids)]["schedule"])
     da2 = one(ev, "DA2")
-    assert set(df[df["run_id"].isin(da2.run_ids)]["batch_size"]) == {125, 1000}
+    assert set(df[df["run_id"].isin(da2.run_ids)]["batch_size"]) == {128, 1024}
     # DA2 reads each arm's FINAL accuracy (the end of its own one-cycle), never a point mid-cycle
     assert da2.median_a == pytest.approx(0.90 + 0.01 + 0.002 - 0.02)
     assert da2.median_b == pytest.approx(0.90 + 0.002 - 0.02)
@@ -160,12 +182,12 @@ def test_dry_run_prints_the_plan(capsys):
     assert main(["batch_size_effect", "--dry-run", "--scale", "paper"]) == 0
     out = capsys.readouterr().out
     plan_lines = out[out.index("analysis plan"):].splitlines()[1:]
-    assert any(ln.strip().startswith("DA2: batch_size=1000 vs batch_size=125") and "final test accuracy at each "
-               "arm's own epoch budget (116 vs 48 epochs" in ln for ln in plan_lines)
+    assert any(ln.strip().startswith("DA2: batch_size=1024 vs batch_size=128") and "final test accuracy at each "
+               "arm's own epoch budget (" in ln for ln in plan_lines)
     assert main(["total_batch", "--dry-run", "--scale", "paper"]) == 0
     out = capsys.readouterr().out
     assert "SC4: batch_size=1536 vs batch_size=256" in out[out.index("analysis plan"):]
-    assert any(ln.strip().startswith("question: (batch_size=1000 - batch_size=125) under schedule=one_cycle")
+    assert any(ln.strip().startswith("question: (batch_size=1024 - batch_size=128) under schedule=caffe_1cycle")
                for ln in plan_lines)
 
 

@@ -31,9 +31,8 @@ def test_every_paper_field_that_differs_from_its_reference_is_printed(study, cap
         assert t.reference in references.names(), (study, t.name)
         ref = references.load(t.reference)
         theirs = deviations.reference_config(ref)
-        ours = t.config.to_dict()
-        skip = deviations.inert(ours) & deviations.inert(
-            TrialConfig.from_dict(theirs).to_dict())
+        ours = deviations.normalized(t.config.to_dict())
+        skip = deviations.inert(ours) & deviations.inert({**deviations.DEFAULTS, **theirs})
         for field, value in theirs.items():
             if field in skip or specs.same(ours[field], value):
                 continue
@@ -92,7 +91,7 @@ def test_batch_size_effect_paper_is_da2_as_its_author_ran_it(capsys):
     assert {t.config.schedule for t in trials} == {"caffe_1cycle", "multistep"}
     assert "8 GPUs x 125" not in out and "deviations from each cell's reference run" in out
     assert "gResnet56_ResTBS512LR.0800.8M.95WD1e-4Epoch95BS128b_1" in out   # the log its TBS 512 cell reproduces
-    for line in ("val_size: 5000 here, none in", "lr_scale: 0.5 here, 1 in", "workers: 1 worker with BN over 32"):
+    for line in ("val_size: 5000 here, none in", "lr_scale: 0.5, 2 here, 1 in", "workers: 1 worker with BN over 32"):
         assert line in out, out
 
 
@@ -104,3 +103,18 @@ def test_a_paper_cell_without_a_reference_is_refused():
     spec["scales"]["paper"]["references"] = [{"where": {}, "run": "clr3SS5kFig1aa"}]
     with pytest.raises(specs.SpecError, match="unknown reference run 'clr3SS5kFig1aa' \\(did you mean 'clr3SS5kFig1a'"):
         specs.validate_spec(spec, "total_batch.yaml")
+
+
+def test_every_setup_record_is_a_known_base_with_known_fields():
+    """The records of setups.yaml: each derived one names a logged run, every field is a trial field, and the
+    logged runs alone carry display-line traces."""
+    logs = set(references.log_names())
+    setups = set(references.names()) - logs
+    assert {"DA2-tbs128-1cycle", "SC4-tbs1536", "SC10-adam-clr", "seed-negative-mnist"} <= setups
+    for name in setups:
+        ref = references.load(name)
+        assert ref.trace.empty and set(ref.config) <= set(TrialConfig.model_fields), name
+        assert ref.unmapped.get("from", next(iter(logs))) in logs, name
+    derived = references.load("DA2-tbs128-step")
+    assert derived.config["model"] == "gresnet56" and derived.config["nesterov"] is True   # from the TBS 512 log
+    assert derived.config["milestones"] == [9375, 14062, 16405, 17576, 17577]              # x4.sh, Caffe's order

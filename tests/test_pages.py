@@ -161,22 +161,26 @@ def test_short_labels_fit_on_two_lines():
 
 
 def test_setup_table_has_the_paper_beside_the_studys_paper_scale(built, uri, tmp_path):
-    assert rsetup.columns("quick")[1:3] == ["this study's paper scale", "the paper (claims.md)"]
+    assert rsetup.columns("quick")[1:3] == ["this study's paper scale", "the reference runs"]
     from harness import spec as specs
     spec = specs.load_spec("super_convergence")
     side = rsetup.paper_side("super_convergence", None)
     rows = {r[0]: r for r in rsetup.paper_vs_run(side.configs, side.configs, spec, side.spec)}
-    # the paper's column: the authors' logs of SC1 (clr3SS5kFig1a, lr35Fig1a), not the study's paper scale
-    assert rows["steps (epochs) per cell"][2] == ("batch 1000, CLR triangular: 10,000 steps (200.0 epochs); "
-                                                  "batch 1000, multistep: 80,000 steps (1600.0 epochs)")
-    assert rows["BN statistics over"][2] == "the per-GPU batch (125 = batch 1000 / 8 GPUs)"
+    # the reference column: the runs the paper scale's cells name (clr3SS5kFig1a, lr35Fig1a, the SC2 records
+    # derived from clr3SS5kFig1a), in the same words as the study's columns
+    assert rows["steps (epochs) per cell"][2] == (
+        "batch 1000, CLR triangular: 2,000 steps (40.0 epochs); batch 1000, CLR triangular: 6,000 steps (120.0 "
+        "epochs); batch 1000, CLR triangular: 10,000 steps (200.0 epochs); batch 1000, CLR triangular: 20,000 "
+        "steps (400.0 epochs); batch 1000, multistep: 80,000 steps (1600.0 epochs)")
+    assert rows["BN statistics over"][2] == "125 images"
+    assert rows["BN momentum (PyTorch convention)"][2] == "0.05; 0.001"      # moving-average fraction 0.95, 0.999
     assert rows["claims and their setup"][2].startswith("SC1: C10, ResNet-56, batch 1000")
-    for unknown in ("LR tuning", "BN momentum (PyTorch convention)", "augmentation (preprocess)", "target accuracy"):
-        assert rows[unknown][2] == "-", unknown                  # the paper says nothing: not the study's value
+    for unknown in ("LR tuning", "target accuracy"):
+        assert rows[unknown][2] == "-", unknown                  # the logs say nothing: not the study's value
         assert rows[unknown][1] != "-"
     da2 = {r[0]: r[2] for r in rsetup.paper_vs_run([], [], specs.load_spec("batch_size_effect"), None)}
     assert da2["claims and their setup"].startswith("DA2: ResNet-56, TBS/epochs 128/48")
-    assert da2["model"] == "-"                                   # no authors' log documents DA2
+    assert da2["model"] == "gresnet56"                           # the DA author's TBS 512 log documents DA2
     files = report.build_report("super_convergence", uri, out=tmp_path / "x.pdf", mlflow=False)
     md = files.markdown.read_text()
-    assert "| setting | this study's paper scale | the paper (claims.md) | this run (quick scale) |" in md
+    assert "| setting | this study's paper scale | the reference runs | this run (quick scale) |" in md

@@ -17,7 +17,7 @@ try:
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
     from paper_material import FIXTURES, LOG_EXCERPTS, caffe_logs_dir, shared_path
 
-NAMES = references.names()
+NAMES = references.log_names()
 SC_LOGS, DA_LOGS = 43, 7
 # Caffe prints 6 significant digits (a rounding of at most 5e-6 relative) of values it computed in float32
 REL = 1e-5

@@ -195,7 +195,9 @@ def test_first_page_compares_the_papers_setup_with_this_run(uri, tmp_path):
                  "BN momentum", "augmentation", "target accuracy", "caffe_sgd", "80,000 steps",
                  "per-pixel mean subtraction"):
         assert text in first, text
-    assert "synthetic numbers: accuracy rises as sqrt(progress)" in first     # the logged scale's deviations
+    whole = " ".join(" ".join(pdf_text(pdf)).split())
+    assert "synthetic numbers: accuracy rises as sqrt(progress)" in whole     # the logged scale's declared words
+    assert "model: [resnet20] here, [resnet56] in the paper scale" in whole  # and the computed ones
     md = (tmp_path / "super_convergence.md").read_text()
     assert "## The paper's setup vs this run" in md and "| steps (epochs) per cell |" in md
 

@@ -254,23 +254,38 @@ def paper_vs_run(paper: list[dict], run: list[dict], run_spec: dict | None, pape
         else:
             p, r = fn(paper), fn(run)
         if referenced and label not in ("claims and their setup", "LR tuning"):  # the cells' own reference runs
-            them = _distinct(referenced, lambda c: _bn_batch(c, None)) if label == "BN statistics over" else \
-                fn(referenced) if fn is not _seeds else f"one run per setup ({len(set(map(str, referenced)))})"
+            known = [c for c, keys in referenced if REFERENCE_FIELDS.get(label, set()) <= keys]
+            them = "-" if len(known) < len(referenced) else \
+                _distinct(known, lambda c: _bn_batch(c, None)) if label == "BN statistics over" else \
+                fn(known) if fn is not _seeds else f"one run per setup ({len(known)} reference runs)"
         else:
             them = ref.get(label, "-")
         out.append([label, p if paper else "n/a (no paper scale)", them, r])
     return out
 
 
-def reference_configs(paper_spec: dict | None) -> list[dict]:
-    """The typed configs of the reference runs the paper scale's cells name (harness.references), one per cell;
-    [] when the spec names none (a study file older than the references)."""
+# The fields each row of the table reads: a reference run shows a row only where it determines all of them.
+REFERENCE_FIELDS = {"data and training images": {"dataset", "train_size", "val_size"}, "model": {"model"},
+                    "total batch sizes": {"batch_size"}, "BN statistics over": {"bn_batch"},
+                    "steps (epochs) per cell": {"steps", "batch_size", "schedule"},
+                    "learning rates per cell": {"schedule", "max_lr"},
+                    "optimizer": {"optimizer", "momentum", "weight_decay"}, "BN momentum (PyTorch convention)":
+                    {"bn_momentum"}, "augmentation (preprocess)": {"preprocess"}, "target accuracy": {"target_acc"},
+                    "seeds": set()}
+
+
+def reference_configs(paper_spec: dict | None) -> list[tuple[dict, set]]:
+    """(config over the defaults, the fields it determines) of each reference run the paper scale's cells name
+    (harness.references); [] when the spec names none (a study file older than the references)."""
     try:
         trials = specs.trials(paper_spec, "paper") if paper_spec else []
     except specs.SpecError:
         return []
-    names_ = list(dict.fromkeys(t.reference for t in trials if t.reference))
-    return [TrialConfig.from_dict(deviations_mod.reference_config(references.load(n))).to_dict() for n in names_]
+    out = []
+    for name in dict.fromkeys(t.reference for t in trials if t.reference):
+        config = deviations_mod.reference_config(references.load(name))
+        out.append(({**deviations_mod.DEFAULTS, **config}, set(config)))
+    return out
 
 
 def deviations(logged: dict | None, study_spec: dict | None, scale: str) -> tuple[list[str], str]:
