@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from harness import spec as spec_mod
 from harness.analysis import caffe_logs
 
-SCHEDULES = ("triangular", "one_cycle", "caffe_1cycle", "multistep", "constant")  # the ones whose shapes are worth a panel
+SCHEDULES = ("triangular", "one_cycle", "caffe_1cycle", "multistep", "constant")  # shapes worth a panel
 LINE_STYLES = ("-", "-.", ":", (0, (5, 1)))
 
 
