@@ -120,8 +120,8 @@ def test_a_multi_worker_trial_is_measured_as_one_rank_and_said_so(with_data, cap
     out = capsys.readouterr().out
     assert "measured as one process with the per-worker batch" in out and "all-reduce is not measured" in out
     found = rows(out)
-    assert [r["label"] for r in found] == ["small_cnn digits batch 250 bn 125 sgd auto x2 workers",
-                                          "small_cnn digits batch 1000 bn 125 sgd auto x2 workers"]
+    assert [r["label"] for r in found] == ["small_cnn digits batch 250 bn 125 caffe_sgd auto x2 workers",
+                                          "small_cnn digits batch 1000 bn 125 caffe_sgd auto x2 workers"]
     for r in found:  # the trial's images/s: its global batch over one rank's step time
         batch = int(re.search(r"batch (\d+)", r["label"])[1])
         assert float(r["ips"].replace(",", "")) == pytest.approx(batch / float(r["s"]), rel=0.02)
@@ -147,7 +147,7 @@ def test_under_torchrun_the_k_steps_are_the_real_ddp_steps(with_data, tmp_path):
     """Two gloo ranks step the smoke config together: the same losses as one process stepping the whole batch
     (the trial's trajectory does not depend on its world size), and the rate is the global batch's."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cell = "batch_size=250,schedule=one_cycle"
+    cell = "batch_size=250,schedule=caffe_1cycle"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "harness.trial", "batch_size_effect", "--scale", "smoke", "--cell", cell, "--steps", "3"]
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)

@@ -117,7 +117,7 @@ def test_dry_run_prints_trials_and_cost_and_runs_nothing(workdir, capsys):
     rc = main(["batch_size_effect", "--scale", "paper", "--dry-run"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "72 trials" in out and "GPU-hours" in out and "bs1000-multistep-x2-s2" in out
+    assert "72 trials" in out and "GPU-hours" in out and "bs1024-multistep-x2-s2" in out
     assert not (workdir / "mlflow.db").exists() and not (workdir / "ray_results").exists()
 
 
