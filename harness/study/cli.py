@@ -408,6 +408,10 @@ def dry_run(resolved: dict, trials: list[specs.Trial]) -> None:
         c = t.config
         print(f"{t.name[:40]:40s} {c.batch_size:6d} {c.bn_batch or c.batch_size // res['workers']:5d} "
               f"{c.max_lr:7g} {c.schedule:>14s} {c.steps:7d} {c.seed:5d}")
+    nets = ", ".join(dict.fromkeys(
+        f"{t.config.model} with {t.config.optimizer}{' (Nesterov)' if t.config.nesterov else ''}, BN momentum "
+        f"{t.config.bn_momentum:g} (Caffe moving_average_fraction {1 - t.config.bn_momentum:g})" for t in trials))
+    print(f"setup: {nets}")
     c = cost(resolved, trials)
     print(f"\n{c.trials} trials, {c.steps:,} optimizer steps, {c.images:,} training images", end="")
     if c.trial_hours is None:
