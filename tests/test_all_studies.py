@@ -1,21 +1,33 @@
 """Every shipped study runs at smoke scale through the real pipeline (Ray Tune, 2-worker gloo TorchTrainers, one
 real `mlflow server` over HTTP for all of them) and leaves the runs its analysis needs. The finder study runs before
-the study that takes its max LRs from it (activation_mystery: lr_from_finder)."""
+the study that takes its max LRs from it (activation_mystery: lr_from_finder). Then every study's report is built
+from those runs, as a user would after `python -m harness.study NAME --scale smoke` (issue 25: two shipped studies'
+reports crashed at smoke scale while every unit test passed)."""
 
 from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from mlflow_checks import check_study_runs
+from pypdf import PdfReader
 from servers import MlflowServer
 
 from harness import spec as specs
+from harness.analysis import claims
+from harness.analysis.results import load_study
+from harness.report.build import main as report_main
 from harness.study.cli import main
 
 FINDERS = ("activation_mystery_finder",)
 STUDIES = [*FINDERS, *(n for n, _ in specs.list_studies() if n not in FINDERS)]
+REPORT_FILES = (".pdf", ".md", ".verdicts.csv", ".cells.csv", ".trials.csv", ".curves.csv")
+# a planned comparison without a verdict at smoke scale must say which property of the scale it lacks
+SCALE_PROPERTIES = ("seed", "LR scale", "levels of", "units")
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +66,32 @@ def test_study_runs_at_smoke_scale(ray_session, store, name, monkeypatch, capsys
         for child in children:
             history = MlflowClient(uri).get_metric_history(child.info.run_id, "dead_output_frac")
             assert history and all(0 <= h.value <= 1 for h in history)
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_every_study_reports_from_its_smoke_runs(store, name, capsys):
+    """The runs above -> `python -m harness.report NAME`: exit 0, the PDF, Markdown and CSVs, the verdicts on the
+    parent run, and every planned comparison a verdict or a reason that names what the smoke scale lacks."""
+    folder, uri = store
+    out = folder / "reports" / f"{name}.pdf"
+    rc = report_main([name, "--tracking-uri", uri, "--out", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err[-3000:]
+    assert "warning:" not in printed.err and "mlflow: " in printed.out
+    for suffix in REPORT_FILES:
+        assert (folder / "reports" / f"{name}{suffix}").stat().st_size > 0, suffix
+    assert len(PdfReader(out).pages) >= 2
+    ev = claims.verdicts(load_study(name, uri))
+    planned = {v.planned for v in ev.verdicts}
+    without = [line for line in ev.plan if line not in planned]
+    reasons = [why for _, why in ev.not_tested if "the study's analysis plan has no comparison" not in why]
+    assert len(without) == len(reasons), (without, ev.not_tested)
+    for why in reasons:
+        assert "no usable trial" not in why and any(p in why for p in SCALE_PROPERTIES), why
+    assert all(v.verdict == "pipeline check" for v in ev.verdicts)   # smoke scale: never evidence
+    verdicts_csv = pd.read_csv(folder / "reports" / f"{name}.verdicts.csv")
+    assert len(verdicts_csv) == len(ev.verdicts)
+    assert (folder / "reports" / f"{name}.md").read_text().count("pipeline check") >= len(ev.verdicts)
 
 
 def _children(uri: str, study: str) -> list:
