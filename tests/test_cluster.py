@@ -293,7 +293,8 @@ def test_address_a_gpu_study_is_queued_for_the_autoscalers_gpu_node_type(ray_hea
         boto3.client("s3", endpoint_url=f"http://{host}:{port}", **{
             "aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"},
         ).create_bucket(Bucket="queued")
-        study = tiny_study(tmp_path, scales={"paper": {}}, gpus_per_worker=1, workers=1)
+        study = tiny_study(tmp_path, scales={"paper": {"references": [{"where": {}, "run": "clr3SS5kFig1a"}]}},
+                           gpus_per_worker=1, workers=1)
         env = {**ray_head.env(), **credentials, "RAY_ADDRESS": ray_head.address, "PYTHONUNBUFFERED": "1"}
         if source == "ray_up":
             env["HOME"] = str(home)

@@ -1,10 +1,14 @@
 """bf16 at the learning rates where super-convergence happens. `precision: auto` would run every GPU trial under bf16
 autocast; this test trains a small ResNet with a CLR up to 3 in bf16 autocast and in fp32 (on the CPU: the same
-autocast rules) and bounds the difference in final accuracy. Where the bound does not hold, the paper scales must
+autocast rules), three seeds each, and bounds the difference in median final accuracy (one seed is not a
+measurement at CLR 3: fp32 seed 0 ends at 0.32 under torch 2.14 while seeds 1-2 end at 0.86 and 0.96).
+Where the bound does not hold, the paper scales must
 not use bf16: every shipped study's paper-scale trials then say `precision: fp32`, and a scale that does use bf16
 names it among its deviations."""
 
 from __future__ import annotations
+
+import statistics
 
 import pytest
 
@@ -17,11 +21,13 @@ CLR3 = {"dataset": "digits", "model": "resnet20", "batch_size": 125, "steps": 20
         "schedule": "triangular", "base_lr": 0.1, "max_lr": 3.0, "stepsize": 100, "cycle_momentum": False,
         "momentum": 0.9, "weight_decay": 1e-4, "device": "cpu", "divergence_factor": 1e9, "channels_last": False,
         "seed": 0}
+SEEDS = (0, 1, 2)
 
 
 @pytest.fixture(scope="module")
 def accuracies() -> dict[str, float]:
-    return {p: run_trial(TrialConfig.from_dict({**CLR3, "precision": p}))["final_acc"] for p in ("fp32", "bf16")}
+    return {p: statistics.median(run_trial(TrialConfig.from_dict({**CLR3, "precision": p, "seed": s}))["final_acc"]
+                                 for s in SEEDS) for p in ("fp32", "bf16")}
 
 
 def test_fp32_trains_the_small_resnet_at_clr_3(accuracies):

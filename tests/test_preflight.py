@@ -120,8 +120,8 @@ def test_a_multi_worker_trial_is_measured_as_one_rank_and_said_so(with_data, cap
     out = capsys.readouterr().out
     assert "measured as one process with the per-worker batch" in out and "all-reduce is not measured" in out
     found = rows(out)
-    assert [r["label"] for r in found] == ["small_cnn digits batch 250 bn 125 caffe_sgd auto x2 workers",
-                                          "small_cnn digits batch 1000 bn 125 caffe_sgd auto x2 workers"]
+    assert [r["label"] for r in found] == ["small_cnn digits batch 250 caffe_sgd auto x2 workers",  # BN over each
+                                          "small_cnn digits batch 1000 caffe_sgd auto x2 workers"]  # rank's batch
     for r in found:  # the trial's images/s: its global batch over one rank's step time
         batch = int(re.search(r"batch (\d+)", r["label"])[1])
         assert float(r["ips"].replace(",", "")) == pytest.approx(batch / float(r["s"]), rel=0.02)
@@ -155,7 +155,8 @@ def test_under_torchrun_the_k_steps_are_the_real_ddp_steps(with_data, tmp_path):
     lines = [line.split() for line in done.stdout.splitlines() if line.split()[:1] and line.split()[0].isdigit()]
     assert [int(s[0]) for s in lines] == [1, 2, 3] and "2 rank(s)" in done.stdout
     alone = run_steps(trial_cli.pick_trial(specs.load_spec("batch_size_effect"), "smoke", cell, None, 1), 3)
-    assert [float(s[2]) for s in lines] == pytest.approx(alone.losses, abs=2e-4)  # printed to 4 places
+    assert [float(s[2]) for s in lines] == pytest.approx(alone.losses, abs=1e-3)  # 4 places; gloo
+    # sums the two ranks' gradients in another order than one process does: 3e-4 apart by step 3, measured
 
 
 # ------------------------------------------------------------------------------------------ configs kept working
