@@ -40,9 +40,9 @@ BASE = {"dataset": "digits", "model": "small_cnn", "preprocess": "paper", "batch
 ONE_CYCLE = {"schedule": "one_cycle", "max_lr": 0.8}
 
 
-def study(*paired: dict) -> dict:
+def study(*paired: dict, workers: int = 2) -> dict:
     return {"name": "tiny", "question": "Does the pipeline run?", "claims": ["SC1"], "target_acc": 0.5,
-            "resources": {"workers": 2, "gpus_per_worker": 0, "cpus_per_worker": 1}, "base": BASE,
+            "resources": {"workers": workers, "gpus_per_worker": 0, "cpus_per_worker": 1}, "base": BASE,
             "paired": {"schedule": list(paired)}}
 
 
@@ -304,15 +304,17 @@ def test_store_failures_are_warnings_that_never_mask_the_first_error(capsys):
 
 
 # ------------------------------------------------------------------------------------------------- lost workers
-@pytest.mark.parametrize("moment, rank, step, resumed_from", [
-    ("window", 0, 12, {"10"}),        # between the evaluations of steps 10 and 15
-    ("eval", 0, 15, {"10"}),          # entering the evaluation of step 15
-    ("window", 1, 12, {"10"}),        # rank 1: rank 0 sees its peer vanish in the next collective
+@pytest.mark.parametrize("moment, rank, step, resumed_from, workers", [
+    ("window", 0, 12, {"10"}, 2),        # between the evaluations of steps 10 and 15
+    ("eval", 0, 15, {"10"}, 2),          # entering the evaluation of step 15
+    ("window", 1, 12, {"10"}, 2),        # rank 1: rank 0 sees its peer vanish in the next collective
+    ("window", 0, 12, {"10"}, 1),        # one worker: the Tune actor the trial trains in is lost; Tune restarts it
+    ("eval", 0, 15, {"10"}, 1),
 ])
 def test_lost_worker_resumes_from_its_last_checkpoint_with_every_step_once(crash_plan, hooked_ray, workdir, moment,
-                                                                          rank, step, resumed_from):
+                                                                          rank, step, resumed_from, workers):
     crash_plan(moment, rank, step)
-    rc = main([write_study(workdir, study(ONE_CYCLE))])
+    rc = main([write_study(workdir, study(ONE_CYCLE, workers=workers))])
     assert rc == 0
     assert Path(f"{hooked_ray}.fired").exists(), "the planned crash did not happen"
     uri = f"sqlite:///{workdir}/mlflow.db"
@@ -324,9 +326,10 @@ def test_lost_worker_resumes_from_its_last_checkpoint_with_every_step_once(crash
     check_study_runs(uri, "tiny", n_trials=1)
 
 
-def test_a_lost_worker_with_no_failures_allowed_errors_the_trial_with_exit_1(crash_plan, workdir, capsys):
+@pytest.mark.parametrize("workers", [2, 1])
+def test_a_lost_worker_with_no_failures_allowed_errors_the_trial_with_exit_1(crash_plan, workdir, capsys, workers):
     crash_plan("window", 0, 7)
-    rc = main([write_study(workdir, study(ONE_CYCLE)), "--max-failures", "0"])
+    rc = main([write_study(workdir, study(ONE_CYCLE, workers=workers)), "--max-failures", "0"])
     err = capsys.readouterr().err
     assert rc == 1 and "ERROR trial:" in err
     uri = f"sqlite:///{workdir}/mlflow.db"

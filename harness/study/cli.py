@@ -218,6 +218,11 @@ def run_study(args, resolved: dict, trials: list[specs.Trial], uri: str, place: 
     try:
         results = _tuner(args, resolved, trials, place, run, log_file, plan.concurrent).fit()
         outcome = print_outcome(results, resolved, time.time() - t0)
+        if resolved["resources"]["workers"] == 1:  # a trial whose actor died could not record its own error
+            by_name = {t.name: t for t in trials}
+            for name, err in outcome.errors:
+                if name in by_name:
+                    tracking.mark_trial_error(uri, run.exp_id, run.parent, by_name[name], err)
         if outcome.unfinished:  # Tune's first Ctrl-C handler stopped the trials at a checkpoint and returned
             raise KeyboardInterrupt
         status = "FAILED" if outcome.errors else "FINISHED"
@@ -273,7 +278,13 @@ def _tuner(args, resolved: dict, trials: list[specs.Trial], place: Place, run: S
         "harness_log": log_file,
     }
     param_space = {**base, "trial": tune.grid_search([t.to_tune() for t in trials])}
-    trainable = tune.with_resources(trial_driver, {cluster.DRIVER_RESOURCE: 1})
+    res = resolved["resources"]
+    # One worker: the trial trains in its Tune actor (harness.study.driver), which then holds the worker's CPUs and
+    # GPU, and Tune restarts it from its last checkpoint. Several: the actor holds only the driver resource, the
+    # TorchTrainer's workers hold the rest, and Ray Train restarts lost workers.
+    solo = res["workers"] == 1
+    trainable = tune.with_resources(trial_driver, {cluster.DRIVER_RESOURCE: 1,
+                                                   **(cluster.per_worker(res) if solo else {})})
     if args.resume:
         return tune.Tuner.restore(place.exp_path, trainable=trainable, param_space=param_space, resume_errored=True)
     reporter = tune.CLIReporter(
@@ -286,7 +297,8 @@ def _tuner(args, resolved: dict, trials: list[specs.Trial], place: Place, run: S
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name=cluster.storage_name(place.exp_path), storage_path=place.storage,
                                   progress_reporter=reporter, verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=0)))
+                                  failure_config=tune.FailureConfig(max_failures=args.max_failures if solo else 0),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
 
 
 def _interrupted(args, run: StudyRun) -> int:

@@ -1,4 +1,10 @@
-"""One Tune trial: `trial_driver`, Tune's function trainable, runs one Ray Train TorchTrainer of N DDP workers.
+"""One Tune trial: `trial_driver`, Tune's function trainable, runs one Ray Train TorchTrainer of N DDP workers,
+or a trial of one worker in itself.
+
+    one worker                  ->  harness.study.worker.run_in_trial in this process (no process group, no Train
+                                    controller; issue 26): ray.tune.report with the checkpoint at every evaluation,
+                                    the summary last. A reused trial actor keeps torch imported and the dataset
+                                    read, never a model, optimizer or RNG state (run_trial seeds and builds those).
 
     Tune trial (trial_driver)  ->  TorchTrainer(harness.study.worker.train_loop_per_worker, N ranks, gloo/NCCL)
       every evaluation: rank 0's ray.train.report -> Train's controller -> RelayToDriver -> a ray.util.queue.Queue
@@ -27,7 +33,7 @@ from harness.config import TrialConfig
 from harness.spec import Trial
 from harness.study import tracking
 from harness.study.console import quiet_console
-from harness.study.worker import train_loop_per_worker
+from harness.study.worker import run_in_trial, train_loop_per_worker
 from harness.trial.data import RawData, load_raw
 
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # the checkpoint a relayed evaluation came with, as Tune's results name it
@@ -53,6 +59,10 @@ def trial_driver(params: dict) -> None:
     started = time.time()
     quiet_console(params.get("harness_log"))
     trial = Trial.from_tune(params["trial"])
+    if params["resources"]["workers"] == 1:
+        _record_errors(params, trial, lambda: ray.tune.report(
+            run_in_trial({**params, "driver_started_at": started}, raw_data(trial.config))))
+        return
     relay = Queue(actor_options={"num_cpus": 0})
     trainer = _trainer(params, trial, relay, started)
     outcome: dict = {}
@@ -63,13 +73,24 @@ def trial_driver(params: dict) -> None:
     _relay(relay, timeout_s=0)  # what the controller put before fit() returned
     relay.shutdown()
     if "error" in outcome:
-        e = outcome["error"]
+        _record_errors(params, trial, lambda: _raise(outcome["error"]))
+    ray.tune.report(outcome["result"].return_value)  # the trial's final result: straight to Tune, last
+
+
+def _raise(e: BaseException) -> None:
+    raise e
+
+
+def _record_errors(params: dict, trial: Trial, run) -> None:
+    """run(); an error it raises is recorded in the trial's run (never raises), then Tune sees the original."""
+    try:
+        run()
+    except Exception as e:
         track = params["tracking"]
-        if track["uri"]:  # record it in the trial's run (never raises), then let Tune see the original error
+        if track["uri"]:
             detail = "".join(traceback.format_exception_only(type(e), e)).strip()
             tracking.mark_trial_error(track["uri"], track["experiment_id"], track["parent_run_id"], trial, detail)
-        raise e
-    ray.tune.report(outcome["result"].return_value)  # the trial's final result: straight to Tune, last
+        raise
 
 
 def _fit(trainer: TorchTrainer, outcome: dict) -> None:
@@ -116,13 +137,19 @@ def _trainer(params: dict, trial: Trial, relay: Queue, started: float) -> TorchT
     )
 
 
-def shared_raw_data(cfg: TrialConfig):
-    """The trial's dataset files, read once by this (reused) trial driver and put in Ray's object store, so the
-    trial's workers neither read nor parse them (digits: no scikit-learn import; Fashion-MNIST: no gunzip)."""
+def raw_data(cfg: TrialConfig) -> RawData | None:
+    """The trial's dataset files, read once by this (reused) trial driver (digits: no scikit-learn import;
+    Fashion-MNIST: no gunzip); None where they cannot be read here: run_trial reads them and says what is wrong."""
     key = (cfg.dataset, cfg.data_dir)
     if key not in _RAW:
         try:
             _RAW[key] = load_raw(cfg.dataset, data_dir=cfg.data_dir)
-        except Exception:  # noqa: BLE001 - not here: the workers read it themselves and report what is wrong
+        except Exception:  # noqa: BLE001 - not here: the trial reads them itself and reports what is wrong
             return None
-    return ray.put(_RAW[key])
+    return _RAW[key]
+
+
+def shared_raw_data(cfg: TrialConfig):
+    """raw_data in Ray's object store, so the trial's workers neither read nor parse the files."""
+    raw = raw_data(cfg)
+    return None if raw is None else ray.put(raw)

@@ -1,8 +1,9 @@
-"""One Ray Train worker of a trial (one DDP rank): `train_loop_per_worker`, which harness.study.driver's
-TorchTrainer runs on every rank.
+"""One worker of a trial: `train_loop_per_worker`, which harness.study.driver's TorchTrainer runs on every DDP
+rank of a trial of several workers, and `run_in_trial`, a one-worker trial run in Tune's trainable itself.
 
     rank r: run_trial(config) with a reporter that
-      - ray.train.report()s every evaluation (rank 0 attaches a checkpoint: a lost worker resumes from it)
+      - ray.train.report()s every evaluation (rank 0 attaches a checkpoint: a lost worker resumes from it);
+        one worker: ray.tune.report()s it, with the checkpoint, straight from the Tune trial
       - logs to the trial's MLflow run (rank 0, one batched call per evaluation, buffered through outages)
     and returns the trial's summary (Train's Result.return_value), which the driver hands to Tune.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 import ray
 import ray.train
 import ray.train.torch
+import ray.tune
 import torch
 import torch.distributed as dist
 
@@ -45,31 +47,57 @@ def _profile(phases: dict, **extra) -> None:
 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
+    """One Ray Train rank of a trial of several workers (the TorchTrainer that harness.study.driver builds)."""
     phases = {"driver_started": loop_config["driver_started_at"], "loop_entered": time.time()}
-    # torch imports torch._dynamo (seconds) inside the DDP wrap and the first optimizer step; import it now, beside
-    # the rendezvous and the MLflow set-up below, where this process mostly waits on the other ranks and sqlite
-    dynamo = threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True)
-    dynamo.start()
-    trial = Trial.from_tune(loop_config["trial"])
+    dynamo = _import_dynamo()
     # Ray Train V2 logs "Reporting training result ..." at INFO to a logger named by its source file, which the
     # RunConfig's LoggingConfig level (it filters "ray.train.*") does not reach: INFO lines go to the study's log.
     quiet_worker(loop_config.get("harness_log"))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    resume = _last_checkpoint()
     hostnames = [socket.gethostname()]
     if world > 1:
         hostnames = [None] * world
         dist.all_gather_object(hostnames, socket.gethostname())
+    raw = ray.get(loop_config["raw_data"]) if loop_config.get("raw_data") is not None else None
+    return run_rank(loop_config, phases, dynamo, rank=rank, world=world, hostnames=hostnames,
+                    device=ray.train.torch.get_device(), raw=raw,
+                    resume=_load(ray.train.get_checkpoint()), report=(ray.train.report, ray.train.Checkpoint))
+
+
+def run_in_trial(loop_config: dict, raw) -> dict:
+    """A trial of one worker, in Tune's function trainable itself (issue 26): no process group and no Train
+    controller, so a reused trial actor starts its next trial with torch imported and the dataset read. Tune
+    keeps its checkpoints (tune.report) and restarts it from the last one (Tune's FailureConfig)."""
+    phases = {"driver_started": loop_config["driver_started_at"], "loop_entered": time.time()}
+    dynamo = _import_dynamo()
+    quiet_worker(loop_config.get("harness_log"))  # Tune's "Checkpoint successfully created" INFO lines: the log
+    gpu = loop_config["resources"]["gpus_per_worker"] > 0
+    device = torch.device("cuda", 0) if gpu else torch.device("cpu")  # Ray set CUDA_VISIBLE_DEVICES to its GPU
+    return run_rank(loop_config, phases, dynamo, rank=0, world=1, hostnames=[socket.gethostname()],
+                    device=device, raw=raw, resume=_load(ray.tune.get_checkpoint()),
+                    report=(ray.tune.report, ray.tune.Checkpoint))
+
+
+def _import_dynamo() -> threading.Thread:
+    # torch imports torch._dynamo (seconds) inside the DDP wrap and the first optimizer step; import it now, beside
+    # the rendezvous and the MLflow set-up, where this process mostly waits on the other ranks and sqlite
+    dynamo = threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True)
+    dynamo.start()
+    return dynamo
+
+
+def run_rank(loop_config: dict, phases: dict, dynamo: threading.Thread, *, rank: int, world: int,
+             hostnames: list[str], device, raw, resume: dict | None, report) -> dict:
+    """run_trial on this rank with the trial's MLflow writer (rank 0) and `report` (ray.train.report on a Train
+    rank, ray.tune.report in a one-worker trial); the trial's summary, as Tune's last result of the trial."""
+    trial = Trial.from_tune(loop_config["trial"])
     phases["hostnames_gathered"] = time.time()
     system = tracking.system_tags(hostnames)
     logger = _trial_logger(loop_config["tracking"], trial, world, system, resume) if rank == 0 else None
     phases["mlflow_started"] = time.time()
-
-    device = ray.train.torch.get_device()
-    raw = ray.get(loop_config["raw_data"]) if loop_config.get("raw_data") is not None else None
     dynamo.join()
-    summary = run_trial(trial.config, _reporter(logger), resume=resume, device=device, raw=raw)
+    summary = run_trial(trial.config, _reporter(logger, report), resume=resume, device=device, raw=raw)
     history, first_step_at = summary.pop("history"), summary.pop("first_step_at")
     _profile({**phases, "first_step": first_step_at}, rank=rank, trial=trial.name)
     if first_step_at and resume is None:  # Tune trial start -> first optimizer step: the orchestration overhead
@@ -85,8 +113,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             "system_tags": system}  # Tune's result.json keeps it for the back-fill
 
 
-def _last_checkpoint() -> dict | None:
-    checkpoint = ray.train.get_checkpoint()
+def _load(checkpoint) -> dict | None:
+    """The trial state in a Train or Tune checkpoint (the same format on both paths)."""
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
@@ -107,17 +135,19 @@ def _trial_logger(track: dict, trial: Trial, world: int, system: dict, resume: d
     return logger
 
 
-def _reporter(logger):
-    """What run_trial calls at every evaluation: MLflow (rank 0), then ray.train.report (every rank; rank 0 with
-    the checkpoint, which Train stores and hands back to a restarted worker)."""
-    def report(metrics: dict, state: dict | None) -> None:
+def _reporter(logger, report: tuple):
+    """What run_trial calls at every evaluation: MLflow (rank 0), then `report` (every rank; rank 0 with the
+    checkpoint, which Train or Tune stores and hands back to a restarted worker). report: (report, Checkpoint)."""
+    send, checkpoint_cls = report
+
+    def each_eval(metrics: dict, state: dict | None) -> None:
         if logger is not None:
             logger.log_eval(metrics)
         row = {**metrics, "trial_status": "running"}
         if state is None:
-            ray.train.report(row)
+            send(row)
             return
         with tempfile.TemporaryDirectory() as d:
             torch.save(state, Path(d) / CHECKPOINT_FILE)
-            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d))
-    return report
+            send(row, checkpoint=checkpoint_cls.from_directory(d))
+    return each_eval
