@@ -142,6 +142,7 @@ def test_the_smoke_grid_is_16_two_worker_trials(tmp_path):
     assert len({t.cell for t in trials}) == 4
 
 
+@pytest.mark.slow  # trains or builds every study's report: seconds, the full suite's
 def test_p1_and_p2_measure_positive_rates(monkeypatch):
     monkeypatch.setattr(bench, "bench_dataset", lambda: ("digits", None))  # the bundled one: seconds, not tens
     p1 = bench.p1_trial_vs_bare(torch.device("cpu"), steps=2, warmup=1, repeats=1)
@@ -236,6 +237,7 @@ def test_startup_profile_gives_each_ranks_median_phase(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- P3's bare trial
+@pytest.mark.slow  # trains or builds every study's report: seconds, the full suite's
 def test_the_bare_trial_imports_nothing_of_the_harness_beyond_its_config():
     """Ray's processes of the bare trial import this module to run its functions: no harness.trial/.study, no Ray,
     until a function asks (P3's floor must not carry the harness's imports)."""

@@ -299,6 +299,7 @@ def test_best_level_and_best_shift_and_range_test():
     assert v.verdict == "supported" and v.median_a == pytest.approx(-0.135)
 
 
+@pytest.mark.slow
 def test_null_calibration_supported_at_most_5_percent():
     """Simulated no-effect outcomes (every arm the same distribution) through the paper-scale plan of
     batch_size_effect and a 5-seed two-arm plan: the rule may call 'supported' in at most 5% of studies."""

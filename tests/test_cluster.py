@@ -190,6 +190,7 @@ def tiny_study(folder: Path, scales: dict | None = None, **resources) -> str:
     return write_study(folder, {**study, "scales": scales} if scales else study)
 
 
+@pytest.mark.slow
 def test_address_a_cluster_without_the_driver_resource_is_refused(tmp_path, monkeypatch, capsys):
     from harness.study.cli import main
     monkeypatch.chdir(tmp_path)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 try:
@@ -19,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 NOISE = ("Reporting training result", "Token authentication is", "Warning:")  # "Warning:": any Python warning
 
 
+@pytest.mark.slow
 def test_study_console_has_the_table_and_our_lines_and_the_log_has_the_rest(tmp_path):
     study = tmp_path / "tiny.yaml"
     study.write_text(yaml.safe_dump(TINY, sort_keys=False))

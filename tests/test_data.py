@@ -395,6 +395,7 @@ def _prepare_with_fake_download(cache: str, counter: str, per_batch: int) -> tup
         ds.train_y.tolist()
 
 
+@pytest.mark.slow
 def test_concurrent_preparation_downloads_once_and_every_process_loads_it(tmp_path):
     import multiprocessing
 

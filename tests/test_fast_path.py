@@ -35,6 +35,7 @@ def fp32_nchw():
     return _curve(precision="fp32", channels_last=False)
 
 
+@pytest.mark.slow  # trains or builds every study's report: seconds, the full suite's
 def test_channels_last_follows_the_nchw_curve(fp32_nchw):
     loss, acc = _curve(precision="fp32", channels_last=True)
     assert len(loss) == len(fp32_nchw[0]) == 4
@@ -42,6 +43,7 @@ def test_channels_last_follows_the_nchw_curve(fp32_nchw):
     assert acc == pytest.approx(fp32_nchw[1], abs=0.05)
 
 
+@pytest.mark.slow  # trains or builds every study's report: seconds, the full suite's
 def test_bf16_autocast_on_cpu_follows_the_fp32_curve(fp32_nchw):
     loss, acc = _curve(precision="bf16", channels_last=True)
     assert loss == pytest.approx(fp32_nchw[0], abs=BF16_TOL)
@@ -79,6 +81,7 @@ class _SlowFirstBatch(TrainBatches):
         return super().get(step)
 
 
+@pytest.mark.slow  # trains or builds every study's report: seconds, the full suite's
 def test_throughput_window_leaves_out_the_warm_up(monkeypatch):
     monkeypatch.setattr(step_module, "TrainBatches", _SlowFirstBatch)
     small = {"dataset": "digits", "model": "small_cnn", "batch_size": 250, "steps": 20, "eval_every": 10,

@@ -41,6 +41,7 @@ def test_smoothing_is_fastais_bias_corrected_average():
 
 
 # ------------------------------------------------------------------------------------------------ the trial kind
+@pytest.mark.slow  # trains or builds every study's report: seconds, the full suite's
 def test_divergence_stops_the_sweep_and_a_tame_sweep_runs_to_the_end():
     seen = []
     out = run_trial(TrialConfig.from_dict(FINDER), lambda m, s: seen.append((m, s)))
@@ -57,6 +58,7 @@ def test_divergence_stops_the_sweep_and_a_tame_sweep_runs_to_the_end():
     assert tame["history"][-1]["lr"] == 1e-2 and 0 <= tame["history"][-1]["batch_val_acc"] <= 1
 
 
+@pytest.mark.slow  # trains or builds every study's report: seconds, the full suite's
 def test_the_finder_steps_with_the_trials_precision_and_memory_format(monkeypatch):
     """The finder and the trial share harness.trial.step: the finder's steps run under the trial's bf16 autocast and
     channels_last (the losses differ from fp32's), and every one of them goes through train_step."""
@@ -154,6 +156,7 @@ def _rank_main(rank: int, world: int, init_file: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_ranks_stay_in_lockstep_and_agree_with_one_process(tmp_path):
     out = str(tmp_path / "finder")
     mp.start_processes(_rank_main, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True, start_method="spawn")

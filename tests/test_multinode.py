@@ -28,6 +28,8 @@ from test_study import TINY, write_study
 from harness.study.cli import main
 from harness.study.cluster import DRIVER_RESOURCE
 
+pytestmark = pytest.mark.slow  # Ray, an MLflow server or spawned processes: the full suite, not the fast tier
+
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "harness-test"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

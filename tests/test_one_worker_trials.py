@@ -6,6 +6,7 @@ in a fresh actor or after another trial in the same one."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_checks import check_study_runs
 from test_study import TINY, write_study
 
-from harness.study.cli import main
-
-pytestmark = pytest.mark.slow  # Ray
+from harness.study.cli import STARTUP_S, main, packing
 
 X = {"schedule": "one_cycle", "max_lr": 0.8}  # the trial compared
 Y = {"schedule": "cosine", "max_lr": 0.4}     # the one that runs before it on the same actor
@@ -65,3 +64,14 @@ def test_one_worker_trials_run_two_at_once_on_two_cores(ray_session, workdir, ca
     out = capsys.readouterr().out
     assert "2 trials, 1 workers each, 2 at a time" in out
     assert len(set.union(*pids(workdir / "packed").values())) == 2  # two actors, side by side
+
+
+def test_the_dry_run_packs_one_worker_trials_and_counts_their_start_up_once_per_actor(workdir, capsys):
+    one, two = {**ONE_WORKER}, {**ONE_WORKER, "workers": 2}
+    assert packing(one, 10, cpus=2, gpus=0) == (2, 2 * STARTUP_S["actor_first"] + 8 * STARTUP_S["actor_reused"])
+    assert packing(two, 10, cpus=2, gpus=0) == (1, 10 * STARTUP_S["trainer"])
+    assert packing({**one, "gpus_per_worker": 1}, 10, cpus=16, gpus=0)[0] == 0  # a GPU trial never fits a CPU box
+    assert packing({**one, "gpus_per_worker": 1}, 3, cpus=16, gpus=8)[0] == 3
+    assert main(["clr1", "--scale", "smoke", "--dry-run", "--workers-per-trial", "1"]) == 0  # measures: ~10 s
+    out = capsys.readouterr().out
+    assert f"here ({os.cpu_count()} CPUs" in out and "one-worker trials train in their reused Tune actor" in out, out

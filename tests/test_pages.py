@@ -60,6 +60,7 @@ def built(uri, tmp_path_factory):
 
 
 @pytest.mark.parametrize("study", STUDIES)
+@pytest.mark.slow  # trains or builds every study's report: seconds, the full suite's
 def test_every_page_but_a_sections_last_is_at_least_half_filled(built, study):
     layout, ink = built[study]
     assert len(layout) == len(ink) >= 3
@@ -160,6 +161,7 @@ def test_short_labels_fit_on_two_lines():
     assert len(rpdf.wrap(names[0], 1.0 / 5.5 * 5.5 - 0.08, 8.0)) >= 3          # as given, it would wrap on 3
 
 
+@pytest.mark.slow  # trains or builds every study's report: seconds, the full suite's
 def test_setup_table_has_the_paper_beside_the_studys_paper_scale(built, uri, tmp_path):
     assert rsetup.columns("quick")[1:3] == ["this study's paper scale", "the reference runs"]
     from harness import spec as specs

@@ -16,6 +16,8 @@ from harness import spec as specs
 from harness.config import TrialConfig
 from harness.trial.loop import run_trial
 
+pytestmark = pytest.mark.slow  # Ray, an MLflow server or spawned processes: the full suite, not the fast tier
+
 BOUND = 0.02  # bf16 may cost at most 2 points of final accuracy to be the paper scales' default
 CLR3 = {"dataset": "digits", "model": "resnet20", "batch_size": 125, "steps": 200, "eval_every": 200,
         "schedule": "triangular", "base_lr": 0.1, "max_lr": 3.0, "stepsize": 100, "cycle_momentum": False,

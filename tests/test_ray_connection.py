@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 
+
+@pytest.mark.slow
 def test_a_ray_that_someone_else_started_after_ours_is_not_ours_to_shut_down():
     """Job IDs restart at 01000000 in every Ray: after a study started (and ended) its own Ray, a Ray started by
     the caller (here a test fixture) must not be taken for the study's own and shut down at the study's end."""

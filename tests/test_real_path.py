@@ -33,6 +33,8 @@ from harness.analysis import claims
 from harness.analysis.results import load_study
 from harness.report import summary
 
+pytestmark = pytest.mark.slow  # Ray, an MLflow server or spawned processes: the full suite, not the fast tier
+
 
 def shipped() -> list:
     """(study, scale) for every study file and scale it has; a study file that does not load is one failing case."""

@@ -80,6 +80,7 @@ def test_report_diverged_study(uri, tmp_path):
     assert cells.set_index("cell").loc["weight_decay=0.001", "diverged"] == 3
 
 
+@pytest.mark.slow
 def test_smoke_study_is_a_pipeline_check_via_the_real_cli(uri, tmp_path):
     out = tmp_path / "smoke" / "smoke_check.pdf"
     proc = subprocess.run([sys.executable, "-m", "harness.report", "smoke_check", "--tracking-uri", uri,

@@ -33,6 +33,8 @@ from harness.study import backfill, tracking
 from harness.study.cli import main
 from harness.study.cluster import DRIVER_RESOURCE, RAY_ENV
 
+pytestmark = pytest.mark.slow  # Ray, an MLflow server or spawned processes: the full suite, not the fast tier
+
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 BASE = {"dataset": "digits", "model": "small_cnn", "preprocess": "paper", "batch_size": 250, "bn_batch": 125,

@@ -28,11 +28,14 @@ def kind(v) -> str:
     return "float" if isinstance(v, numbers.Real) else type(v).__name__
 
 
-def shipped() -> list[tuple[str, str]]:
+def shipped() -> list:
+    """(study, scale) of every shipped study and scale; the larger grids (hundreds of trials written to sqlite,
+    ~70 s in all) belong to the full suite, smoke to the fast tier too."""
     out = []
     for name, _ in specs.list_studies():
         spec = specs.load_spec(name)
-        out += [(name, s) for s in specs.SCALES if s == "smoke" or s in (spec.get("scales") or {})]
+        out += [pytest.param(name, s, marks=() if s == "smoke" else pytest.mark.slow)
+                for s in specs.SCALES if s == "smoke" or s in (spec.get("scales") or {})]
     return out
 
 

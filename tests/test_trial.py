@@ -131,6 +131,7 @@ def _rank_main(rank: int, world: int, init_file: str, out: str, config: dict) ->
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_one_big_step_on_one_process_equals_two_gloo_ranks(tmp_path):
     _, records, states = _run(ONE_STEP)
     single = states[0]["model"]  # weights and BN statistics after the first step
@@ -170,6 +171,7 @@ WORLD_RTOL = 1e-4  # losses over 20 steps of one_cycle up to LR 0.8; measured ma
 WORLD_ACC_ABS = 2 / 360  # test accuracy on 360 digits: at most 2 images may flip
 
 
+@pytest.mark.slow
 def test_metric_history_is_the_same_on_one_and_two_gloo_workers(tmp_path):
     config = {**SMALL, "steps": 20, "eval_every": 5}
     _, single, _ = _run(config)

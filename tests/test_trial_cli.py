@@ -57,6 +57,7 @@ def test_a_bad_cell_lists_the_cells_and_exits_2(study, capsys):
     assert "no --cell given" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_torchrun_runs_the_trial_as_two_gloo_ranks(study, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -11,7 +11,10 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import yaml
+
+pytestmark = pytest.mark.slow  # Ray, an MLflow server or spawned processes: the full suite, not the fast tier
 
 try:
     from tests.test_study import TINY

@@ -408,9 +408,32 @@ def cost(resolved: dict, trials: list[specs.Trial], measure: bool = True) -> Cos
                 res["workers"] * (res["gpus_per_worker"] or res["cpus_per_worker"]))
 
 
+# Tune trial start -> first optimizer step on the developers' 2-core CPU machine (README, "Where a trial's time goes"):
+# a trial of several workers starts a Train controller and its worker processes, each importing torch; a one-worker
+# trial trains in its Tune actor, which pays that once and then starts each next trial in well under a second.
+STARTUP_S = {"trainer": 15.0, "actor_first": 13.0, "actor_reused": 0.5}
+
+
+def packing(res: dict, trials: int, cpus: float, gpus: float) -> tuple[int, float]:
+    """(trials at once on `cpus` CPUs and `gpus` GPUs, start-up seconds summed over the study's trials)."""
+    per = cluster.per_worker(res)
+    fits = min(int(cpus // (per["CPU"] * res["workers"])),
+               int(gpus // (per["GPU"] * res["workers"])) if "GPU" in per else trials)
+    slots = max(0, min(fits, trials))
+    if res["workers"] == 1:
+        first = min(slots, trials)
+        return slots, first * STARTUP_S["actor_first"] + (trials - first) * STARTUP_S["actor_reused"]
+    return slots, trials * STARTUP_S["trainer"]
+
+
 def _hours(h: float, what: str) -> str:
     """'6.85 GPU-hours'; under 0.1 h in minutes ('2.8 CPU-minutes'), not '0.05'."""
     return f"{h:.2f} {what}-hours" if h >= 0.1 else f"{h * 60:.1f} {what}-minutes"
+
+
+def _local_gpus() -> int:
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def dry_run(resolved: dict, trials: list[specs.Trial]) -> None:
@@ -432,6 +455,18 @@ def dry_run(resolved: dict, trials: list[specs.Trial]) -> None:
     print(f"\nat {c.images_per_s:,.0f} images/s per trial ({c.source}): {_hours(c.trial_hours, 'trial')} = "
           f"{_hours(c.device_hours, c.kind)} ({res['workers']} workers x "
           f"{res['gpus_per_worker'] or res['cpus_per_worker']:g} {c.kind} each); evaluation not included")
+    cpus, gpus = os.cpu_count() or 1, _local_gpus()
+    slots, startup = packing(res, c.trials, cpus, gpus)
+    how = ("one-worker trials train in their reused Tune actor" if res["workers"] == 1 else
+           f"each trial starts a Train controller and {res['workers']} worker processes")
+    if slots == 0:
+        print(f"here ({cpus} CPUs, {gpus} GPUs) no trial fits: run it on a cluster (--address)")
+        return
+    wall_h = (c.trial_hours * 3600 + startup) / slots / 3600
+    print(f"here ({cpus} CPUs, {gpus} GPUs): {slots} trial{'s' if slots != 1 else ''} at once, about "
+          f"{_hours(wall_h, 'wall')} of which "
+          f"{startup / slots / 60:.1f} minutes start-up ({how}; ~{STARTUP_S['trainer']:g} s per trial as a "
+          f"TorchTrainer, ~{STARTUP_S['actor_reused']:g} s after each actor's first as one worker)")
 
 
 def print_deviations(spec: dict, resolved: dict) -> None:
