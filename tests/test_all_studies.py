@@ -1,8 +1,9 @@
 """Every shipped study runs at smoke scale through the real pipeline (Ray Tune, one real `mlflow server` over HTTP for
-all of them) and leaves the runs its analysis needs. The batch-size study runs as its smoke scale says (2-worker gloo
-TorchTrainers, BN over each rank's batch); the others with --workers-per-trial 1, the one-worker trials that train in
-their reused Tune actor (issue 26: ~0.3 s from trial start to first step instead of ~15 s; the 66 smoke trials took
-1,179 s as 2-worker TorchTrainers). The finder study runs before
+all of them) and leaves the runs its analysis needs. Every study runs with --workers-per-trial 1, the one-worker trials
+that train in their reused Tune actor (issue 26: ~0.3 s from trial start to first step instead of ~15 s; the 66 smoke
+trials took 1,179 s as 2-worker TorchTrainers, 263 s so, batch_size_effect's 4 at 2 workers 63 s of it); the
+TorchTrainer path end to end is tests/test_study.py's, tests/test_report.py's and tests/test_resilience.py's.
+The finder study runs before
 the study that takes its max LRs from it (activation_mystery: lr_from_finder). Then every study's report is built
 from those runs, as a user would after `python -m harness.study NAME --scale smoke` (issue 25: two shipped studies'
 reports crashed at smoke scale while every unit test passed)."""
@@ -29,7 +30,6 @@ STUDIES = [*FINDERS, *(n for n, _ in specs.list_studies() if n not in FINDERS)]
 REPORT_FILES = (".pdf", ".md", ".verdicts.csv", ".cells.csv", ".trials.csv", ".curves.csv")
 # a planned comparison without a verdict at smoke scale must say which property of the scale it lacks
 SCALE_PROPERTIES = ("seed", "LR scale", "levels of", "units")
-AS_SHIPPED = ("batch_size_effect",)  # at the smoke scale's own 2 workers per trial: the TorchTrainer path, end to end
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +46,8 @@ def store(tmp_path_factory):
 def test_study_runs_at_smoke_scale(ray_session, store, name, monkeypatch, capsys):
     folder, uri = store
     monkeypatch.chdir(folder)
-    workers = [] if name in AS_SHIPPED else ["--workers-per-trial", "1"]
-    rc = main([name, "--scale", "smoke", "--tracking-uri", uri, "--storage", str(folder / "ray_results"), *workers])
+    rc = main([name, "--scale", "smoke", "--tracking-uri", uri, "--storage", str(folder / "ray_results"),
+               "--workers-per-trial", "1"])
     out = capsys.readouterr()
     assert rc == 0, out.err[-3000:]
     trials = specs.trials(specs.load_spec(name), "smoke")
@@ -55,7 +55,7 @@ def test_study_runs_at_smoke_scale(ray_session, store, name, monkeypatch, capsys
         check_finder_runs(uri, name, len(trials))
         return
     _, children = check_study_runs(uri, name, n_trials=len(trials))
-    assert {c.data.params["workers"] for c in children} == {"2" if name in AS_SHIPPED else "1"}
+    assert {c.data.params["workers"] for c in children} == {"1"}
     assert {c.data.tags["harness.cell"] for c in children} == {t.cell for t in trials}
     assert not (folder / "mlflow.db").exists() and not (folder / "mlruns").exists()  # all went to the server
     if name == "activation_mystery":  # the finder's suggestion became the second arm's max LR, per activation

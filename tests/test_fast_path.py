@@ -96,7 +96,9 @@ def test_throughput_window_leaves_out_the_warm_up(monkeypatch):
     # the 0.6 s of step 1 caps the first window at 10 x 250 / 0.6 images/s; the second window never saw it
     assert with_warmup[0]["images_per_s"] < 10 * 250 / 0.6
     without = first_window(2)
-    assert without[0]["images_per_s"] > 2 * 10 * 250 / 0.6
+    # without the 0.6 s the window of (at most 10) steps is faster; as a ratio, so a busy machine cannot fail it:
+    # (T + 0.6) / T > 1.5 for the steps' own T < 1.2 s (0.3 s on an idle 2-core machine, 0.8 s under load)
+    assert without[0]["images_per_s"] > 1.5 * with_warmup[0]["images_per_s"]
     # training time still counts every step: the warm-up is excluded from the rate, not from the trial's time
     assert without[0]["train_seconds"] > 0.6 and without[-1]["train_seconds"] > 0.6
 
