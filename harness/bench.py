@@ -9,9 +9,14 @@
         smoke-grid trials (2 gloo CPU workers, dashboard on) / the same of bare Tune trials that each run a bare
         Ray Train TorchTrainer (same workers and resources, an nn.Linear under DDP, one ray.train.report), both
         in one Ray session, the same number of trials, medians                                     goal <= 1.25
+    P3w a one-worker trial (it trains in its reused Tune actor, issue 26): Tune trial start -> first optimizer step,
+        the median over the trials after each actor's first, in seconds, measured in the same Ray session beside
+        bare Tune function trials (an nn.Linear, one step, one tune.report) whose figure the detail gives  goal <= 2
     P5  study wall time / the trials' own compute (see study_overhead: the trials' optimizer steps, per slot of
         trials that run at once), for that smoke grid and for a quick batch_size_effect run that --quick-run
-        names (too long to run here)                                                                goal <= 1.25
+        names (few long trials, too long to run here)                                              goal <= 1.25
+    P5m the same for many small trials: activation_mystery's quick grid (one-worker MLP trials of 600 steps on
+        MNIST) cut to its first --trials constant-LR arms at one seed, run in the same session     goal <= 1.5
     P4  (GPU only) ResNet-56 paper trial (batch 1000, BN over 125) images/s, fast path / fp32, and the projected
         time of the SC1 CLR trial (10,000 iterations of 1000 = 10M images) on this GPU               goal <= 5 min
 
@@ -47,6 +52,7 @@ from harness.config import TrialConfig
 REPO = REPO_ROOT
 SC1_IMAGES = 10_000 * 1000  # the SC1 CLR trial: 10k iterations at batch 1000
 SMOKE_STUDY = "bench_smoke_grid"
+MANY_STUDY = "bench_many_small"
 
 
 @dataclass
@@ -200,12 +206,26 @@ def smoke_grid_study(folder: Path, trials: int) -> Path:
     return path
 
 
+def many_small_study(folder: Path, trials: int) -> Path:
+    """activation_mystery's quick grid cut to its first `trials` constant-LR arms (no finder LR) at seed 0: one-worker
+    MLP trials of one MNIST epoch each, the kind of study an LR sweep is."""
+    import yaml
+    spec = yaml.safe_load((REPO / "studies" / "activation_mystery.yaml").read_text())
+    arms = [a for a in spec["paired"]["arm"] if "lr_from_finder" not in a][:trials]
+    spec = {**{k: v for k, v in spec.items() if k not in ("analysis", "scales")}, "name": MANY_STUDY,
+            "paired": {"arm": arms}, "grid": {"seed": [0]}, "scales": {"quick": {}}}
+    path = folder / f"{MANY_STUDY}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
 @dataclass
 class SmokeRun:
     """What the child left behind: the MLflow store and the study's parent run, the phase log, the bare trials."""
     folder: Path
     why_not: str = ""                       # the child failed or ran out of time: why, in one line
     parent_run_id: str | None = None
+    many_run_id: str | None = None          # the many-small-trials study's parent run (P5m), if it ran
 
     @property
     def uri(self) -> str:
@@ -247,6 +267,7 @@ def run_smoke_grid(trials: int, timeout_s: float) -> SmokeRun:
         run.why_not = f"the smoke session exited {child.returncode}: {last}"
         return run
     run.parent_run_id = study_parent_run(run.uri, SMOKE_STUDY)
+    run.many_run_id = study_parent_run(run.uri, MANY_STUDY)
     if run.parent_run_id is None:
         run.why_not = f"the study left no run of {SMOKE_STUDY} in {run.uri}"
     return run
@@ -282,11 +303,20 @@ def smoke_session(folder: str, trials: int) -> int:
             bare = {**bare_trials(n, resources, here / "ray_results"), "error": None}
         except Exception as e:  # noqa: BLE001 - P3 says why it has no floor; the study still runs for P5
             bare = {"startups": [], "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}", "at_once": 0}
+        try:
+            bare["function_startups"] = bare_function_trials(n, here / "ray_results")
+        except Exception as e:  # noqa: BLE001 - P3w says why it has no bare figure
+            bare["function_error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
         (here / "bare_trials.json").write_text(json.dumps(bare))
-        argv = [str(study), "--scale", "smoke", "--tracking-uri", f"sqlite:///{here}/mlflow.db",
-                "--storage", str(here / "ray_results")]
+        where = ["--tracking-uri", f"sqlite:///{here}/mlflow.db", "--storage", str(here / "ray_results")]
+        argv = [str(study), "--scale", "smoke", *where]
         sys.argv = ["harness.study", *argv]  # the study run's command tag reads it
-        return cli.main(argv)
+        rc = cli.main(argv)
+        many = [str(many_small_study(here, trials)), "--scale", "quick", *where]
+        sys.argv = ["harness.study", *many]
+        if (rc_many := cli.main(many)) != 0:  # P5m says why from the missing run; e.g. MNIST not on this machine
+            print(f"the many-small-trials study exited {rc_many}", file=sys.stderr)
+        return rc
     finally:
         cluster.end_our_ray()
 
@@ -315,6 +345,38 @@ def bare_trials(n: int, resources: dict, storage: Path) -> dict:
     if errors:
         raise RuntimeError(f"{len(errors)} of {n} bare trials failed: {errors[0]}")
     return {"startups": [r.metrics["startup_seconds"] for r in results], "at_once": at_once}
+
+
+def bare_function_trials(n: int, storage: Path) -> list[float]:
+    """`n` bare Tune function trials, one CPU each, as many at once as fit, reused actors (the one-worker path's
+    floor): each trial's start -> its first optimizer step, in seconds, in the order they ended."""
+    import ray
+    from ray import tune
+
+    from harness.study import cluster
+    at_once = cluster.admit(None, ray.cluster_resources(), {"CPU": 1}, 1, n).concurrent or 1
+    tuner = tune.Tuner(
+        tune.with_resources(bare_function_trial, {cluster.DRIVER_RESOURCE: 1, "CPU": 1}),
+        param_space={"seed": tune.grid_search(list(range(n)))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=at_once, reuse_actors=True),
+        run_config=tune.RunConfig(name="bare_function_trials", storage_path=str(storage), verbose=0))
+    results = tuner.fit()
+    errors = [str(r.error).splitlines()[0][:200] for r in results if r.error is not None]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {n} bare function trials failed: {errors[0]}")
+    return [r.metrics["startup_seconds"] for r in results]
+
+
+def bare_function_trial(config: dict) -> None:
+    """A bare Tune function trainable: an nn.Linear, SGD, one step, one tune.report of its start -> first step."""
+    import ray.tune
+    started = time.time()
+    torch.manual_seed(config["seed"])
+    model = torch.nn.Linear(8, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(16, 8)).square().mean().backward()
+    opt.step()
+    ray.tune.report({"startup_seconds": time.time() - started})
 
 
 def bare_trial_driver(config: dict) -> None:
@@ -521,14 +583,48 @@ def p3_p5_smoke(trials: int, timeout_s: float) -> list[Figure]:
               f"{statistics.median(bare['startups']):9.1f}", flush=True)
     what5 = "smoke grid: study wall / trials' own compute"
     if run.parent_run_id is None:
-        return [p3_figure([], bare, run.why_not), Figure("P5", what5, None, "", "<= 1.25", run.why_not)]
+        return [p3_figure([], bare, run.why_not), Figure("P5", what5, None, "", "<= 1.25", run.why_not),
+                *p3w_p5m(run)]
     t = study_timing(run.uri, run.parent_run_id)
     try:
         o = t.overhead()
     except ValueError as e:
-        return [p3_figure(t.startups, bare), Figure("P5", what5, None, "", "<= 1.25", f"not measured: {e}")]
+        return [p3_figure(t.startups, bare), Figure("P5", what5, None, "", "<= 1.25", f"not measured: {e}"),
+                *p3w_p5m(run)]
     return [p3_figure(t.startups, bare),
-            Figure("P5", what5, o.ratio, "", "<= 1.25", f"{p5_detail(o)} (bench wall {time.time() - t0:.0f} s)")]
+            Figure("P5", what5, o.ratio, "", "<= 1.25", f"{p5_detail(o)} (bench wall {time.time() - t0:.0f} s)"),
+            *p3w_p5m(run)]
+
+
+def p3w_figure(startups: list[float], at_once: int, bare: dict, why_not: str = "") -> Figure:
+    """P3w: the one-worker trials' start -> first step, leaving out each actor's first trial (the `at_once` longest:
+    a new actor imports torch and the harness once)."""
+    what = "one-worker trial start -> first step, after each actor's first"
+    if why_not or len(startups) <= at_once:
+        return Figure("P3w", what, None, "s", "<= 2", why_not or
+                      f"not measured: {len(startups)} one-worker trials logged a start-up, {at_once} at a time")
+    later = sorted(startups)[:len(startups) - at_once]
+    floor = bare.get("function_startups") or []
+    beside = (f"; a bare Tune function trial (nn.Linear, one step) {statistics.median(floor) * 1000:.0f} ms, so "
+              f"the harness's data, model, optimizer and MLflow run cost the rest" if floor else
+              f"; no bare function trial figure: {bare.get('function_error') or 'none ran'}")
+    return Figure("P3w", what, statistics.median(later), "s", "<= 2",
+                  f"median of {len(later)} trials (max {later[-1]:.2f} s); each actor's first trial "
+                  f"{statistics.median(sorted(startups)[-at_once:]):.1f} s{beside}")
+
+
+def p3w_p5m(run: SmokeRun) -> list[Figure]:
+    what = "many small trials: study wall / trials' own compute"
+    if run.many_run_id is None:
+        why = run.why_not or (f"not measured: the many-small-trials study left no run in {run.uri} (its data, "
+                              f"MNIST, on this machine? see README 'Data offline')")
+        return [p3w_figure([], 1, {}, why), Figure("P5m", what, None, "", "<= 1.5", why)]
+    t = study_timing(run.uri, run.many_run_id)
+    try:
+        o = t.overhead()
+    except ValueError as e:
+        return [p3w_figure(t.startups, 1, run.bare()), Figure("P5m", what, None, "", "<= 1.5", f"not measured: {e}")]
+    return [p3w_figure(t.startups, o.at_once, run.bare()), Figure("P5m", what, o.ratio, "", "<= 1.5", p5_detail(o))]
 
 
 def p5_quick(uri: str | None, run_id: str | None) -> Figure:
@@ -646,7 +742,7 @@ def mlflow_reporter(config: TrialConfig):
 
 
 # ----------------------------------------------------------------------------------------------- main
-FIGURES = ("P1", "P2", "P3", "P4", "P5")
+FIGURES = ("P1", "P2", "P3", "P4", "P5")  # P3 brings P3w, P5 brings P5m and P5q: one Ray session measures them
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -673,7 +769,7 @@ def measure(only: list[str], trials: int, timeout_s: float, quick_run: str | Non
     if "P2" in only:
         figures.append(p2_augmentation())
     if "P3" in only or "P5" in only:
-        figures += [f for f in p3_p5_smoke(trials, timeout_s) if f.name in only]
+        figures += [f for f in p3_p5_smoke(trials, timeout_s) if f.name.rstrip("wm") in only]
     if "P5" in only:
         figures.append(p5_quick(tracking_uri, quick_run))
     if "P4" in only:

@@ -52,21 +52,6 @@ def _fast_tier_has_no_servers(request, monkeypatch):
     monkeypatch.setattr("servers.MlflowServer.start", refuse)
 
 
-# ------------------------------------------------------------------------------------------------ two at a time
-# The README's command runs the suite on 2 pytest-xdist workers (`-n 2 --dist loadgroup`). Every test that starts Ray,
-# an MLflow server or processes of its own is in group "serial": one worker runs them one after another, as they
-# must (two Rays, or two trials' workers, at once would share 2 cores with each other). Every other test runs with
-# the rest of its module on either worker: the reports, stores and statistics beside the serial group.
-CPU_ONLY_SLOW = ("tests/test_real_path.py::test_every", "tests/test_real_path.py::test_with_enough",
-                 "tests/test_round_trip.py", "tests/test_pages.py", "tests/test_precision.py", "tests/test_claims.py",
-                 "tests/test_lr_finder.py::test_divergence", "tests/test_lr_finder.py::test_the_finder_steps",
-                 "tests/test_bench.py::test_p1", "tests/test_fast_path.py::test_channels",
-                 "tests/test_fast_path.py::test_bf16")
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.slow)
-        serial = item.get_closest_marker("slow") is not None and not item.nodeid.startswith(CPU_ONLY_SLOW)
-        item.add_marker(pytest.mark.xdist_group("serial" if serial else item.module.__name__))
+def pytest_itemcollected(item):  # a test that uses a Ray or server fixture is slow by that alone
+    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        item.add_marker(pytest.mark.slow)

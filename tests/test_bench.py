@@ -4,6 +4,7 @@ it runs, and that what it cannot measure says so. The speeds themselves are the 
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,6 +96,31 @@ def test_p3_is_the_harness_median_start_over_the_bare_trials():
     for harness, bare in (([], [1.0]), ([1.0], [0.0]), ([1.0], [float("inf")])):
         with pytest.raises(ValueError):
             bench.startup_ratio(harness, bare)
+
+
+def test_p3w_leaves_out_each_actors_first_trial_and_names_the_bare_function_trial():
+    bare = {"function_startups": [0.002, 0.003, 0.001]}
+    f = bench.p3w_figure([13.0, 12.5, 0.4, 0.3, 0.5, 0.2], at_once=2, bare=bare)
+    assert f.value == pytest.approx(0.35) and f.met == "yes" and f.unit == "s"  # median of 0.2-0.5, not of all six
+    assert "median of 4 trials" in f.detail and "first trial 12.8 s" in f.detail and "2 ms" in f.detail
+    f = bench.p3w_figure([13.0, 3.0, 2.5], at_once=1, bare={"function_error": "RuntimeError: boom"})
+    assert f.value == pytest.approx(2.75) and f.met == "NO" and "RuntimeError: boom" in f.detail
+    assert bench.p3w_figure([13.0, 12.0], at_once=2, bare=bare).value is None  # only first trials: no figure
+
+
+def test_the_many_small_trials_study_is_activation_mysterys_quick_grid_cut_down(tmp_path):
+    from harness import spec as specs
+    spec = specs.load_spec(str(bench.many_small_study(tmp_path, 5)))
+    trials = specs.trials(spec, "quick")
+    assert len(trials) == 5 and {t.config.dataset for t in trials} == {"mnist"}
+    assert {t.config.steps for t in trials} == {600} and specs.at_scale(spec, "quick")["resources"]["workers"] == 1
+    assert all(t.config.lr_from_finder is None for t in trials)
+
+
+def test_without_the_many_small_trials_run_p3w_and_p5m_say_why():
+    figures = bench.p3w_p5m(bench.SmokeRun(Path("/nonexistent")))
+    assert [f.name for f in figures] == ["P3w", "P5m"] and all(f.value is None for f in figures)
+    assert all("MNIST" in f.detail for f in figures)
 
 
 # ----------------------------------------------------------------------------------------- P5 from an MLflow store
