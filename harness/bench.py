@@ -605,8 +605,8 @@ def p3w_figure(startups: list[float], at_once: int, bare: dict, why_not: str = "
                       f"not measured: {len(startups)} one-worker trials logged a start-up, {at_once} at a time")
     later = sorted(startups)[:len(startups) - at_once]
     floor = bare.get("function_startups") or []
-    beside = (f"; a bare Tune function trial (nn.Linear, one step) {statistics.median(floor) * 1000:.0f} ms, so "
-              f"the harness's data, model, optimizer and MLflow run cost the rest" if floor else
+    beside = (f"; beside it, in the same Ray session, a bare Tune function trial (nn.Linear, one step, median of "
+              f"{len(floor)}) {statistics.median(floor) * 1000:.0f} ms" if floor else
               f"; no bare function trial figure: {bare.get('function_error') or 'none ran'}")
     return Figure("P3w", what, statistics.median(later), "s", "<= 2",
                   f"median of {len(later)} trials (max {later[-1]:.2f} s); each actor's first trial "
