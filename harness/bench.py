@@ -328,43 +328,40 @@ def smoke_session(folder: str, trials: int) -> int:
 def bare_trials(n: int, resources: dict, storage: Path) -> dict:
     """Run `n` bare Tune trials in the connected Ray session, as many at once as the study would; their Tune trial
     start -> rank 0's first optimizer step, in seconds."""
-    import ray
-    from ray import tune
-
     from harness.study import cluster
-    at_once = cluster.admit(None, ray.cluster_resources(), cluster.per_worker(resources), resources["workers"],
-                            n).concurrent or 1
-    tuner = tune.Tuner(
-        tune.with_resources(bare_trial_driver, {cluster.DRIVER_RESOURCE: 1}),
-        param_space={"seed": tune.grid_search(list(range(n))), "workers": resources["workers"],
-                     "cpus_per_worker": resources["cpus_per_worker"], "storage": str(storage)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=at_once, reuse_actors=True),
-        run_config=tune.RunConfig(name="bare_trials", storage_path=str(storage), verbose=0))
-    results = tuner.fit()
-    errors = [str(r.error).splitlines()[0][:200] for r in results if r.error is not None]
-    if errors:
-        raise RuntimeError(f"{len(errors)} of {n} bare trials failed: {errors[0]}")
-    return {"startups": [r.metrics["startup_seconds"] for r in results], "at_once": at_once}
+    space = {"workers": resources["workers"], "cpus_per_worker": resources["cpus_per_worker"], "storage": str(storage)}
+    startups, at_once = _fit_bare(bare_trial_driver, {cluster.DRIVER_RESOURCE: 1}, cluster.per_worker(resources),
+                                  resources["workers"], n, space, storage, "bare trials")
+    return {"startups": startups, "at_once": at_once}
 
 
 def bare_function_trials(n: int, storage: Path) -> list[float]:
     """`n` bare Tune function trials, one CPU each, as many at once as fit, reused actors (the one-worker path's
     floor): each trial's start -> its first optimizer step, in seconds, in the order they ended."""
+    from harness.study import cluster
+    return _fit_bare(bare_function_trial, {cluster.DRIVER_RESOURCE: 1, "CPU": 1}, {"CPU": 1}, 1, n, {}, storage,
+                     "bare function trials")[0]
+
+
+def _fit_bare(trainable, resources: dict, per_worker: dict, workers: int, n: int, space: dict, storage: Path,
+              what: str) -> tuple[list[float], int]:
+    """`n` trials of a bare trainable (seeds 0..n-1), as many at once as fit, reused actors: their startup_seconds
+    and how many ran at once; RuntimeError naming the first failure."""
     import ray
     from ray import tune
 
     from harness.study import cluster
-    at_once = cluster.admit(None, ray.cluster_resources(), {"CPU": 1}, 1, n).concurrent or 1
+    at_once = cluster.admit(None, ray.cluster_resources(), per_worker, workers, n).concurrent or 1
     tuner = tune.Tuner(
-        tune.with_resources(bare_function_trial, {cluster.DRIVER_RESOURCE: 1, "CPU": 1}),
-        param_space={"seed": tune.grid_search(list(range(n)))},
+        tune.with_resources(trainable, resources),
+        param_space={"seed": tune.grid_search(list(range(n))), **space},
         tune_config=tune.TuneConfig(max_concurrent_trials=at_once, reuse_actors=True),
-        run_config=tune.RunConfig(name="bare_function_trials", storage_path=str(storage), verbose=0))
+        run_config=tune.RunConfig(name=what.replace(" ", "_"), storage_path=str(storage), verbose=0))
     results = tuner.fit()
     errors = [str(r.error).splitlines()[0][:200] for r in results if r.error is not None]
     if errors:
-        raise RuntimeError(f"{len(errors)} of {n} bare function trials failed: {errors[0]}")
-    return [r.metrics["startup_seconds"] for r in results]
+        raise RuntimeError(f"{len(errors)} of {n} {what} failed: {errors[0]}")
+    return [r.metrics["startup_seconds"] for r in results], at_once
 
 
 def bare_function_trial(config: dict) -> None:
